@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from transformers import PreTrainedTokenizerFast  # noqa: F401 (annotation)
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 
@@ -43,3 +44,24 @@ def tiny_gpt2(seed: int = 0, layers: int = 2, heads: int = 4, hidden: int = 32, 
         bos_token_id=0, eos_token_id=0, attn_implementation="sdpa",
     )
     return GPT2LMHeadModel(config).eval()
+
+
+def tiny_tokenizer(vocab: int = 97) -> "PreTrainedTokenizerFast":
+    """A character-level tokenizer built offline: [UNK] plus the first vocab-1 printable ASCII characters."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    table = {"[UNK]": 0} | {ch: i + 1 for i, ch in enumerate(chars[: vocab - 1])}
+    tokenizer = Tokenizer(models.WordLevel(table, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", eos_token="[UNK]")
+
+
+def save_tiny(directory: str, model: PreTrainedModel | None = None) -> str:
+    """Save a tiny model (default: tiny_llama) with the character tokenizer as a loadable HF directory."""
+    model = model if model is not None else tiny_llama()
+    model.save_pretrained(directory)
+    tiny_tokenizer(model.config.vocab_size).save_pretrained(directory)
+    return directory

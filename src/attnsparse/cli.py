@@ -1,0 +1,85 @@
+"""The `attnsparse` command line: thin wrappers over the Python API; bad input gives one line and exit status 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Callable, Optional, TypeVar
+
+import typer
+
+from attnsparse import __version__
+from attnsparse.errors import AttnsparseError
+
+app = typer.Typer(
+    name="attnsparse",
+    help="Measure, condense, evaluate and accelerate sparse attention in Hugging Face causal LMs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+T = TypeVar("T")
+
+
+def run_or_exit(action: Callable[[], T]) -> T:
+    """Run a command body; an AttnsparseError becomes `error: ...` on stderr and exit status 2."""
+    try:
+        return action()
+    except AttnsparseError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"attnsparse {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Optional[bool] = typer.Option(  # noqa: UP045 - typer reads the annotation
+        None, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """attnsparse: attention condensation toolkit."""
+
+
+@app.command()
+def info(
+    model: str = typer.Argument("smollm2-135m", help="Embedded name, hub id, local HF directory or .gguf file."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Architecture, heads, context and whether the attnsparse backend supports the model."""
+    from attnsparse.models import check_backend_support, describe, load_model
+
+    def body() -> dict[str, object]:
+        loaded = load_model(model, probe=False)
+        facts = describe(loaded.model)
+        try:
+            check_backend_support(loaded.model)
+            facts["backend_supported"] = True
+        except AttnsparseError as error:
+            facts["backend_supported"] = False
+            facts["backend_error"] = str(error)
+        facts["source"] = loaded.source
+        facts["load_seconds"] = round(loaded.load_seconds, 2)
+        return facts
+
+    facts = run_or_exit(body)
+    if as_json:
+        typer.echo(json.dumps(facts, indent=2))
+        return
+    width = max(len(key) for key in facts)
+    for key, value in facts.items():
+        typer.echo(f"{key:<{width}}  {value}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="attnsparse")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

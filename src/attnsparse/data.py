@@ -1,0 +1,136 @@
+"""Text in, token windows out: a file, a hub data set, or a built-in English text that needs no network.
+
+The built-in default is the English text of the Python language reference that ships with every CPython install
+(`pydoc_data.topics`, about 465 kB), joined in sorted topic order so it is the same on every machine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from attnsparse.errors import AttnsparseError
+
+BUILTIN = "builtin"
+TEXT_HELP = "pass a UTF-8 text file, hf:NAME[:CONFIG[:SPLIT]] for a hub data set, or builtin"
+
+
+def load_text(spec: str | None = None) -> str:
+    """Load raw text from a file path, `hf:NAME[:CONFIG[:SPLIT]]`, or the built-in default (None or "builtin")."""
+    if spec is None or spec == BUILTIN:
+        return builtin_text()
+    if spec.startswith("hf:"):
+        return _hub_text(spec[3:])
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise AttnsparseError(f"text file {spec} does not exist; {TEXT_HELP}")
+    if not path.is_file():
+        raise AttnsparseError(f"{spec} is not a file; {TEXT_HELP}")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise AttnsparseError(
+            f"text file {spec} is not valid UTF-8 (bad byte at offset {error.start}); convert it to UTF-8"
+        ) from error
+    if not text.strip():
+        raise AttnsparseError(f"text file {spec} is empty; {TEXT_HELP}")
+    return text
+
+
+def builtin_text() -> str:
+    """The Python language reference topics shipped with CPython: real English prose, always available offline."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[name] for name in sorted(topics))
+
+
+def _hub_text(spec: str) -> str:
+    parts = spec.split(":")
+    name = parts[0]
+    config = parts[1] if len(parts) > 1 and parts[1] else None
+    split = parts[2] if len(parts) > 2 and parts[2] else "test"
+    if not name:
+        raise AttnsparseError(f"empty data set name in 'hf:{spec}'; {TEXT_HELP}")
+    try:
+        import datasets
+
+        dataset = datasets.load_dataset(name, config, split=split)
+    except Exception as error:  # noqa: BLE001 - network, missing data set and bad split all end here
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise AttnsparseError(
+            f"cannot load hub data set '{name}' (config {config}, split {split}): {first}; "
+            "the hub may be unreachable, pass a local text file instead"
+        ) from error
+    column = "text" if "text" in dataset.column_names else None
+    if column is None:
+        strings = [c for c, f in dataset.features.items() if getattr(f, "dtype", None) == "string"]
+        if not strings:
+            raise AttnsparseError(f"hub data set '{name}' has no text column; pass a local text file instead")
+        column = strings[0]
+    text = "\n".join(row for row in dataset[column] if row)
+    if not text.strip():
+        raise AttnsparseError(f"hub data set '{name}' split {split} has no text")
+    return text
+
+
+def tokenize(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor:
+    """Token ids of the whole text, without special tokens, as a 1-D LongTensor."""
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def windows(ids: torch.Tensor, ctx: int, *, stride: int | None = None, count: int | None = None) -> torch.Tensor:
+    """Fixed-length windows (M, ctx) of a token sequence.
+
+    `count=None`: windows at 0, stride, 2*stride, ... (stride defaults to ctx: non-overlapping; a final partial
+    window is dropped). `count=M`: M evenly spaced windows, window i starting at i * (len // M).
+    """
+    if ctx < 2:
+        raise AttnsparseError(f"context length {ctx} is too small; use --ctx 2 or more")
+    total = int(ids.numel())
+    if total < ctx:
+        raise AttnsparseError(
+            f"the text has {total} tokens, fewer than one window of {ctx}; use a longer text or a smaller --ctx"
+        )
+    if count is not None:
+        if count < 1:
+            raise AttnsparseError(f"window count {count} must be >= 1")
+        spacing = total // count
+        starts = [i * spacing for i in range(count)]
+        if starts[-1] + ctx > total:
+            raise AttnsparseError(
+                f"{count} evenly spaced windows of {ctx} tokens do not fit in {total} tokens; "
+                "use fewer windows or a smaller --ctx"
+            )
+    else:
+        step = ctx if stride is None else stride
+        if step < 1:
+            raise AttnsparseError(f"stride {step} must be >= 1")
+        starts = list(range(0, total - ctx + 1, step))
+    return torch.stack([ids[start : start + ctx] for start in starts])
+
+
+def check_context(ctx: int, max_context: int) -> None:
+    """Refuse a context longer than the model was built for."""
+    if ctx > max_context:
+        raise AttnsparseError(
+            f"context {ctx} exceeds the model's maximum of {max_context} tokens; use --ctx {max_context} or less"
+        )
+
+
+def load_windows(
+    tokenizer: PreTrainedTokenizerBase,
+    text_spec: str | None,
+    ctx: int,
+    *,
+    max_context: int | None = None,
+    stride: int | None = None,
+    count: int | None = None,
+) -> torch.Tensor:
+    """load_text + tokenize + windows, checking ctx against the model's maximum first."""
+    if max_context is not None:
+        check_context(ctx, max_context)
+    return windows(tokenize(tokenizer, load_text(text_spec)), ctx, stride=stride, count=count)

@@ -1,0 +1,18 @@
+"""Shared fixtures: tiny models built in code, and the path to the shared WikiText-2 data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+WIKITEXT_TEST = SHARED_DATA / "wikitext-2" / "test.txt"
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M from the embedded GGUF (converted once into the cache, then loaded in seconds)."""
+    from attnsparse.models import load_model
+
+    return load_model("smollm2-135m")
