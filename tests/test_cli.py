@@ -1,0 +1,34 @@
+"""The command line: version, help, info, and one-line errors with exit status 2."""
+
+import json
+
+from typer.testing import CliRunner
+
+from attnsparse import __version__
+from attnsparse.cli import app
+from attnsparse.tiny import save_tiny, tiny_llama
+
+runner = CliRunner()
+
+
+def test_version_and_help():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"attnsparse {__version__}"
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0 and "info" in result.output
+
+
+def test_info_on_a_local_directory(tmp_path):
+    save_tiny(str(tmp_path / "m"), tiny_llama(heads=6, kv_heads=3))
+    result = runner.invoke(app, ["info", str(tmp_path / "m"), "--json"])
+    assert result.exit_code == 0, result.output
+    facts = json.loads(result.output[result.output.index("{"):])
+    assert facts["query_heads"] == 6 and facts["kv_heads"] == 3 and facts["backend_supported"] is True
+    assert facts["max_context"] == 512 and facts["parameters"] > 0
+
+
+def test_info_bad_path_is_one_line_and_status_2(tmp_path):
+    result = runner.invoke(app, ["info", str(tmp_path / "missing")])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: model path") and "does not exist" in lines[0]
