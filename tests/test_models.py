@@ -1,9 +1,7 @@
 """Model loading: every source, and a one-line error for each way it can go wrong."""
 
-import shutil
 
 import pytest
-import torch
 from transformers import MambaConfig, MambaForCausalLM
 
 from attnsparse.errors import AttnsparseError

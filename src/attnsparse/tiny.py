@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import torch
-from transformers import PreTrainedTokenizerFast  # noqa: F401 (annotation)
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 
 
 def tiny_llama(
@@ -46,7 +52,7 @@ def tiny_gpt2(seed: int = 0, layers: int = 2, heads: int = 4, hidden: int = 32, 
     return GPT2LMHeadModel(config).eval()
 
 
-def tiny_tokenizer(vocab: int = 97) -> "PreTrainedTokenizerFast":
+def tiny_tokenizer(vocab: int = 97) -> PreTrainedTokenizerFast:
     """A character-level tokenizer built offline: [UNK] plus the first vocab-1 printable ASCII characters."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
