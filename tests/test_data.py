@@ -8,7 +8,7 @@ from attnsparse.tiny import tiny_tokenizer
 
 def test_windows_non_overlapping_and_evenly_spaced():
     ids = torch.arange(100)
-    assert windows(ids, 30).tolist() == [list(range(0, 30)), list(range(30, 60)), list(range(60, 90))]
+    assert windows(ids, 30).tolist() == [list(range(30)), list(range(30, 60)), list(range(60, 90))]
     assert windows(ids, 30, stride=35)[:, 0].tolist() == [0, 35, 70]
     spaced = windows(ids, 10, count=4)
     assert spaced[:, 0].tolist() == [0, 25, 50, 75] and spaced.shape == (4, 10)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Callable, Optional, TypeVar
+from collections.abc import Callable
+from typing import Optional, TypeVar
 
 import typer
 

@@ -58,7 +58,7 @@ def _hub_text(spec: str) -> str:
         import datasets
 
         dataset = datasets.load_dataset(name, config, split=split)
-    except Exception as error:  # noqa: BLE001 - network, missing data set and bad split all end here
+    except Exception as error:
         first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
         raise AttnsparseError(
             f"cannot load hub data set '{name}' (config {config}, split {split}): {first}; "
