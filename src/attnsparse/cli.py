@@ -77,6 +77,16 @@ def info(
         typer.echo(f"{key:<{width}}  {value}")
 
 
+def _register_commands() -> None:
+    """Commands whose bodies live beside their module (each a thin typer function over the API)."""
+    from attnsparse.theory_cli import theory_command
+
+    app.command("theory")(theory_command)
+
+
+_register_commands()
+
+
 def main() -> None:
     """Console-script entry point."""
     app(prog_name="attnsparse")
