@@ -79,8 +79,10 @@ def info(
 
 def _register_commands() -> None:
     """Commands whose bodies live beside their module (each a thin typer function over the API)."""
+    from attnsparse.measure_cli import measure_command
     from attnsparse.theory_cli import theory_command
 
+    app.command("measure")(measure_command)
     app.command("theory")(theory_command)
 
 

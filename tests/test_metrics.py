@@ -1,0 +1,189 @@
+"""Every metric in attnsparse.metrics against a slow brute-force reference on single numpy rows."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from attnsparse import metrics as M
+
+DELTAS = (0.01, 0.05, 0.1)
+EPS = (1e-3, 1e-2, 1e-1)
+KS = (1, 2, 3, 4, 8, 16, 64)
+
+
+# ---- brute force: python loops on one float64 row ---------------------------------------------------------
+def bf_topk(row: np.ndarray, k: int) -> float:
+    return float(sum(sorted(row.tolist(), reverse=True)[:k]))
+
+
+def bf_kcov(row: np.ndarray, n: int, delta: float) -> int:
+    for k in range(1, n + 1):
+        if bf_topk(row, k) >= 1.0 - delta:
+            return k
+    return n
+
+
+def bf_above(row: np.ndarray, eps: float) -> int:
+    return sum(1 for p in row.tolist() if p > eps)
+
+
+def bf_entropy(row: np.ndarray) -> float:
+    return -sum(p * math.log(p) for p in row.tolist() if p > 0)
+
+
+def bf_sink(row: np.ndarray, s: int) -> float:
+    return float(sum(row[j] for j in range(min(s, len(row)))))
+
+
+def bf_local(row: np.ndarray, i: int, w: int) -> float:
+    return float(sum(row[j] for j in range(len(row)) if i - w < j <= i))
+
+
+def bf_stream(row: np.ndarray, i: int, s: int, w: int) -> float:
+    return float(sum(row[j] for j in range(len(row)) if j < s or i - w < j <= i))
+
+
+def softmax_rows(logits: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """The backend's convention: softmax over visible keys, exactly 0 elsewhere, all-zero rows with none."""
+    probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
+    return torch.nan_to_num(probs, nan=0.0)
+
+
+@st.composite
+def causal_rows(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch of causal rows over K keys: row r is query position pos[r] (n = pos + 1), some rows padded."""
+    keys = draw(st.integers(1, 40))
+    rows = draw(st.integers(1, 6))
+    scale = draw(st.sampled_from([0.1, 1.0, 3.0, 10.0]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, keys, generator=gen) * scale
+    if draw(st.booleans()):  # ties: round the logits so many entries share a value
+        logits = torch.round(logits)
+    pos = torch.tensor([draw(st.integers(0, keys - 1)) for _ in range(rows)])
+    visible = torch.arange(keys)[None, :] <= pos[:, None]
+    padded = torch.tensor([draw(st.booleans()) and draw(st.booleans()) for _ in range(rows)])
+    visible &= ~padded[:, None]
+    return softmax_rows(logits, visible), visible, pos
+
+
+def check_rows(probs: torch.Tensor, visible: torch.Tensor, pos: torch.Tensor, ks=KS, s: int = 2, w: int = 3) -> None:
+    spec = M.MetricSpec(ks=tuple(ks), deltas=DELTAS, eps=EPS, sink_tokens=s, local_window=w)
+    got = M.row_metrics(probs, visible, pos, spec)
+    rows64 = probs.to(torch.float64).numpy()
+    for r in range(probs.shape[0]):
+        row, n = rows64[r], int(visible[r].sum())
+        assert int(got.n[r]) == n
+        if n == 0:
+            continue  # padded rows are skipped by the recorder; no value is promised
+        for j, k in enumerate(ks):
+            assert float(got.topk_mass[r, j]) == pytest.approx(bf_topk(row, k), abs=1e-9)
+        for j, d in enumerate(DELTAS):
+            # float rounding may move m_k across 1 - δ only when it sits within 1e-9 of it
+            lo, hi = bf_kcov(row, n, d - 1e-9), bf_kcov(row, n, d + 1e-9)
+            assert hi <= int(got.k_cov[r, j]) <= lo
+        for j, e in enumerate(EPS):
+            assert int(got.count_above[r, j]) == bf_above(row, e)
+        assert float(got.entropy[r]) == pytest.approx(bf_entropy(row), abs=1e-5)
+        i = int(pos[r])
+        assert float(got.sink[r]) == pytest.approx(bf_sink(row, s), abs=1e-9)
+        assert float(got.local[r]) == pytest.approx(bf_local(row, i, w), abs=1e-9)
+        assert float(got.streaming[r]) == pytest.approx(bf_stream(row, i, s, w), abs=1e-9)
+
+
+@settings(max_examples=150, deadline=None)
+@given(causal_rows())
+def test_row_metrics_match_brute_force(case: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+    check_rows(*case)
+
+
+@settings(max_examples=60, deadline=None)
+@given(causal_rows(), st.integers(1, 50), st.integers(0, 6), st.integers(1, 8))
+def test_single_metric_functions_match_brute_force(case, k: int, s: int, w: int) -> None:  # type: ignore[no-untyped-def]
+    probs, visible, pos = case
+    rows64 = probs.to(torch.float64).numpy()
+    top = M.topk_mass(probs, [k])
+    tail = M.tail_mass(probs, [k])
+    kc = M.k_at_coverage(probs, DELTAS, visible)
+    sparse = M.eps_k_sparse(probs, EPS, [k])
+    ent = M.entropy(probs)
+    for r in range(probs.shape[0]):
+        n = int(visible[r].sum())
+        if n == 0:
+            continue
+        row = rows64[r]
+        assert float(top[r, 0]) == pytest.approx(bf_topk(row, k), abs=1e-9)
+        assert float(tail[r, 0]) == pytest.approx(max(0.0, 1.0 - bf_topk(row, k)), abs=1e-6)
+        for j, d in enumerate(DELTAS):
+            assert bf_kcov(row, n, d + 1e-9) <= int(kc[r, j]) <= bf_kcov(row, n, d - 1e-9)
+        for j, e in enumerate(EPS):
+            assert bool(sparse[r, j, 0]) == (bf_above(row, e) <= k)
+        assert float(ent[r]) == pytest.approx(bf_entropy(row), abs=1e-5)
+        assert float(M.sink_mass(probs[r], s)) == pytest.approx(bf_sink(row, s), abs=1e-9)
+        assert float(M.local_mass(probs[r], pos[r], w)) == pytest.approx(bf_local(row, int(pos[r]), w), abs=1e-9)
+
+
+def test_rows_shorter_than_k_have_full_mass_and_no_tail() -> None:
+    probs = softmax_rows(torch.randn(3, 5), torch.tensor([[1, 1, 0, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]]).bool())
+    top = M.topk_mass(probs, [4, 8, 100])
+    assert torch.allclose(top[:2], torch.ones(2, 3, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(top[2, 1:], torch.ones(2, dtype=torch.float64), atol=1e-6)
+    assert float(M.tail_mass(probs, [100]).max()) <= 1e-6
+
+
+def test_ties_and_uniform_rows() -> None:
+    n = 10
+    probs = torch.full((1, n), 1.0 / n)
+    assert M.topk_mass(probs, [3])[0, 0].item() == pytest.approx(0.3)
+    # uniform over 10: k_{0.95} = 10 (9 keys hold 0.9), k_{0.9} = 9
+    kc = M.k_at_coverage(probs, (0.05, 0.1))
+    assert kc[0].tolist() == [10, 9]
+    assert M.entropy(probs)[0].item() == pytest.approx(math.log(n), rel=1e-6)
+
+
+def test_one_hot_row() -> None:
+    probs = torch.zeros(1, 8)
+    probs[0, 5] = 1.0
+    visible = torch.ones(1, 8, dtype=torch.bool)
+    assert M.k_at_coverage(probs, DELTAS, visible)[0].tolist() == [1, 1, 1]
+    assert M.entropy(probs)[0].item() == 0.0
+    assert M.count_above(probs, EPS)[0].tolist() == [1, 1, 1]
+
+
+def test_gqa_shaped_block_and_large_rows_use_threads() -> None:
+    """(B, H, Qc, K) blocks with a (B, 1, Qc, K) mask (what the backend passes), big enough to sort in threads."""
+    torch.manual_seed(0)
+    batch, heads, queries, keys = 2, 4, 64, 4200
+    positions = torch.arange(keys - queries, keys)
+    visible = (torch.arange(keys)[None, :] <= positions[:, None])[None, None].expand(batch, 1, -1, -1)
+    logits = torch.randn(batch, heads, queries, keys) * 2
+    probs = softmax_rows(logits, visible)
+    spec = M.MetricSpec(ks=(1, 16, 4096, 8192), deltas=DELTAS, eps=EPS, sink_tokens=4, local_window=64)
+    got = M.row_metrics(probs, visible, positions, spec)
+    assert got.topk_mass.shape == (batch, heads, queries, 4)
+    assert got.n.shape == (batch, heads, queries)
+    rows64 = probs.to(torch.float64).numpy()
+    for b, h, q in [(0, 0, 0), (1, 3, 63), (0, 2, 17)]:
+        row, n = rows64[b, h, q], int(positions[q]) + 1
+        assert int(got.n[b, h, q]) == n
+        srt = np.sort(row)[::-1]
+        for j, k in enumerate(spec.ks):
+            assert float(got.topk_mass[b, h, q, j]) == pytest.approx(srt[:k].sum(), abs=1e-9)
+        cum = np.cumsum(srt)
+        for j, d in enumerate(DELTAS):
+            assert int(got.k_cov[b, h, q, j]) == int(np.searchsorted(cum, 1 - d)) + 1
+
+
+def test_default_ks_and_bad_k_lists() -> None:
+    assert M.default_ks(8) == (1, 2, 4, 8)
+    assert M.default_ks(12) == (1, 2, 4, 8, 12)
+    with pytest.raises(ValueError):
+        M.topk_mass(torch.ones(1, 3) / 3, [])
+    with pytest.raises(ValueError):
+        M.topk_mass(torch.ones(1, 3) / 3, [0])
