@@ -187,3 +187,70 @@ def test_default_ks_and_bad_k_lists() -> None:
         M.topk_mass(torch.ones(1, 3) / 3, [])
     with pytest.raises(ValueError):
         M.topk_mass(torch.ones(1, 3) / 3, [0])
+
+
+# ---- the selection path (CPU row_metrics without a full sort) against the sort path ------------------------------
+def sort_path(probs: torch.Tensor, visible: torch.Tensor, spec: M.MetricSpec):  # type: ignore[no-untyped-def]
+    """The reference: one full sort + sequential float64 cumsum per row (`sort_rows` and the *_from_sorted)."""
+    rows = probs.reshape(-1, probs.shape[-1])
+    srt = M.sort_rows(rows)
+    n = visible.expand(probs.shape).sum(-1).reshape(-1)
+    return (M.topk_mass_from_sorted(srt, spec.ks), M.k_at_coverage_from_sorted(srt, spec.deltas, n),
+            M.count_above_from_sorted(srt, spec.eps), srt.entropy)
+
+
+def assert_same_as_sort_path(probs: torch.Tensor, visible: torch.Tensor, pos: torch.Tensor, spec: M.MetricSpec) -> None:
+    got = M.row_metrics(probs, visible, pos, spec)
+    top, kcov, above, ent = sort_path(probs, visible, spec)
+    valid = visible.expand(probs.shape).sum(-1).reshape(-1) > 0
+    assert torch.equal(got.k_cov.reshape(-1, len(spec.deltas))[valid], kcov[valid])
+    assert torch.equal(got.count_above.reshape(-1, len(spec.eps)), above)
+    assert float((got.topk_mass.reshape(-1, len(spec.ks)) - top).abs().max()) < 1e-9
+    assert float((got.entropy.reshape(-1) - ent).abs().max()) < 1e-6
+
+
+@st.composite
+def wide_rows(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Causal chunks with ties (rounded logits), exact duplicates, zeros, padded rows and flat or peaked rows."""
+    keys = draw(st.integers(1, 300))
+    rows = draw(st.integers(1, 8))
+    scale = draw(st.sampled_from([0.0, 1e-3, 0.1, 1.0, 3.0, 10.0, 40.0]))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    logits = torch.randn(rows, keys, generator=gen) * scale
+    if draw(st.booleans()):
+        logits = torch.round(logits * draw(st.sampled_from([1.0, 4.0, 64.0]))) / 4.0
+    first = draw(st.integers(0, keys - 1))
+    pos = torch.clamp(torch.arange(first, first + rows), max=keys - 1)
+    visible = torch.arange(keys)[None, :] <= pos[:, None]
+    padded = torch.tensor([draw(st.booleans()) and draw(st.booleans()) for _ in range(rows)])
+    visible &= ~padded[:, None]
+    return softmax_rows(logits, visible), visible, pos
+
+
+@settings(max_examples=300, deadline=None)
+@given(wide_rows(), st.sampled_from([(1, 2, 3, 4, 8, 16, 64), (1, 5, 63, 64, 65, 100, 128, 129, 1000)]))
+def test_selection_path_equals_sort_path(case, ks) -> None:  # type: ignore[no-untyped-def]
+    probs, visible, pos = case
+    spec = M.MetricSpec(ks=ks, deltas=(0.001, 0.01, 0.05, 0.1, 0.5), eps=(1e-6, 1e-3, 1e-2, 0.1, 0.5))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(M, "_SELECT_MIN_WIDTH", 1)  # use the selection path at every width
+        assert_same_as_sort_path(probs, visible, pos, spec)
+        check_rows(probs, visible, pos, ks=ks)
+
+
+def test_selection_path_on_realistic_chunks_and_fallbacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Long causal chunks (sink column, flat and peaked heads), uniform rows, and values outside [0, 2)."""
+    gen = torch.Generator().manual_seed(5)
+    keys, queries = 3000, 40
+    pos = torch.arange(keys - queries, keys)
+    visible = (torch.arange(keys)[None, :] <= pos[:, None])[None, None]
+    logits = torch.randn(1, 4, queries, keys, generator=gen) * torch.tensor([0.3, 2.0, 8.0, 2.0]).view(1, 4, 1, 1)
+    logits[:, 3, :, 0] += 8.0
+    spec = M.MetricSpec(ks=M.default_ks(keys))
+    assert_same_as_sort_path(softmax_rows(logits, visible), visible, pos, spec)
+    uniform = softmax_rows(torch.zeros(1, 2, queries, keys), visible)
+    assert_same_as_sort_path(uniform, visible, pos, spec)
+    monkeypatch.setattr(M, "_BLOCK_ELEMENTS", keys * 7)  # several blocks, the last one short
+    assert_same_as_sort_path(softmax_rows(logits, visible), visible, pos, spec)
+    odd = torch.rand(1, 1, queries, keys, generator=gen) * 3 - 0.5  # not probabilities: the sort path is used
+    assert_same_as_sort_path(odd * visible, visible, pos, spec)
