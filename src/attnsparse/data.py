@@ -14,13 +14,16 @@ from transformers import PreTrainedTokenizerBase
 from attnsparse.errors import AttnsparseError
 
 BUILTIN = "builtin"
-TEXT_HELP = "pass a UTF-8 text file, hf:NAME[:CONFIG[:SPLIT]] for a hub data set, or builtin"
+BUILTIN_SPLITS = ("builtin:train", "builtin:test")  # first 90% / last 10% of the topics, disjoint
+TEXT_HELP = "pass a UTF-8 text file, hf:NAME[:CONFIG[:SPLIT]] for a hub data set, or builtin[:train|:test]"
 
 
 def load_text(spec: str | None = None) -> str:
     """Load raw text from a file path, `hf:NAME[:CONFIG[:SPLIT]]`, or the built-in default (None or "builtin")."""
     if spec is None or spec == BUILTIN:
         return builtin_text()
+    if spec in BUILTIN_SPLITS:
+        return builtin_text(spec.split(":")[1])
     if spec.startswith("hf:"):
         return _hub_text(spec[3:])
     path = Path(spec).expanduser()
@@ -40,11 +43,18 @@ def load_text(spec: str | None = None) -> str:
     return text
 
 
-def builtin_text() -> str:
-    """The Python language reference topics shipped with CPython: real English prose, always available offline."""
+def builtin_text(split: str | None = None) -> str:
+    """The Python language reference topics shipped with CPython: real English prose, always available offline.
+
+    `split="train"` gives the first 90% of the topics (in sorted order) and `split="test"` the rest, so a model
+    can be fine-tuned and evaluated on disjoint built-in text.
+    """
     from pydoc_data.topics import topics
 
-    return "\n\n".join(topics[name] for name in sorted(topics))
+    names = sorted(topics)
+    cut = int(len(names) * 0.9)
+    chosen = {"train": names[:cut], "test": names[cut:], None: names}[split]
+    return "\n\n".join(topics[name] for name in chosen)
 
 
 def _hub_text(spec: str) -> str:

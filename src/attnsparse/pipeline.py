@@ -1,0 +1,252 @@
+"""The main job: measure -> evaluate -> condense -> measure -> evaluate, and one before/after HTML report.
+
+Each stage writes its own run directory under OUT (measure_before/, evaluate_before/, condense/, measure_after/,
+evaluate_after/). A stage whose directory already holds a finished run is reused, and an interrupted condense
+stage resumes from its last checkpoint, so re-running the same command after a crash loses nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from attnsparse.errors import AttnsparseError
+from attnsparse.report import Section, write_html_report
+from attnsparse.runio import atomic_write_json, prepare_run_dir, write_run_config
+
+KIND = "run"
+STAGES = ("measure_before", "evaluate_before", "condense", "measure_after", "evaluate_after")
+
+
+@dataclass
+class PipelineConfig:
+    """Settings of the main job; the condense preset decides the fine-tune (docs/condense.md)."""
+
+    model: str = "smollm2-135m"
+    train_data: str | None = "builtin:train"
+    eval_data: str | None = "builtin:test"
+    preset: str = "smollm2-cpu-15min"
+    ctx: int = 1024
+    measure_windows: int = 4
+    eval_windows: int = 4
+    policies: str = "dense,topk:4,topk:8,topk:16,topk:32,topk:64"
+    steps: int | None = None  # override the preset's step count (None: keep it)
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PipelineResult:
+    out: Path
+    report: Path
+    before: dict[str, Any]
+    after: dict[str, Any]
+
+
+def _finished(directory: Path, kind: str) -> bool:
+    """A stage is done when its config.json names its kind and its main result file exists."""
+    marker = directory / "config.json"
+    if not marker.is_file():
+        return False
+    try:
+        stored = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    if stored.get("kind") != kind:
+        return False
+    if kind == "condense":
+        return stored.get("config", {}).get("status") == "finished" and (directory / "model").is_dir()
+    result = {"measure": "report.html", "evaluate": "results.json"}[kind]
+    return (directory / result).is_file()
+
+
+def run_pipeline(
+    config: PipelineConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> PipelineResult:
+    """Run every stage not already finished in `out`; returns the before/after summary and the report path."""
+    from attnsparse.condense import condense, preset_config
+    from attnsparse.evaluate import evaluate
+    from attnsparse.measure import measure
+    from attnsparse.models import LoadedModel, load_model
+
+    out = Path(out)
+    if out.exists() and not (out / "config.json").is_file() and any(out.iterdir()):
+        raise AttnsparseError(f"output directory {out} exists and is not a previous 'run'; choose a new --out")
+    if (out / "config.json").is_file():
+        _check_same_config(out, config, overwrite)
+    else:
+        prepare_run_dir(out, KIND, overwrite)
+    write_run_config(out, KIND, _config_json(config))
+
+    condense_config = preset_config(config.preset, model=config.model, data=config.train_data, steps=config.steps,
+                                    **config.overrides)
+    loaded = load_model(config.model)
+    stage = {name: out / name for name in STAGES}
+
+    if not _finished(stage["measure_before"], "measure"):
+        echo("== measure the original model")
+        measure(loaded, config.eval_data, config.ctx, config.measure_windows, stage["measure_before"],
+                overwrite=True, progress=progress, echo=echo)
+    if not _finished(stage["evaluate_before"], "evaluate"):
+        echo("== evaluate the original model")
+        evaluate(loaded, config.eval_data, config.ctx, config.policies, config.eval_windows,
+                 stage["evaluate_before"], overwrite=True, progress=progress)
+    if not _finished(stage["condense"], "condense"):
+        echo(f"== condense ({config.preset})")
+        resuming = (stage["condense"] / "checkpoints").is_dir()
+        condense(condense_config, stage["condense"], resume=resuming, overwrite=not resuming, progress=progress,
+                 model=loaded)
+    condensed = load_model(str(stage["condense"] / "model"))
+    condensed = LoadedModel(condensed.model, condensed.tokenizer, f"{config.model} (condensed)", condensed.source,
+                            condensed.load_seconds)
+    if not _finished(stage["measure_after"], "measure"):
+        echo("== measure the condensed model")
+        measure(condensed, config.eval_data, config.ctx, config.measure_windows, stage["measure_after"],
+                overwrite=True, progress=progress, echo=echo)
+    if not _finished(stage["evaluate_after"], "evaluate"):
+        echo("== evaluate the condensed model")
+        evaluate(condensed, config.eval_data, config.ctx, config.policies, config.eval_windows,
+                 stage["evaluate_after"], overwrite=True, progress=progress)
+
+    before, after = _summary(stage["measure_before"], stage["evaluate_before"]), _summary(
+        stage["measure_after"], stage["evaluate_after"])
+    summary = {"before": before, "after": after, "preset": config.preset}
+    atomic_write_json(out / "summary.json", summary)
+    report = _write_report(out, config, before, after)
+    echo(_summary_table(before, after))
+    echo(f"report: {report}")
+    return PipelineResult(out, report, before, after)
+
+
+def _config_json(config: PipelineConfig) -> dict[str, Any]:
+    return {key: getattr(config, key) for key in config.__dataclass_fields__}
+
+
+def _check_same_config(out: Path, config: PipelineConfig, overwrite: bool) -> None:
+    stored = json.loads((out / "config.json").read_text())
+    if stored.get("kind") != KIND:
+        raise AttnsparseError(f"output directory {out} is not a previous 'run'; choose a new --out")
+    if stored.get("config") != json.loads(json.dumps(_config_json(config))) and not overwrite:
+        raise AttnsparseError(
+            f"{out} holds a run with different settings; pass the same options to resume it, or --overwrite"
+        )
+    if overwrite and stored.get("config") != json.loads(json.dumps(_config_json(config))):
+        prepare_run_dir(out, KIND, overwrite=True)
+        for name in STAGES:
+            _remove_tree(out / name)
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _summary(measure_dir: Path, evaluate_dir: Path) -> dict[str, Any]:
+    profile = json.loads((measure_dir / "profile.json").read_text())
+    results = json.loads((evaluate_dir / "results.json").read_text())
+    key = next(k for k in profile["summary"] if k.startswith("k_") and k.endswith("_mean"))
+    return {
+        "perplexity": {row["policy"]: row["perplexity"] for row in results["rows"]},
+        "density": {row["policy"]: row["density"] for row in results["rows"]},
+        "k_mean": profile["summary"][key],
+        "k_key": key,
+        "k_per_layer": [layer[key] for layer in profile["per_layer"]],
+        "C_mean": profile["summary"]["C_mean"],
+        "streaming_share": profile["summary"]["streaming_share"],
+    }
+
+
+def _summary_table(before: dict[str, Any], after: dict[str, Any]) -> str:
+    dense = before["perplexity"]["dense"]
+    lines = [f"{'policy':<12} {'density':>8} {'ppl before':>11} {'ppl after':>10} {'after/orig dense':>17}"]
+    for policy, ppl in before["perplexity"].items():
+        lines.append(f"{policy:<12} {before['density'][policy]:>8.4f} {ppl:>11.3f} "
+                     f"{after['perplexity'][policy]:>10.3f} {after['perplexity'][policy] / dense:>17.3f}")
+    lines.append(f"mean {before['k_key'][2:-5]} keys: {before['k_mean']:.1f} before, {after['k_mean']:.1f} after")
+    return "\n".join(lines)
+
+
+def _write_report(out: Path, config: PipelineConfig, before: dict[str, Any], after: dict[str, Any]) -> Path:
+    import html
+
+    plots = out / "plots"
+    plots.mkdir(exist_ok=True)
+    density_png = _plot_ppl_vs_density(before, after, plots / "ppl_vs_density.png")
+    layers_png = _plot_k_per_layer(before, after, plots / "k_per_layer.png")
+    dense = before["perplexity"]["dense"]
+    rows = [[policy, before["density"][policy], ppl, after["perplexity"][policy], after["perplexity"][policy] / dense]
+            for policy, ppl in before["perplexity"].items()]
+    sections = [
+        Section(
+            "Quality against attention density",
+            f"<p>Model <code>{html.escape(config.model)}</code>, fine-tuned with preset "
+            f"<code>{html.escape(config.preset)}</code> on <code>{html.escape(str(config.train_data))}</code>; "
+            f"evaluated on <code>{html.escape(str(config.eval_data))}</code>, {config.eval_windows} evenly spaced "
+            f"windows of {config.ctx} tokens. Ratios are to the <b>original</b> model's dense perplexity.</p>",
+            tables=[(["policy", "density", "ppl original", "ppl condensed", "condensed / original dense"], rows)],
+            figures=[(density_png, "Perplexity against density (log x), original and condensed")],
+        ),
+        Section(
+            "Keys needed per layer",
+            f"<p>Mean {html.escape(before['k_key'])} over heads: {before['k_mean']:.1f} before, "
+            f"{after['k_mean']:.1f} after; mean C {before['C_mean']:.3f} before, {after['C_mean']:.3f} after; "
+            f"streaming heads {before['streaming_share']:.0%} before, {after['streaming_share']:.0%} after.</p>",
+            figures=[(layers_png, "Mean keys at 95% coverage per layer, before and after condensation")],
+        ),
+    ]
+    curves = out / "condense" / "curves.png"
+    if curves.is_file():
+        sections.append(Section("Training curves", figures=[(curves, "Condensation fine-tune: loss components")]))
+    sections.append(Section(
+        "Stage reports",
+        "<p>Full profiles: <code>measure_before/report.html</code>, <code>measure_after/report.html</code>; "
+        "evaluation tables: <code>evaluate_before/</code>, <code>evaluate_after/</code>; the condensed model: "
+        "<code>condense/model/</code> (loadable with <code>from_pretrained</code>).</p>",
+    ))
+    return write_html_report(out / "report.html", "attnsparse: before and after condensation", sections)
+
+
+def _pyplot():  # type: ignore[no-untyped-def]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot_ppl_vs_density(before: dict[str, Any], after: dict[str, Any], path: Path) -> Path:
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    for label, data, marker in (("original", before, "o"), ("condensed", after, "s")):
+        points = sorted((data["density"][p], data["perplexity"][p]) for p in data["perplexity"])
+        axis.plot([d for d, _ in points], [p for _, p in points], marker=marker, label=label)
+    axis.axhline(before["perplexity"]["dense"], color="grey", linestyle=":", label="original dense")
+    axis.set_xscale("log")
+    axis.set_xlabel("attention density (kept pairs / causal pairs)")
+    axis.set_ylabel("perplexity")
+    axis.legend()
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def _plot_k_per_layer(before: dict[str, Any], after: dict[str, Any], path: Path) -> Path:
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6.4, 3.8))
+    axis.plot(before["k_per_layer"], marker="o", label="original")
+    axis.plot(after["k_per_layer"], marker="s", label="condensed")
+    axis.set_yscale("log")
+    axis.set_xlabel("layer")
+    axis.set_ylabel(f"mean {before['k_key'][:-5]}")
+    axis.legend()
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
