@@ -8,9 +8,10 @@ stage resumes from its last checkpoint, so re-running the same command after a c
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from attnsparse.errors import AttnsparseError
 from attnsparse.report import Section, write_html_report
