@@ -104,12 +104,14 @@ def _register_commands() -> None:
     """Commands whose bodies live beside their module (each a thin typer function over the API)."""
     from attnsparse.condense_cli import condense_command
     from attnsparse.evaluate_cli import evaluate_command
+    from attnsparse.generate_cli import generate_command
     from attnsparse.measure_cli import measure_command
     from attnsparse.theory_cli import theory_command
 
     app.command("measure")(measure_command)
     app.command("evaluate")(evaluate_command)
     app.command("condense")(condense_command)
+    app.command("generate")(generate_command)
     app.command("theory")(theory_command)
 
 

@@ -1,0 +1,149 @@
+"""Single-token (decode-step) attention kernels over per-kv-head key/value storage.
+
+Shapes: the query of one decode step is viewed as `q (B, Hkv, G, D)`, the G query heads of a kv group standing
+in for G queries against the same keys. That lets one SDPA call serve grouped-query attention without repeating
+keys (transformers' `repeat_kv` copies the whole cache every step). Keys and values are `(B, Hkv, N, D)`; block
+storage is the same memory viewed as `(B, Hkv, N / block, block, D)`.
+
+Bytes read per step are what the kernel must stream from memory; `*_bytes` functions state them per kv head.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+
+def dense_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Exact attention of q (B, Hkv, G, D) over every key (B, Hkv, N, D); returns (B, Hkv, G, D)."""
+    return F.scaled_dot_product_attention(q, keys, values, scale=scaling)
+
+
+def topk_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k: int, scaling: float) -> torch.Tensor:
+    """Exact scores, each query head keeps its k largest (reads every key, only k values per head)."""
+    n = keys.shape[-2]
+    if k >= n:
+        return dense_decode(q, keys, values, scaling)
+    scores = (q @ keys.transpose(-1, -2)).mul_(scaling)  # (B, Hkv, G, N)
+    top, index = scores.topk(k, dim=-1)
+    probs = torch.softmax(top, dim=-1)  # (B, Hkv, G, k)
+    batch, kv_heads, groups, dim = q.shape
+    base = (torch.arange(batch * kv_heads, device=q.device) * n).view(batch, kv_heads, 1, 1)
+    picked = values.reshape(-1, dim).index_select(0, (index + base).reshape(-1)).view(batch, kv_heads, groups, k, dim)
+    return (probs.unsqueeze(-2) @ picked).squeeze(-2)
+
+
+def block_bounds(q: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
+    """Upper bound of q.k over each block, max over the G query heads of a group: (B, Hkv, NB).
+
+    For each dimension max(q*kmax, q*kmin) bounds q*k (Quest); summed that is q+ . kmax + q- . kmin. The summary
+    holds [kmax | kmin] side by side (B, Hkv, NB, 2D), so the bound is one matmul with [q+ | q-]; keys on the left
+    (NB x 2D times 2D x G) is the orientation CPU BLAS runs fastest for this skinny product.
+    """
+    signed = torch.cat([q.clamp(min=0), q.clamp(max=0)], dim=-1)  # (B, Hkv, G, 2D)
+    return (summary @ signed.transpose(-1, -2)).amax(dim=-1)
+
+
+def block_means(q: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+    """q . (sum of the block's keys), max over the G query heads: (B, Hkv, NB); ranks full blocks like q . mean key.
+
+    Only the last block can be partly filled, and it is always kept as a recent block, so the sum ranks the same as
+    the mean. An estimate, not a bound: on SmolLM2 it picks far better blocks than the min/max bound (see
+    benchmarks/README.md), and its summary is half the size.
+    """
+    return (sums @ q.transpose(-1, -2)).amax(dim=-1)
+
+
+def select_blocks(bounds: torch.Tensor, count: int, sink_blocks: int, recent_blocks: int) -> torch.Tensor:
+    """Indices (B, Hkv, count) of the blocks to read: sink and recent blocks always, then the highest bounds.
+
+    Overwrites `bounds` (a fresh tensor from `block_bounds`). The order of the indices is unspecified: attention
+    does not depend on key order.
+    """
+    total = bounds.shape[-1]
+    if count >= total:
+        return _arange(total, bounds.device).expand(*bounds.shape[:-1], total)
+    bounds[..., : min(sink_blocks, total)] = float("inf")
+    bounds[..., max(total - recent_blocks, 0):] = float("inf")
+    return bounds.topk(count, dim=-1, sorted=False).indices
+
+
+@functools.lru_cache(maxsize=64)
+def _arange(n: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(n, device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def _row_base(batch: int, kv_heads: int, capacity: int, device: torch.device) -> torch.Tensor:
+    """Offset of each (batch, kv head) in a flattened (B * Hkv * capacity) row index, (B, Hkv, 1)."""
+    return (torch.arange(batch * kv_heads, device=device) * capacity).view(batch, kv_heads, 1)
+
+
+def gather_blocks(blocks: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """blocks (B, Hkv, NBcap, S, D), index (B, Hkv, C) -> (B, Hkv, C*S, D), one contiguous copy per block.
+
+    The gather runs on a 2-D (blocks, S*D) view: index_select over 2-D rows is ~100x faster on CPU than over a
+    3-D (blocks, S, D) view.
+    """
+    batch, kv_heads, capacity, size, dim = blocks.shape
+    base = _row_base(batch, kv_heads, capacity, index.device)
+    flat = blocks.reshape(-1, size * dim).index_select(0, (index + base).reshape(-1))
+    return flat.view(batch, kv_heads, -1, dim)
+
+
+def block_decode(
+    q: torch.Tensor,
+    key_blocks: torch.Tensor,
+    value_blocks: torch.Tensor,
+    index: torch.Tensor,
+    n: int,
+    scaling: float,
+) -> torch.Tensor:
+    """Exact attention over the selected blocks only; positions >= n in a partly filled last block are masked."""
+    keys = gather_blocks(key_blocks, index)
+    values = gather_blocks(value_blocks, index)
+    size = key_blocks.shape[-2]
+    mask = None
+    if n % size:
+        positions = index.unsqueeze(-1) * size + _arange(size, q.device)
+        mask = (positions < n).view(*index.shape[:2], 1, -1)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling)
+
+
+def block_sums(key_blocks: torch.Tensor, n: int) -> torch.Tensor:
+    """Sum of the keys of each block, from scratch: (B, Hkv, ceil(n/S), D)."""
+    size = key_blocks.shape[-2]
+    blocks = -(-n // size)
+    valid = (torch.arange(blocks * size, device=key_blocks.device) < n).view(blocks, size, 1)
+    return key_blocks[:, :, :blocks].masked_fill(~valid, 0.0).sum(dim=-2)
+
+
+def block_summaries(key_blocks: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Element-wise (min, max) of the keys of each block, from scratch: (B, Hkv, ceil(n/S), D) each."""
+    size = key_blocks.shape[-2]
+    full, rest = divmod(n, size)
+    kmin = key_blocks[:, :, :full].amin(dim=-2)
+    kmax = key_blocks[:, :, :full].amax(dim=-2)
+    if rest:
+        tail = key_blocks[:, :, full, :rest]
+        kmin = torch.cat([kmin, tail.amin(dim=-2, keepdim=True)], dim=2)
+        kmax = torch.cat([kmax, tail.amax(dim=-2, keepdim=True)], dim=2)
+    return kmin, kmax
+
+
+def dense_bytes(n: int, dim: int, itemsize: int) -> int:
+    """Keys and values of n tokens, one kv head."""
+    return 2 * n * dim * itemsize
+
+
+def topk_bytes(n: int, k: int, groups: int, dim: int, itemsize: int) -> int:
+    """Every key plus at most k values per query head of the group."""
+    return n * dim * itemsize + min(n, k * groups) * dim * itemsize
+
+
+def block_bytes(n: int, block: int, selected: int, dim: int, itemsize: int, summary_vectors: int = 2) -> int:
+    """Summaries of every block (2 vectors: min and max; 1: key sum) plus keys and values of the selected blocks."""
+    blocks = -(-n // block)
+    return summary_vectors * blocks * dim * itemsize + 2 * min(selected * block, n) * dim * itemsize

@@ -1,0 +1,210 @@
+"""Sparse decoding cache and kernels against brute-force references (no model)."""
+
+import math
+
+import pytest
+import torch
+
+from attnsparse import decode_kernels as K
+from attnsparse.backend import chunked_attention
+from attnsparse.decode_plan import HeadPolicy
+from attnsparse.errors import AttnsparseError
+from attnsparse.kvcache import PENDING, FullStore, SparseLayer, StreamStore
+from attnsparse.policies import Policy
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors gain nothing from threads, and on a shared 2-core machine a second thread mostly waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def reference_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor | None,
+                        scaling: float) -> torch.Tensor:
+    """q (B,h,G,D) over keys (B,h,N,D), keep (B,h,G|1,N) bool; plain softmax with masking."""
+    scores = (q @ keys.transpose(-1, -2)) * scaling
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ values
+
+
+def feed(layer: SparseLayer, keys: torch.Tensor, values: torch.Tensor, prompt: int) -> None:
+    """Prefill `prompt` tokens, then the rest one token per step."""
+    layer.update(keys[:, :, :prompt], values[:, :, :prompt])
+    for t in range(prompt, keys.shape[2]):
+        layer.update(keys[:, :, t : t + 1], values[:, :, t : t + 1])
+    PENDING.clear()
+
+
+@pytest.mark.parametrize("prompt", [1, 5, 16, 37])
+@pytest.mark.parametrize("score", ["bound", "mean"])
+def test_incremental_block_summaries_equal_recomputed(prompt, score):
+    torch.manual_seed(0)
+    keys, values = torch.randn(2, 3, 123, 8), torch.randn(2, 3, 123, 8)
+    store = FullStore(HeadPolicy("block", block_size=8, budget=16, score=score), [0, 1, 2])
+    store.append(keys[:, :, :prompt], values[:, :, :prompt])
+    for t in range(prompt, 123):
+        store.append(keys[:, :, t : t + 1], values[:, :, t : t + 1])
+        used = math.ceil(store.n / 8)
+        if score == "bound":
+            kmin, kmax = K.block_summaries(store.key_blocks(), store.n)
+            assert torch.equal(store.kmin[:, :, :used], kmin) and torch.equal(store.kmax[:, :, :used], kmax)
+        else:  # a running sum: equal up to float rounding order
+            assert torch.allclose(store.summary[:, :, :used], K.block_sums(store.key_blocks(), store.n), atol=1e-5)
+    assert torch.equal(store.keys[:, :, :123], keys) and torch.equal(store.values[:, :, :123], values)
+
+
+def test_mean_score_selects_blocks_with_highest_mean_key_score():
+    torch.manual_seed(7)
+    store = FullStore(HeadPolicy("block", block_size=4, budget=16, sink_blocks=1, recent_blocks=1), [0])
+    keys = torch.randn(1, 1, 40, 8)
+    store.append(keys, keys)
+    q = torch.randn(1, 1, 2, 8)
+    means = keys.view(1, 1, 10, 4, 8).mean(-2)
+    score = (q @ means.transpose(-1, -2)).amax(-2)[0, 0]  # (10,)
+    expected = {0, 9} | set((score[1:9].topk(2).indices + 1).tolist())
+    assert set(store.select(q)[0, 0].tolist()) == expected
+
+
+def test_cache_contents_after_many_steps_with_eviction():
+    torch.manual_seed(1)
+    policies = [HeadPolicy("streaming", sink=3, window=7), HeadPolicy("block", block_size=4, budget=8),
+                HeadPolicy("streaming", sink=3, window=7), HeadPolicy("topk", k=5)]
+    layer = SparseLayer(policies)
+    keys, values = torch.randn(2, 4, 90, 8), torch.randn(2, 4, 90, 8)
+    feed(layer, keys, values, prompt=20)
+    assert layer.get_seq_length() == 90
+    for store in layer.stores:
+        index = torch.tensor(store.heads)
+        ref_k, ref_v = keys[:, index], values[:, index]
+        if isinstance(store, StreamStore):
+            positions = store.held_positions()
+            assert store.keys.shape[2] == 10  # evicted entries are not held: sink + window slots only
+            assert sorted(positions.tolist()) == [0, 1, 2] + list(range(83, 90))
+            assert torch.equal(store.keys, ref_k[:, :, positions]) and torch.equal(store.values, ref_v[:, :, positions])
+        else:
+            assert torch.equal(store.keys[:, :, :90], ref_k) and torch.equal(store.values[:, :, :90], ref_v)
+
+
+def test_stream_prefill_longer_than_window_equals_stepwise():
+    torch.manual_seed(2)
+    keys, values = torch.randn(1, 2, 50, 4), torch.randn(1, 2, 50, 4)
+    a, b = StreamStore(HeadPolicy("streaming", sink=2, window=5), [0, 1]), StreamStore(
+        HeadPolicy("streaming", sink=2, window=5), [0, 1])
+    a.append(keys, values)
+    for t in range(50):
+        b.append(keys[:, :, t : t + 1], values[:, :, t : t + 1])
+    for store in (a, b):
+        assert torch.equal(store.keys, keys[:, :, store.held_positions()])
+
+
+def test_streaming_decode_equals_backend_sink_window():
+    torch.manual_seed(3)
+    batch, kv, groups, n, dim = 1, 2, 3, 60, 8
+    keys, values = torch.randn(batch, kv, n, dim), torch.randn(batch, kv, n, dim)
+    q = torch.randn(batch, kv * groups, 1, dim)
+    layer = SparseLayer([HeadPolicy("streaming", sink=4, window=9)] * kv)
+    feed(layer, keys, values, prompt=30)
+    out = layer.attend(q, 0.3)
+    ref = chunked_attention(q, keys, values, None, scaling=0.3, policy=Policy("sink+window", sink=4, window=9),
+                            query_chunk=1)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_topk_decode_equals_masked_reference():
+    torch.manual_seed(4)
+    q, keys, values = torch.randn(2, 3, 3, 16), torch.randn(2, 3, 70, 16), torch.randn(2, 3, 70, 16)
+    scores = q @ keys.transpose(-1, -2)
+    keep = scores >= scores.topk(6, dim=-1).values[..., -1:]
+    assert torch.allclose(K.topk_decode(q, keys, values, 6, 0.25), reference_attention(q, keys, values, keep, 0.25),
+                          atol=1e-5)
+
+
+def test_block_bounds_are_upper_bounds_and_selection_matches_brute_force():
+    torch.manual_seed(5)
+    size, n, dim = 4, 45, 8
+    policy = HeadPolicy("block", block_size=size, budget=12, sink_blocks=1, recent_blocks=1, score="bound")
+    store = FullStore(policy, [0, 1])
+    keys, values = torch.randn(1, 2, n, dim), torch.randn(1, 2, n, dim)
+    store.append(keys[:, :, :10], values[:, :, :10])
+    for t in range(10, n):
+        store.append(keys[:, :, t : t + 1], values[:, :, t : t + 1])
+    q = torch.randn(1, 2, 3, dim)
+    blocks = math.ceil(n / size)
+    bounds = K.block_bounds(q, store.summary[:, :, :blocks])
+    true = (q @ keys.transpose(-1, -2))  # (1, 2, 3, n)
+    padded = torch.full((1, 2, 3, blocks * size), float("-inf"))
+    padded[..., :n] = true
+    per_block = padded.view(1, 2, 3, blocks, size).amax(-1).amax(-2)
+    assert (bounds >= per_block - 1e-5).all()
+    chosen = store.select(q)
+    assert chosen.shape[-1] == 3
+    for h in range(2):
+        picked = set(chosen[0, h].tolist())
+        assert {0, blocks - 1} <= picked  # sink and recent always kept
+        middle = bounds[0, h, 1 : blocks - 1]
+        assert picked - {0, blocks - 1} == {int(middle.argmax()) + 1}
+    keep = torch.zeros(1, 2, 1, n, dtype=torch.bool)
+    for h in range(2):
+        for b in chosen[0, h].tolist():
+            keep[0, h, 0, b * size : min((b + 1) * size, n)] = True
+    out = store.attend(q, 0.35)
+    assert torch.allclose(out, reference_attention(q, keys, values, keep, 0.35), atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["dense", "topk:500", "block:8:500", "block:8:1.0:bound", "streaming:4:500"])
+def test_covering_policies_equal_dense_kernel(policy):
+    from attnsparse.decode_plan import parse_head_policy
+
+    torch.manual_seed(6)
+    keys, values = torch.randn(2, 3, 77, 16), torch.randn(2, 3, 77, 16)
+    layer = SparseLayer([parse_head_policy(policy)] * 3)
+    feed(layer, keys, values, prompt=13)
+    q = torch.randn(2, 9, 1, 16)
+    ref = reference_attention(q.view(2, 3, 3, 16), keys, values, None, 0.25).reshape(2, 1, 9, 16)
+    assert torch.allclose(layer.attend(q, 0.25), ref, atol=1e-5)
+
+
+def test_bytes_read_and_held():
+    size, n, dim = 16, 1000, 8
+    block = FullStore(HeadPolicy("block", block_size=size, budget=64, score="bound"), [0])
+    mean = FullStore(HeadPolicy("block", block_size=size, budget=64), [0])
+    stream = StreamStore(HeadPolicy("streaming", sink=4, window=60), [0])
+    dense = FullStore(HeadPolicy("dense"), [0])
+    keys = torch.randn(1, 1, n, dim)
+    for store in (block, mean, stream, dense):
+        store.append(keys, keys)
+    assert mean.bytes_read(1) == 63 * dim * 4 + 2 * 64 * dim * 4
+    assert dense.bytes_read(1) == 2 * n * dim * 4
+    assert block.bytes_read(1) == 2 * 63 * dim * 4 + 2 * 64 * dim * 4
+    assert stream.bytes_read(1) == 2 * 64 * dim * 4
+    assert stream.keys.numel() == 64 * dim
+
+
+def test_multi_token_continuation_and_head_mismatch_are_refused():
+    layer = SparseLayer([HeadPolicy("dense")] * 2)
+    layer.update(torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4))
+    with pytest.raises(AttnsparseError, match="one token per step"):
+        layer.update(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4))
+    with pytest.raises(AttnsparseError, match="kv heads"):
+        layer.update(torch.randn(1, 3, 1, 4), torch.randn(1, 3, 1, 4))
+
+
+def test_unused_buffer_is_zero_so_masked_tail_cannot_poison_output():
+    store = FullStore(HeadPolicy("block", block_size=8, budget=16), [0])
+    store.reserve(torch.empty(1, 1, 1, 4), 100)
+    store.append(torch.randn(1, 1, 13, 4), torch.randn(1, 1, 13, 4))
+    assert (store.values[:, :, 13:] == 0).all() and (store.keys[:, :, 13:] == 0).all()
+    assert torch.isfinite(store.attend(torch.randn(1, 1, 2, 4), 0.5)).all()
+
+
+def test_reset_empties_the_layer_and_keeps_its_plan():
+    layer = SparseLayer([HeadPolicy("streaming", sink=1, window=3), HeadPolicy("block", block_size=4, budget=8)])
+    feed(layer, torch.randn(1, 2, 12, 4), torch.randn(1, 2, 12, 4), prompt=5)
+    layer.reset()
+    assert layer.get_seq_length() == 0 and [s.policy.kind for s in layer.stores] == ["streaming", "block"]
+    feed(layer, torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4), prompt=2)
+    assert layer.get_seq_length() == 6
