@@ -93,7 +93,7 @@ def main() -> None:
         "time_ratio_measure_over_sdpa": meas["seconds"] / sdpa_s,
         "targets": {"peak_rss_ratio_max": 2.0, "time_ratio_max": 3.0},
         "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(), "torch": torch.__version__},
-        "note": "2 shared CPU cores (other jobs running); sdpa ran before and after measure, ratios use the mean.",
+        "note": "2 CPU cores; sdpa ran before and after measure, ratios use the mean.",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
