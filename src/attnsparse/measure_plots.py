@@ -6,16 +6,12 @@ from pathlib import Path
 
 import numpy as np
 
+from attnsparse.plotting import pyplot
 from attnsparse.profile import Profile, coverage_key
 
 
 def _pyplot():  # type: ignore[no-untyped-def]
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+    return pyplot()
 
 
 def _heatmap(matrix: np.ndarray, title: str, label: str, path: Path, *, log: bool = False,

@@ -108,11 +108,11 @@ def _load_embedded(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreT
         model, tokenizer = _load_directory(cached, dtype)
         return model, tokenizer, "embedded-cache"
     model, tokenizer = _load_gguf(embedded_gguf(name), torch.float32)
-    _save_atomically(model, tokenizer, cached)
+    save_atomically(model, tokenizer, cached)
     return model.to(dtype), tokenizer, "embedded"
 
 
-def _save_atomically(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
+def save_atomically(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
     """Save to a temporary sibling and rename, so a crash never leaves a half-written cache entry."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from attnsparse.errors import AttnsparseError
+from attnsparse.plotting import pyplot
 from attnsparse.report import Section, write_html_report
 from attnsparse.runio import atomic_write_json, prepare_run_dir, write_run_config
 
@@ -210,17 +211,8 @@ def _write_report(out: Path, config: PipelineConfig, before: dict[str, Any], aft
     return write_html_report(out / "report.html", "attnsparse: before and after condensation", sections)
 
 
-def _pyplot():  # type: ignore[no-untyped-def]
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _plot_ppl_vs_density(before: dict[str, Any], after: dict[str, Any], path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(6.4, 4.2))
     for label, data, marker in (("original", before, "o"), ("condensed", after, "s")):
         points = sorted((data["density"][p], data["perplexity"][p]) for p in data["perplexity"])
@@ -238,7 +230,7 @@ def _plot_ppl_vs_density(before: dict[str, Any], after: dict[str, Any], path: Pa
 
 
 def _plot_k_per_layer(before: dict[str, Any], after: dict[str, Any], path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(6.4, 3.8))
     axis.plot(before["k_per_layer"], marker="o", label="original")
     axis.plot(after["k_per_layer"], marker="s", label="condensed")

@@ -18,7 +18,6 @@ import copy
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +42,7 @@ from attnsparse.condense.trainer import (
 from attnsparse.data import check_context, load_text, tokenize, windows
 from attnsparse.errors import AttnsparseError
 from attnsparse.losses import CondensationRegularizer
-from attnsparse.models import LoadedModel, load_model, max_context, num_layers
+from attnsparse.models import LoadedModel, load_model, max_context, num_layers, save_atomically
 from attnsparse.runio import RUN_MARKER, atomic_write_json, environment, prepare_run_dir
 
 KIND = "condense"
@@ -276,16 +275,5 @@ def _controller(config: CondenseConfig, net: torch.nn.Module, token_windows: tor
 
 
 def _save_model(model: PreTrainedModel, tokenizer: Any, target: Path) -> None:
-    """save_pretrained (safetensors) + tokenizer into a staging sibling, then rename: never half-written."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
-        staging.chmod(0o755)
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    """save_pretrained (safetensors) + tokenizer, atomically (see models.save_atomically)."""
+    save_atomically(model, tokenizer, target)
