@@ -193,7 +193,7 @@ def _write_report(out: Path, config: PipelineConfig, before: dict[str, Any], aft
         ),
         Section(
             "Keys needed per layer",
-            f"<p>Mean {html.escape(before['k_key'])} over heads: {before['k_mean']:.1f} before, "
+            f"<p>Mean {html.escape(before['k_key'][:-5])} over heads: {before['k_mean']:.1f} before, "
             f"{after['k_mean']:.1f} after; mean C {before['C_mean']:.3f} before, {after['C_mean']:.3f} after; "
             f"streaming heads {before['streaming_share']:.0%} before, {after['streaming_share']:.0%} after.</p>",
             figures=[(layers_png, "Mean keys at 95% coverage per layer, before and after condensation")],
