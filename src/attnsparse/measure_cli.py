@@ -51,16 +51,13 @@ def measure_command(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar over windows."),
 ) -> None:
     """Per-layer, per-head attention sparsity profile: top-k mass, k at coverage, C, entropy, head classes."""
+    from attnsparse.cli import run_or_exit
     from attnsparse.measure import measure
 
-    try:
-        measure(
-            model, data, ctx, windows, out,
-            ks=_ints(k), deltas=_floats(deltas, "--deltas"), eps=_floats(eps, "--eps"), sink_tokens=sink,
-            local_window=local_window, stream_delta=stream_delta, fit_delta=fit_delta, fit_min_n=fit_min_n,
-            batch_size=batch_size, query_chunk=query_chunk, overwrite=overwrite, progress=progress,
-            echo=typer.echo,
-        )
-    except AttnsparseError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2) from None
+    run_or_exit(lambda: measure(
+        model, data, ctx, windows, out,
+        ks=_ints(k), deltas=_floats(deltas, "--deltas"), eps=_floats(eps, "--eps"), sink_tokens=sink,
+        local_window=local_window, stream_delta=stream_delta, fit_delta=fit_delta, fit_min_n=fit_min_n,
+        batch_size=batch_size, query_chunk=query_chunk, overwrite=overwrite, progress=progress,
+        echo=typer.echo,
+    ))

@@ -57,19 +57,19 @@ def theory_command(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Simulate attention on Gaussian inputs and test the sparsity theory's statements."""
+    from attnsparse.cli import run_or_exit
     from attnsparse.theory import TheoryConfig, run_theory
 
-    try:
+    def body() -> object:
         cfg = TheoryConfig(
             n=parse_list(n, _int, "--n"), d=d, d_head=d_head, sigma_x=parse_list(sigma_x, float, "--sigma-x"),
             w_scale=w_scale, w_norm=w_norm, sigmas=parse_list(sigma, float, "--sigma"),
             growth=parse_list(growth, float, "--growth"), eps=eps, entry_eps=entry_eps,
             C=parse_list(exponents, float, "--C"), k_const=k_const, rows=rows, seed=seed,
             profile=str(profile) if profile is not None else None)
-        result = run_theory(cfg, out, overwrite=overwrite, progress=progress)
-    except AttnsparseError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2)
+        return run_theory(cfg, out, overwrite=overwrite, progress=progress)
+
+    result = run_or_exit(body)
     _print_summary(result)
 
 
