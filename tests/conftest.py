@@ -16,3 +16,11 @@ def smollm2():
     from attnsparse.models import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved default tiny Llama with the character tokenizer, loadable by path (read-only for tests)."""
+    from attnsparse.tiny import save_tiny
+
+    return Path(save_tiny(str(tmp_path_factory.mktemp("tiny") / "model")))

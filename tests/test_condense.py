@@ -19,15 +19,9 @@ from attnsparse.condense_cli import condense_command
 from attnsparse.errors import AttnsparseError
 from attnsparse.losses import CondensationRegularizer
 from attnsparse.models import load_model
-from attnsparse.tiny import save_tiny, tiny_gpt2, tiny_llama
+from attnsparse.tiny import tiny_gpt2, tiny_llama
 
 TEXT = "It was the best of times, it was the worst of times, it was the age of wisdom. " * 30
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.set_num_threads(1)
-    return Path(save_tiny(str(tmp_path_factory.mktemp("tiny") / "model")))
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 import typer
 from typer.testing import CliRunner
 
@@ -17,15 +16,8 @@ from attnsparse.evaluate import evaluate, parse_protocol
 from attnsparse.evaluate_cli import evaluate_command
 from attnsparse.models import load_model
 from attnsparse.perplexity import perplexity
-from attnsparse.tiny import save_tiny
 
 TEXT = "The quick brown fox jumps over the lazy dog while the cat sleeps by the fire. " * 16
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.set_num_threads(1)
-    return Path(save_tiny(str(tmp_path_factory.mktemp("tiny") / "model")))
 
 
 @pytest.fixture(scope="module")

@@ -87,14 +87,18 @@ def run_pipeline(
     loaded = load_model(config.model)
     stage = {name: out / name for name in STAGES}
 
-    if not _finished(stage["measure_before"], "measure"):
-        echo("== measure the original model")
-        measure(loaded, config.eval_data, config.ctx, config.measure_windows, stage["measure_before"],
-                overwrite=True, progress=progress, echo=echo)
-    if not _finished(stage["evaluate_before"], "evaluate"):
-        echo("== evaluate the original model")
-        evaluate(loaded, config.eval_data, config.ctx, config.policies, config.eval_windows,
-                 stage["evaluate_before"], overwrite=True, progress=progress)
+    def profile_and_score(model: LoadedModel, when: str, label: str) -> None:
+        """The measure and evaluate stages for one model, each skipped when already finished."""
+        if not _finished(stage[f"measure_{when}"], "measure"):
+            echo(f"== measure the {label} model")
+            measure(model, config.eval_data, config.ctx, config.measure_windows, stage[f"measure_{when}"],
+                    overwrite=True, progress=progress, echo=echo)
+        if not _finished(stage[f"evaluate_{when}"], "evaluate"):
+            echo(f"== evaluate the {label} model")
+            evaluate(model, config.eval_data, config.ctx, config.policies, config.eval_windows,
+                     stage[f"evaluate_{when}"], overwrite=True, progress=progress)
+
+    profile_and_score(loaded, "before", "original")
     if not _finished(stage["condense"], "condense"):
         echo(f"== condense ({config.preset})")
         resuming = (stage["condense"] / "checkpoints").is_dir()
@@ -103,14 +107,7 @@ def run_pipeline(
     condensed = load_model(str(stage["condense"] / "model"))
     condensed = LoadedModel(condensed.model, condensed.tokenizer, f"{config.model} (condensed)", condensed.source,
                             condensed.load_seconds)
-    if not _finished(stage["measure_after"], "measure"):
-        echo("== measure the condensed model")
-        measure(condensed, config.eval_data, config.ctx, config.measure_windows, stage["measure_after"],
-                overwrite=True, progress=progress, echo=echo)
-    if not _finished(stage["evaluate_after"], "evaluate"):
-        echo("== evaluate the condensed model")
-        evaluate(condensed, config.eval_data, config.ctx, config.policies, config.eval_windows,
-                 stage["evaluate_after"], overwrite=True, progress=progress)
+    profile_and_score(condensed, "after", "condensed")
 
     before, after = _summary(stage["measure_before"], stage["evaluate_before"]), _summary(
         stage["measure_after"], stage["evaluate_after"])
