@@ -74,7 +74,7 @@ def markdown(original: dict[str, Any], condensed: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="smollm2-cpu-15min")
-    parser.add_argument("--out", type=Path, default=RESULTS / "condense_smollm2")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "condense_smollm2")
     parser.add_argument("--ks", default="4,8,16,32,64")
     parser.add_argument("--ctx", type=int, default=1024)
     parser.add_argument("--no-all", action="store_true", help="skip the whole-test-set protocol (slow)")

@@ -28,6 +28,10 @@ BACKEND_NAME = "attnsparse"
 # Bytes of float32 score-sized buffers one query chunk may use (scores, probabilities, masks).
 DEFAULT_CHUNK_BUDGET = 256 * 2**20
 DENSE = Policy("dense")
+# Gathered top-k is used when the row has at least this many keys per kept key.
+GATHER_MIN_RATIO = 32
+# Queries per chunk at most: small chunks skip more causally invisible keys (measured fastest at ctx 1024).
+MAX_QUERY_CHUNK = 128
 
 
 @dataclass
@@ -59,7 +63,7 @@ class BackendState:
         if self.query_chunk is not None:
             return max(1, min(self.query_chunk, queries))
         per_query = batch * heads * keys * 4 * 3
-        return max(1, min(queries, DEFAULT_CHUNK_BUDGET // max(per_query, 1)))
+        return max(1, min(queries, MAX_QUERY_CHUNK, DEFAULT_CHUNK_BUDGET // max(per_query, 1)))
 
 
 _STATES: dict[int, tuple[weakref.ref, BackendState]] = {}
@@ -158,6 +162,11 @@ def chunked_attention(
             scores = torch.tanh(scores / softcap) * softcap
         if bias is not None:
             scores = scores + bias
+        if not observers and dropout == 0.0 and _gather_pays(policy, width):
+            out = _topk_gathered(scores, visible, v[:, :, :width], policy.k)  # type: ignore[arg-type]
+            if out is not None:
+                outputs.append(out.transpose(1, 2))
+                continue
         kept = None if policy.is_dense else policy.keep_mask(scores, visible, positions)
         need_dense = policy.is_dense or bool(observers)
         dense_probs = _masked_softmax(scores, visible) if need_dense else None
@@ -213,7 +222,37 @@ def _needed_keys(visible: torch.Tensor, positions: torch.Tensor, causal: bool, k
 def _masked_softmax(scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Softmax over kept entries; rows with nothing kept (padding) become all zeros instead of NaN."""
     probs = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
+    if bool(keep.any(dim=-1).all()):
+        return probs
     return torch.nan_to_num(probs, nan=0.0)
+
+
+def _gather_pays(policy: Policy, width: int) -> bool:
+    """Top-k from gathered keys beats a masked softmax over the whole row when k is a small share of it."""
+    return policy.name == "topk" and policy.k * GATHER_MIN_RATIO <= width
+
+
+def _topk_gathered(scores: torch.Tensor, visible: torch.Tensor, value: torch.Tensor, k: int) -> torch.Tensor | None:
+    """Exact top-k attention computed from the k selected keys only: (B, H, Qc, D), or None on a tie.
+
+    The selection equals `topk_keep_mask` unless the k-th and (k+1)-th scores of a row are equal; then the
+    tie rule (earlier key wins) decides, so the caller falls back to the mask path. Differentiable.
+    """
+    batch, heads, chunk, width = scores.shape
+    kv_heads, dim = value.shape[1], value.shape[-1]
+    masked = scores.masked_fill(~visible, float("-inf"))
+    top, index = masked.topk(min(k + 1, width), dim=-1)
+    if top.shape[-1] > k:
+        boundary = top[..., k - 1]
+        if bool(((top[..., k] == boundary) & torch.isfinite(boundary)).any()):
+            return None
+        top, index = top[..., :k], index[..., :k]
+    probs = torch.softmax(top, dim=-1)
+    if not bool(visible.any(dim=-1).all()):
+        probs = torch.nan_to_num(probs, nan=0.0)
+    flat = index.reshape(batch, kv_heads, -1, 1).expand(-1, -1, -1, dim)
+    picked = value.gather(2, flat).view(batch, heads, chunk, -1, dim)
+    return (probs.unsqueeze(-1) * picked).sum(dim=-2)
 
 
 def register_backend() -> None:
