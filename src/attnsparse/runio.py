@@ -100,3 +100,8 @@ def write_run_config(out: str | Path, kind: str, config: dict[str, Any]) -> Path
     path = Path(out) / RUN_MARKER
     atomic_write_json(path, {"kind": kind, "config": config, "environment": environment()})
     return path
+
+
+def cache_root() -> Path:
+    """Where converted models and compiled kernels live: $ATTNSPARSE_CACHE, else ~/.cache/attnsparse."""
+    return Path(os.environ.get("ATTNSPARSE_CACHE", Path.home() / ".cache" / "attnsparse"))

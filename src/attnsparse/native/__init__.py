@@ -1,0 +1,66 @@
+"""Small C kernels compiled on first use with the system C compiler, with a pure numpy fallback.
+
+A kernel is built once per source version into `$ATTNSPARSE_CACHE/native/` (atomic rename, so concurrent
+processes never load a half-written library) and loaded with ctypes. Without a compiler, or with
+ATTNSPARSE_NATIVE=0, `load` returns None and callers use their numpy path: results are the same, only slower.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from functools import cache
+from pathlib import Path
+
+from attnsparse.runio import cache_root
+
+SOURCES = Path(__file__).resolve().parent
+
+
+def enabled() -> bool:
+    """False when the user switched native kernels off (ATTNSPARSE_NATIVE=0)."""
+    return os.environ.get("ATTNSPARSE_NATIVE", "1").strip() not in ("0", "false", "no", "off")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+@cache
+def load(name: str) -> ctypes.CDLL | None:
+    """The compiled kernel `name` (native/NAME.c) as a ctypes library, or None when it cannot be built."""
+    if not enabled():
+        return None
+    source = SOURCES / f"{name}.c"
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    flags = ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-fopenmp-simd", "-fPIC", "-shared"]  # built on the machine that runs it (key: CPU model)
+    machine = " ".join(flags + [platform.machine(), _cpu_model()])
+    digest = hashlib.sha256(source.read_bytes() + machine.encode()).hexdigest()[:16]
+    target = cache_root() / "native" / f"{name}-{digest}.so"
+    if not target.is_file():
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                built = Path(tmp) / target.name
+                subprocess.run([compiler, *flags, str(source), "-o", str(built), "-lm"], check=True,
+                               capture_output=True, timeout=120)
+                os.replace(built, target)
+        except (OSError, subprocess.SubprocessError) as error:
+            warnings.warn(f"attnsparse: could not compile {source.name} ({error}); using the slower numpy path",
+                          stacklevel=2)
+            return None
+    return ctypes.CDLL(str(target))
