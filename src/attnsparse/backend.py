@@ -162,6 +162,7 @@ def chunked_attention(
             scores = torch.tanh(scores / softcap) * softcap
         if bias is not None:
             scores = scores + bias
+        _hide_invisible_(scores, visible)
         if not observers and dropout == 0.0 and _gather_pays(policy, width):
             out = _topk_gathered(scores, visible, v[:, :, :width], policy.k)  # type: ignore[arg-type]
             if out is not None:
@@ -169,7 +170,7 @@ def chunked_attention(
                 continue
         kept = None if policy.is_dense else policy.keep_mask(scores, visible, positions)
         need_dense = policy.is_dense or bool(observers)
-        dense_probs = _masked_softmax(scores, visible) if need_dense else None
+        dense_probs = _softmax_visible(scores, visible) if need_dense else None
         if observers:
             record = AttentionChunk(layer_idx, dense_probs, visible, positions, kept, groups)  # type: ignore[arg-type]
             for observer in observers:
@@ -227,6 +228,24 @@ def _masked_softmax(scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(probs, nan=0.0)
 
 
+def _hide_invisible_(scores: torch.Tensor, visible: torch.Tensor) -> None:
+    """Set invisible scores to -inf in place, touching only the columns from the first one any query cannot see
+    (under a causal mask, the chunk's diagonal block instead of the whole row)."""
+    hidden = ~visible
+    columns = hidden.reshape(-1, hidden.shape[-1]).any(0).nonzero()
+    if columns.numel():
+        first = int(columns[0])
+        scores[..., first:].masked_fill_(hidden[..., first:], float("-inf"))
+
+
+def _softmax_visible(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """Softmax of scores whose invisible entries are already -inf; rows that see nothing become zeros."""
+    probs = torch.softmax(scores, dim=-1)
+    if bool(visible.any(dim=-1).all()):
+        return probs
+    return torch.nan_to_num(probs, nan=0.0)
+
+
 def _gather_pays(policy: Policy, width: int) -> bool:
     """Top-k from gathered keys beats a masked softmax over the whole row when k is a small share of it."""
     return policy.name == "topk" and policy.k * GATHER_MIN_RATIO <= width
@@ -240,8 +259,7 @@ def _topk_gathered(scores: torch.Tensor, visible: torch.Tensor, value: torch.Ten
     """
     batch, heads, chunk, width = scores.shape
     kv_heads, dim = value.shape[1], value.shape[-1]
-    masked = scores.masked_fill(~visible, float("-inf"))
-    top, index = masked.topk(min(k + 1, width), dim=-1)
+    top, index = scores.topk(min(k + 1, width), dim=-1)  # invisible scores are already -inf
     if top.shape[-1] > k:
         boundary = top[..., k - 1]
         if bool(((top[..., k] == boundary) & torch.isfinite(boundary)).any()):
