@@ -99,6 +99,40 @@ def test_cli(tiny_dir: Path, text_file: Path, tmp_path: Path) -> None:
     bad = runner.invoke(app, ["evaluate", str(tiny_dir), "--data", str(text_file), "--ctx", "32",
                               "--policies", "topk:-1", "--no-progress"])
     assert bad.exit_code == 2 and "error:" in bad.output and "Traceback" not in bad.output
+    planned = runner.invoke(app, ["evaluate", str(tiny_dir), "--data", str(text_file), "--ctx", "32",
+                                  "--policies", "dense", "--windows", "2", "--plans", "streaming:2:4,block:4:8",
+                                  "--decode-tokens", "6", "--no-progress"])
+    assert planned.exit_code == 0, planned.output
+    assert "plan:streaming:2:4" in planned.output and "plan:block:4:8" in planned.output
+
+
+def test_decode_plans_score_the_decoded_tail(loaded, text_file: Path, tmp_path: Path) -> None:
+    """plan:dense equals the full forward's NLL on the last N tokens; a plan that keeps every key equals dense;
+    a plan file loads; a streaming plan reads less and changes the result."""
+    import torch
+    import torch.nn.functional as F
+
+    from attnsparse.data import tokenize, windows
+    from attnsparse.decode import make_plan
+
+    plan_file = tmp_path / "stream.json"
+    make_plan(loaded.model, "streaming:2:6").save(plan_file)
+    result = evaluate(loaded, str(text_file), 48, "dense", windows=3, progress=False, decode_tokens=10,
+                      plans=["block:4:48", str(plan_file)])
+    rows = [r for r in result.rows if r.policy.startswith("plan:")]
+    assert [r.policy for r in rows] == ["plan:dense", "plan:block:4:48", "plan:stream.json"]
+    assert all(r.tokens == 30 and r.windows == 3 for r in rows)
+    batch = windows(tokenize(loaded.tokenizer, TEXT), 48, count=3)
+    with torch.no_grad():
+        logits = loaded.model(batch).logits.float()
+    expected = F.cross_entropy(logits[:, 37:47].reshape(-1, logits.shape[-1]), batch[:, 38:].reshape(-1))
+    dense = result.row("plan:dense")
+    assert dense.mean_nll == pytest.approx(float(expected), rel=1e-4)
+    assert result.row("plan:block:4:48").perplexity == pytest.approx(dense.perplexity, rel=1e-4)
+    stream = result.row("plan:stream.json")
+    assert stream.density < 0.5 and stream.ratio_to_dense != pytest.approx(1.0, rel=1e-4)
+    with pytest.raises(AttnsparseError, match="decode tokens"):
+        evaluate(loaded, str(text_file), 48, "dense", windows=1, progress=False, decode_tokens=48, plans=["dense"])
 
 
 @pytest.mark.slow

@@ -19,6 +19,8 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from attnsparse.data import check_context, load_text, tokenize
+from attnsparse.decode_eval import decode_perplexity, plan_label
+from attnsparse.decode_plan import DecodePlan
 from attnsparse.data import windows as make_windows
 from attnsparse.errors import AttnsparseError
 from attnsparse.models import LoadedModel, load_model, max_context
@@ -41,8 +43,8 @@ class EvaluationRow:
     """One (protocol, policy) measurement."""
 
     protocol: str  # "all" or "windows:M"
-    policy: str
-    density: float
+    policy: str  # a policy spec, or plan:<spec or file> for a decode plan (scored on the decoded tokens only)
+    density: float  # kept pairs / causal pairs; for a plan, the share of dense KV bytes read per decode step
     perplexity: float
     mean_nll: float
     tokens: int
@@ -64,7 +66,7 @@ class EvaluationResult:
 
     def row(self, policy: str, protocol: str | None = None) -> EvaluationRow:
         """The row of `policy` (spec) under `protocol` (default: the first protocol evaluated)."""
-        spec = parse_policy(policy).spec
+        spec = policy if policy.startswith("plan:") else parse_policy(policy).spec
         protocol = protocol or self.rows[0].protocol
         for row in self.rows:
             if row.policy == spec and row.protocol == protocol:
@@ -151,6 +153,8 @@ def evaluate(
     tokenizer: PreTrainedTokenizerBase | None = None,
     batch_size: int = 1,
     query_chunk: int | None = None,
+    plans: Sequence[str | Path | DecodePlan] = (),
+    decode_tokens: int = 64,
     overwrite: bool = False,
     progress: bool = True,
 ) -> EvaluationResult:
@@ -159,6 +163,9 @@ def evaluate(
     `windows=None` scores the whole text in non-overlapping windows of `ctx`; `windows=M` scores M evenly spaced
     windows (window i starts at i·⌊len/M⌋); a list runs several protocols on the same tokens. With `out`, writes
     a run directory (refusing a non-empty directory that is not an earlier evaluate run unless `overwrite`).
+    Decode `plans` (JSON files or specs such as block:16:0.0625) add rows scored by decoding the last
+    `decode_tokens` of each window from a dense prefill (`attnsparse.decode_eval`), with a dense decode row
+    (plan:dense) as their reference.
     """
     if batch_size < 1:
         raise AttnsparseError(f"batch size {batch_size} must be >= 1")
@@ -183,10 +190,22 @@ def evaluate(
                 ratio_to_dense=None if dense_ppl is None else ppl.perplexity / dense_ppl,
                 seconds=time.perf_counter() - started,
             ))
+        if plans:
+            started = time.perf_counter()
+            decoded = decode_perplexity(model, batches, list(plans), decode_tokens, progress=progress)
+            seconds = (time.perf_counter() - started) / len(decoded)
+            reference = decoded[0].perplexity
+            for d in decoded:
+                result.rows.append(EvaluationRow(
+                    protocol=protocol_name(protocol), policy=d.plan, density=d.read_fraction,
+                    perplexity=d.perplexity, mean_nll=d.mean_nll, tokens=d.tokens, windows=d.windows, ctx=ctx,
+                    ratio_to_dense=d.perplexity / reference, seconds=seconds,
+                ))
     if out_dir is not None:
         config = {
             "model": name, "data": text_spec or "builtin", "ctx": ctx, "policies": [p.spec for p in plan],
             "protocols": [protocol_name(p) for p in protocols], "batch_size": batch_size, "query_chunk": query_chunk,
+            "plans": [plan_label(p) for p in plans], "decode_tokens": decode_tokens if plans else None,
             "text_tokens": int(ids.numel()), "dtype": str(next(model.parameters()).dtype),
         }
         write_outputs(result, out_dir, config)
@@ -214,7 +233,9 @@ def plot_ppl_vs_density(result: EvaluationResult, path: Path) -> Path:
     figure = Figure(figsize=(6.4, 4.4), dpi=110)
     axes = figure.add_subplot()
     for protocol in dict.fromkeys(r.protocol for r in result.rows):
-        rows = sorted((r for r in result.rows if r.protocol == protocol), key=lambda r: r.density)
+        # decode-plan rows score other tokens (the decoded tail); they are in the table, not on this plot
+        rows = sorted((r for r in result.rows if r.protocol == protocol and not r.policy.startswith("plan:")),
+                      key=lambda r: r.density)
         line = axes.plot([r.density for r in rows], [r.perplexity for r in rows], marker="o", label=protocol)[0]
         for r in rows:
             axes.annotate(r.policy, (r.density, r.perplexity), textcoords="offset points", xytext=(4, 4), fontsize=7)

@@ -28,6 +28,12 @@ def evaluate_command(
     query_chunk: Optional[int] = typer.Option(  # noqa: UP045
         None, "--query-chunk", help="Queries per attention chunk (default: sized to a memory budget)."
     ),
+    plans: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--plans",
+        help="Comma-separated decode plans (plan JSON files, or specs such as block:16:0.0625, streaming:4:256), "
+        "scored by decoding the last --decode-tokens of each window after a dense prefill.",
+    ),
+    decode_tokens: int = typer.Option(64, "--decode-tokens", help="Tokens decoded per window for --plans."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous evaluate run in --out."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
@@ -40,6 +46,8 @@ def evaluate_command(
         result = evaluate(
             model, data, ctx, policies, protocols, out,
             batch_size=batch_size, query_chunk=query_chunk, overwrite=overwrite, progress=progress,
+            plans=[item.strip() for item in plans.split(",") if item.strip()] if plans else (),
+            decode_tokens=decode_tokens,
         )
         return result.table() + (f"\nwritten to {result.out}" if result.out is not None else "")
 
