@@ -208,3 +208,49 @@ def test_reset_empties_the_layer_and_keeps_its_plan():
     assert layer.get_seq_length() == 0 and [s.policy.kind for s in layer.stores] == ["streaming", "block"]
     feed(layer, torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4), prompt=2)
     assert layer.get_seq_length() == 6
+
+
+@pytest.mark.parametrize("n", [64, 61, 5])
+def test_native_block_kernel_equals_gather_and_sdpa(n):
+    """The compiled kernel (blocks read in place) equals the torch path (gathered copy + SDPA), partial block too."""
+    gen = torch.Generator().manual_seed(n)
+    batch, kv_heads, groups, dim, size, capacity = 2, 3, 3, 64, 8, 80
+    keys = torch.randn(batch, kv_heads, capacity, dim, generator=gen)
+    values = torch.randn(batch, kv_heads, capacity, dim, generator=gen)
+    q = torch.randn(batch, kv_heads, groups, dim, generator=gen) * 2
+    used = -(-n // size)
+    count = min(4, used)
+    index = torch.stack([torch.randperm(used - 1, generator=gen)[: count - 1] for _ in range(batch * kv_heads)])
+    index = torch.cat([index, torch.full((batch * kv_heads, 1), used - 1)], dim=1).view(batch, kv_heads, count)
+    kb = keys.view(batch, kv_heads, capacity // size, size, dim)
+    vb = values.view(batch, kv_heads, capacity // size, size, dim)
+    assert K._native_block_attend() is not None  # the C compiler is there (CI too)
+    native = K.block_decode(q, kb, vb, index, n, 0.125)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(K, "_native_block_attend", lambda: None)
+        torch_path = K.block_decode(q, kb, vb, index, n, 0.125)
+    assert torch.allclose(native, torch_path, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n", [1000, 997, 40])
+def test_native_mean_block_decode_equals_torch_selection_and_attention(n):
+    """One compiled call (mean-key selection + attention) equals block_means + select_blocks + block_decode."""
+    gen = torch.Generator().manual_seed(n)
+    batch, kv_heads, groups, dim, size = 1, 3, 3, 64, 16
+    capacity = -(-n // size) * size + 32
+    keys = torch.randn(batch, kv_heads, capacity, dim, generator=gen)
+    values = torch.randn(batch, kv_heads, capacity, dim, generator=gen)
+    q = torch.randn(batch, kv_heads, groups, dim, generator=gen)
+    kb = keys.view(batch, kv_heads, capacity // size, size, dim)
+    vb = values.view(batch, kv_heads, capacity // size, size, dim)
+    sums = K.block_sums(kb, n)
+    sums = torch.cat([sums, torch.zeros(batch, kv_heads, capacity // size - sums.shape[2], dim)], dim=2)
+    count, sink, recent = 8, 1, 2
+    native = K.mean_block_decode(q, kb, vb, sums, n, count, sink, recent, 0.125)
+    assert native is not None
+    used = -(-n // size)
+    index = K.select_blocks(K.block_means(q, sums[:, :, :used]), count, sink, recent)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(K, "_native_block_attend", lambda: None)
+        expected = K.block_decode(q, kb, vb, index, n, 0.125)
+    assert torch.allclose(native, expected, atol=2e-5, rtol=1e-4)

@@ -10,6 +10,7 @@ Bytes read per step are what the kernel must stream from memory; `*_bytes` funct
 
 from __future__ import annotations
 
+import ctypes
 import functools
 
 import torch
@@ -101,7 +102,14 @@ def block_decode(
     n: int,
     scaling: float,
 ) -> torch.Tensor:
-    """Exact attention over the selected blocks only; positions >= n in a partly filled last block are masked."""
+    """Exact attention over the selected blocks only; positions >= n in a partly filled last block are masked.
+
+    On CPU float32 the compiled kernel (native/blockattn.c) reads the selected blocks in place; otherwise the
+    blocks are gathered into a copy for SDPA.
+    """
+    kernel = _native_block_attend() if _native_fits(q, key_blocks, value_blocks) else None
+    if kernel is not None:
+        return _block_decode_native(kernel, q, key_blocks, value_blocks, index, n, scaling)
     keys = gather_blocks(key_blocks, index)
     values = gather_blocks(value_blocks, index)
     size = key_blocks.shape[-2]
@@ -110,6 +118,82 @@ def block_decode(
         positions = index.unsqueeze(-1) * size + _arange(size, q.device)
         mask = (positions < n).view(*index.shape[:2], 1, -1)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling)
+
+
+def _native_fits(q: torch.Tensor, key_blocks: torch.Tensor, value_blocks: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+               for t in (key_blocks, value_blocks)) and q.dtype == torch.float32 and q.device.type == "cpu"
+
+
+@functools.cache
+def _native_block_attend():  # type: ignore[no-untyped-def]
+    """The compiled block attention (ctypes function), or None: the torch gather + SDPA path is used."""
+    from attnsparse import native
+
+    lib = native.load("blockattn")
+    if lib is None:
+        return None
+    fn = lib.block_attend
+    p, n = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes = [p, p, p, p, n, n, n, n, n, n, n, ctypes.c_float, p]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _block_decode_native(
+    kernel, q: torch.Tensor, key_blocks: torch.Tensor, value_blocks: torch.Tensor, index: torch.Tensor,  # type: ignore[no-untyped-def]
+    n: int, scaling: float,
+) -> torch.Tensor:
+    batch, kv_heads, capacity, size, dim = key_blocks.shape
+    groups = q.shape[2]
+    q = q.contiguous()
+    index = index.to(torch.int64).contiguous()
+    out = torch.empty_like(q)
+    status = kernel(q.data_ptr(), key_blocks.data_ptr(), value_blocks.data_ptr(), index.data_ptr(), batch * kv_heads,
+                    groups, dim, capacity * size, size, index.shape[-1], n, scaling, out.data_ptr())
+    if status != 0:
+        raise MemoryError("block attention kernel could not allocate its score buffer")
+    return out
+
+
+@functools.cache
+def _native_mean_decode():  # type: ignore[no-untyped-def]
+    from attnsparse import native
+
+    lib = native.load("blockattn")
+    if lib is None:
+        return None
+    fn = lib.block_decode_mean
+    p, n = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes = [p, p, p, p, n, n, n, n, n, n, n, n, n, n, ctypes.c_float, p, p]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def mean_block_decode(
+    q: torch.Tensor, key_blocks: torch.Tensor, value_blocks: torch.Tensor, sums: torch.Tensor, n: int, count: int,
+    sink_blocks: int, recent_blocks: int, scaling: float,
+) -> torch.Tensor | None:
+    """Block top-k by mean key, selection and attention in one compiled call (no copies); None when the kernel
+    or the tensors do not fit (CPU float32 contiguous), so the caller takes the torch path.
+
+    Same result as `block_means` + `select_blocks` + `block_decode` (ties at the threshold: lower block first).
+    """
+    kernel = _native_mean_decode() if _native_fits(q, key_blocks, value_blocks) and sums.is_contiguous() else None
+    if kernel is None:
+        return None
+    batch, kv_heads, capacity, size, dim = key_blocks.shape
+    blocks = -(-n // size)
+    count = min(count, blocks)
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    index = torch.empty(batch, kv_heads, count, dtype=torch.int64)
+    status = kernel(q.data_ptr(), key_blocks.data_ptr(), value_blocks.data_ptr(), sums.data_ptr(), batch * kv_heads,
+                    q.shape[2], dim, capacity * size, sums.shape[2], size, count, sink_blocks, recent_blocks, n,
+                    scaling, index.data_ptr(), out.data_ptr())
+    if status != 0:
+        raise MemoryError("block attention kernel could not allocate its buffers")
+    return out
 
 
 def block_sums(key_blocks: torch.Tensor, n: int) -> torch.Tensor:

@@ -123,6 +123,12 @@ class FullStore:
             return K.dense_decode(q, self.keys[:, :, :n], self.values[:, :, :n], scaling)
         if kind == "topk":
             return K.topk_decode(q, self.keys[:, :, :n], self.values[:, :, :n], self.policy.k, scaling)
+        if self.width == 1:
+            p = self.policy
+            out = K.mean_block_decode(q, self.key_blocks(), self.value_blocks(), self.summary, n,
+                                      p.selected_blocks(n), p.sink_blocks, p.recent_blocks, scaling)
+            if out is not None:
+                return out
         return K.block_decode(q, self.key_blocks(), self.value_blocks(), self.select(q), n, scaling)
 
     def select(self, q: torch.Tensor) -> torch.Tensor:
