@@ -11,7 +11,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#ifndef SHIFT
 #define SHIFT 18
+#endif
 #define BUCKETS (1 << (30 - SHIFT)) /* values < 2.0 have bit patterns < 2^30 */
 
 static inline uint32_t bits_of(float v) {
@@ -166,7 +168,7 @@ int rowstats(const float *x, int64_t rows, int64_t width, const int64_t *ks, int
     for (int64_t r = 0; ok && r < rows; r++) {
         const float *row = x + r * width;
         flag[r] = 0;
-        int high = 0;
+        int high = 0, low = BUCKETS; /* used buckets: [low, high], plus bucket 0 (zeros and subnormals) */
         uint32_t any_high = 0;
         for (int64_t j = 0; j < width; j++) {
             uint32_t bits = bits_of(row[j]);
@@ -175,7 +177,9 @@ int rowstats(const float *x, int64_t rows, int64_t width, const int64_t *ks, int
             count[key]++;
             mass[key] += (double)row[j];
             high = key > high ? key : high;
+            low = (key > 0 && key < low) ? key : low;
         }
+        if (low > high) low = high;
         int bad = any_high >= (1u << 30); /* a value outside [0, 2) or NaN */
         if (!bad) row_entropy_counts(row, width, eps, inclusive, ne, &ent[r], &counts[r * ne]);
         if (bad) {
@@ -186,9 +190,13 @@ int rowstats(const float *x, int64_t rows, int64_t width, const int64_t *ks, int
         }
         int64_t c = 0;
         double m = 0.0;
-        for (int b = high; b >= 0; b--) {
+        for (int b = high; b >= low; b--) {
             acount[b] = c; amass[b] = m;
             c += count[b]; m += mass[b];
+        }
+        if (low > 0) { /* buckets 1 .. low-1 are empty */
+            acount[0] = c; amass[0] = m;
+            c += count[0]; m += mass[0];
         }
         const double total = m;
         const double tol = tol_unit * (total > 1.0 ? total : 1.0);
@@ -199,12 +207,15 @@ int rowstats(const float *x, int64_t rows, int64_t width, const int64_t *ks, int
             int64_t k = ks[i];
             k_bucket[i] = -1;
             if (k >= width) { top[r * nk + i] = total; continue; }
-            int lo = 0, hi = high; /* the highest bucket whose cumulative count reaches k */
-            while (lo < hi) {
-                int mid = (lo + hi + 1) / 2;
-                if (acount[mid] + (int64_t)count[mid] >= k) lo = mid; else hi = mid - 1;
+            int b = 0; /* the highest used bucket whose cumulative count reaches k */
+            if (acount[low] + (int64_t)count[low] >= k) {
+                int lo = low, hi = high;
+                while (lo < hi) {
+                    int mid = (lo + hi + 1) / 2;
+                    if (acount[mid] + (int64_t)count[mid] >= k) lo = mid; else hi = mid - 1;
+                }
+                b = lo;
             }
-            int b = lo;
             int64_t need = k - acount[b];
             if (need >= (int64_t)count[b] || mass[b] == 0.0) {
                 top[r * nk + i] = amass[b] + (need >= (int64_t)count[b] ? mass[b] : 0.0);
@@ -214,12 +225,17 @@ int rowstats(const float *x, int64_t rows, int64_t width, const int64_t *ks, int
             if (slot[b] < 0) { slot[b] = (int32_t)nslots; wanted[nslots++] = b; }
         }
         for (int64_t i = 0; i < nt; i++) {
-            int lo = -1, hi = high; /* the highest bucket whose cumulative mass reaches the target, or -1 */
-            while (lo < hi) {
-                int mid = (lo + hi + 1) / 2;
-                if (amass[mid] + mass[mid] >= targets[i]) lo = mid; else hi = mid - 1;
+            int b = -1; /* the highest used bucket whose cumulative mass reaches the target, or -1 */
+            if (amass[low] + mass[low] >= targets[i]) {
+                int lo = low, hi = high;
+                while (lo < hi) {
+                    int mid = (lo + hi + 1) / 2;
+                    if (amass[mid] + mass[mid] >= targets[i]) lo = mid; else hi = mid - 1;
+                }
+                b = lo;
+            } else if (amass[0] + mass[0] >= targets[i]) {
+                b = 0;
             }
-            int b = lo;
             t_bucket[i] = b;
             if (b >= 0 && slot[b] < 0) { slot[b] = (int32_t)nslots; wanted[nslots++] = b; }
         }
@@ -255,8 +271,10 @@ int rowstats(const float *x, int64_t rows, int64_t width, const int64_t *ks, int
             if (hi - targets[i] < tol || targets[i] - lo <= tol) flag[r] = 1;
         }
         for (int64_t s = 0; s < nslots; s++) slot[wanted[s]] = -1;
-        memset(count, 0, sizeof(uint32_t) * (size_t)(high + 1));
-        memset(mass, 0, sizeof(double) * (size_t)(high + 1));
+        memset(count + low, 0, sizeof(uint32_t) * (size_t)(high - low + 1));
+        memset(mass + low, 0, sizeof(double) * (size_t)(high - low + 1));
+        count[0] = 0;
+        mass[0] = 0.0;
     }
     free(count); free(mass); free(acount); free(amass); free(slot); free(wanted); free(start); free(fill);
     free(k_bucket); free(t_bucket); free(buf); free(scratch);
