@@ -148,6 +148,9 @@ def chunked_attention(
     k_t = key.to(compute_dtype).transpose(-1, -2)
     v = value.to(compute_dtype)
     key_index = torch.arange(keys, device=query.device)
+    # plain causal self-attention (no mask tensor): row i of a chunk sees keys <= start + i, so nothing needs
+    # to be searched for: the hidden columns start at start + 1 and every row sees at least one key
+    plain_causal = attention_mask is None and causal and queries > 1 and queries == keys
     outputs = []
     for start in range(0, queries, query_chunk):
         stop = min(start + query_chunk, queries)
@@ -162,7 +165,7 @@ def chunked_attention(
             scores = torch.tanh(scores / softcap) * softcap
         if bias is not None:
             scores = scores + bias
-        _hide_invisible_(scores, visible)
+        _hide_invisible_(scores, visible, start + 1 if plain_causal else None)
         if not observers and dropout == 0.0 and _gather_pays(policy, width):
             out = _topk_gathered(scores, visible, v[:, :, :width], policy.k)  # type: ignore[arg-type]
             if out is not None:
@@ -170,7 +173,7 @@ def chunked_attention(
                 continue
         kept = None if policy.is_dense else policy.keep_mask(scores, visible, positions)
         need_dense = policy.is_dense or bool(observers)
-        dense_probs = _softmax_visible(scores, visible) if need_dense else None
+        dense_probs = _softmax_visible(scores, None if plain_causal else visible) if need_dense else None
         if observers:
             record = AttentionChunk(layer_idx, dense_probs, visible, positions, kept, groups)  # type: ignore[arg-type]
             for observer in observers:
@@ -228,20 +231,21 @@ def _masked_softmax(scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(probs, nan=0.0)
 
 
-def _hide_invisible_(scores: torch.Tensor, visible: torch.Tensor) -> None:
+def _hide_invisible_(scores: torch.Tensor, visible: torch.Tensor, first: int | None = None) -> None:
     """Set invisible scores to -inf in place, touching only the columns from the first one any query cannot see
-    (under a causal mask, the chunk's diagonal block instead of the whole row)."""
-    hidden = ~visible
-    columns = hidden.reshape(-1, hidden.shape[-1]).any(0).nonzero()
-    if columns.numel():
-        first = int(columns[0])
-        scores[..., first:].masked_fill_(hidden[..., first:], float("-inf"))
+    (under a causal mask, the chunk's diagonal block instead of the whole row). `first`: that column, if known."""
+    if first is None:
+        columns = (~visible).reshape(-1, visible.shape[-1]).any(0).nonzero()
+        first = int(columns[0]) if columns.numel() else visible.shape[-1]
+    if first < visible.shape[-1]:
+        scores[..., first:].masked_fill_(~visible[..., first:], float("-inf"))
 
 
-def _softmax_visible(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    """Softmax of scores whose invisible entries are already -inf; rows that see nothing become zeros."""
+def _softmax_visible(scores: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor:
+    """Softmax of scores whose invisible entries are already -inf; rows that see nothing become zeros.
+    `visible` None: every row is known to see a key."""
     probs = torch.softmax(scores, dim=-1)
-    if bool(visible.any(dim=-1).all()):
+    if visible is None or bool(visible.any(dim=-1).all()):
         return probs
     return torch.nan_to_num(probs, nan=0.0)
 
