@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -227,8 +228,12 @@ def wide_rows(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return softmax_rows(logits, visible), visible, pos
 
 
+HAVE_CC = shutil.which("cc") is not None or shutil.which("gcc") is not None
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler: the numpy paths are used (and tested)")
 def test_native_kernel_builds_here() -> None:
-    """The C bucket kernel compiles on this machine (CI has a C compiler); the numpy paths stay tested too."""
+    """With a C compiler the bucket kernel builds, so the tests below exercise it; the numpy paths stay tested."""
     assert M._native_rowstats() is not None
 
 
