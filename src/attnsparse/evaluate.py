@@ -19,9 +19,9 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from attnsparse.data import check_context, load_text, tokenize
+from attnsparse.data import windows as make_windows
 from attnsparse.decode_eval import decode_perplexity, plan_label
 from attnsparse.decode_plan import DecodePlan
-from attnsparse.data import windows as make_windows
 from attnsparse.errors import AttnsparseError
 from attnsparse.models import LoadedModel, load_model, max_context
 from attnsparse.perplexity import perplexity
