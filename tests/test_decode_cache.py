@@ -233,9 +233,11 @@ def test_native_block_kernel_equals_gather_and_sdpa(n):
     assert torch.allclose(native, torch_path, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("n", [1000, 997, 40])
-def test_native_mean_block_decode_equals_torch_selection_and_attention(n):
-    """One compiled call (mean-key selection + attention) equals block_means + select_blocks + block_decode."""
+@pytest.mark.parametrize(("n", "count", "threads"), [(1000, 8, 1), (997, 8, 1), (40, 8, 1), (8190, 100, 2),
+                                                     (8190, 100, 3)])
+def test_native_mean_block_decode_equals_torch_selection_and_attention(n, count, threads):
+    """One compiled call (mean-key selection + attention, split over threads for large steps and merged) equals
+    block_means + select_blocks + block_decode."""
     gen = torch.Generator().manual_seed(n)
     batch, kv_heads, groups, dim, size = 1, 3, 3, 64, 16
     capacity = -(-n // size) * size + 32
@@ -246,8 +248,13 @@ def test_native_mean_block_decode_equals_torch_selection_and_attention(n):
     vb = values.view(batch, kv_heads, capacity // size, size, dim)
     sums = K.block_sums(kb, n)
     sums = torch.cat([sums, torch.zeros(batch, kv_heads, capacity // size - sums.shape[2], dim)], dim=2)
-    count, sink, recent = 8, 1, 2
-    native = K.mean_block_decode(q, kb, vb, sums, n, count, sink, recent, 0.125)
+    sink, recent = 1, 2
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        native = K.mean_block_decode(q, kb, vb, sums, n, count, sink, recent, 0.125)
+    finally:
+        torch.set_num_threads(previous)
     if native is None:
         pytest.skip("no C compiler: the torch selection and attention are used")
     used = -(-n // size)

@@ -165,7 +165,7 @@ def _native_mean_decode():  # type: ignore[no-untyped-def]
         return None
     fn = lib.block_decode_mean
     p, n = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [p, p, p, p, n, n, n, n, n, n, n, n, n, n, ctypes.c_float, p, p]
+    fn.argtypes = [p, p, p, p, n, n, n, n, n, n, n, n, n, n, ctypes.c_float, n, p, p]
     fn.restype = ctypes.c_int
     return fn
 
@@ -174,8 +174,8 @@ def mean_block_decode(
     q: torch.Tensor, key_blocks: torch.Tensor, value_blocks: torch.Tensor, sums: torch.Tensor, n: int, count: int,
     sink_blocks: int, recent_blocks: int, scaling: float,
 ) -> torch.Tensor | None:
-    """Block top-k by mean key, selection and attention in one compiled call (no copies); None when the kernel
-    or the tensors do not fit (CPU float32 contiguous), so the caller takes the torch path.
+    """Block top-k by mean key, selection and attention in one compiled call (no copies, torch's thread count for
+    large steps); None when the kernel or the tensors do not fit (CPU float32 contiguous): use the torch path.
 
     Same result as `block_means` + `select_blocks` + `block_decode` (ties at the threshold: lower block first).
     """
@@ -190,7 +190,7 @@ def mean_block_decode(
     index = torch.empty(batch, kv_heads, count, dtype=torch.int64)
     status = kernel(q.data_ptr(), key_blocks.data_ptr(), value_blocks.data_ptr(), sums.data_ptr(), batch * kv_heads,
                     q.shape[2], dim, capacity * size, sums.shape[2], size, count, sink_blocks, recent_blocks, n,
-                    scaling, index.data_ptr(), out.data_ptr())
+                    scaling, torch.get_num_threads(), index.data_ptr(), out.data_ptr())
     if status != 0:
         raise MemoryError("block attention kernel could not allocate its buffers")
     return out

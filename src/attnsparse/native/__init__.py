@@ -47,7 +47,9 @@ def load(name: str) -> ctypes.CDLL | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None
-    flags = ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-fopenmp-simd", "-fPIC", "-shared"]  # built on the machine that runs it (key: CPU model)
+    # built on the machine that runs it (the cache key has the CPU model); no -ffast-math: results stay exact
+    flags = ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-fopenmp-simd", "-pthread", "-fPIC",
+             "-shared"]
     machine = " ".join(flags + [platform.machine(), _cpu_model()])
     digest = hashlib.sha256(source.read_bytes() + machine.encode()).hexdigest()[:16]
     target = cache_root() / "native" / f"{name}-{digest}.so"

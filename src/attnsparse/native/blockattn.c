@@ -6,9 +6,13 @@
  * sum of the selected values. float32 throughout, like SDPA on CPU.
  */
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#define MAX_THREADS 64
+#define THREADED_MIN_TOKENS 4096 /* selected tokens x heads below which one thread is faster */
 
 /* exp(x) for x <= 0 in float32: 2^(x log2 e) split into an integer power and a degree-6 polynomial on
  * [-0.5, 0.5] (relative error ~2e-7); branch-free so loops over scores vectorize. Arguments below -87 give 0. */
@@ -24,14 +28,15 @@ static inline float exp_nonpositive(float x) {
     return p * scale;
 }
 
-/* q (heads, G, D); keys/values (heads, cap, D) with blocks of `block` tokens; index (heads, count) selected
- * blocks; tokens at positions >= n are not attended. scores: scratch of G * count * block floats.
- * out (heads, G, D). */
-static void attend_head(const float *q, const float *keys, const float *values, const int64_t *index,
-                        int64_t groups, int64_t dim, int64_t block, int64_t count, int64_t n, float scaling,
-                        float *scores, float *out) {
-    int64_t used = 0; /* attended tokens, in selection order */
-    for (int64_t c = 0; c < count; c++) {
+/* Attention of the G query heads q (G, D) over selected blocks index[c0, c1) of one kv head (keys/values
+ * (cap, D), blocks of `block` tokens, positions >= n not attended), unnormalised so parts can be merged:
+ * m[g] = max score, l[g] = sum of exp(score - m[g]), acc[g] = sum of exp(score - m[g]) v. scores: scratch of
+ * G * (c1 - c0) * block floats. */
+static void attend_part(const float *q, const float *keys, const float *values, const int64_t *index,
+                        int64_t groups, int64_t dim, int64_t block, int64_t c0, int64_t c1, int64_t n,
+                        float scaling, float *scores, float *m, float *l, float *acc) {
+    int64_t stride = (c1 - c0) * block, used = 0;
+    for (int64_t c = c0; c < c1; c++) {
         int64_t first = index[c] * block;
         int64_t stop = first + block < n ? first + block : n;
         for (int64_t t = first; t < stop; t++, used++) {
@@ -41,34 +46,35 @@ static void attend_head(const float *q, const float *keys, const float *values, 
                 float s = 0.0f;
 #pragma omp simd reduction(+ : s)
                 for (int64_t d = 0; d < dim; d++) s += qg[d] * k[d];
-                scores[g * count * block + used] = s * scaling;
+                scores[g * stride + used] = s * scaling;
             }
         }
     }
     for (int64_t g = 0; g < groups; g++) {
-        float *row = scores + g * count * block;
+        float *row = scores + g * stride;
         float top = -INFINITY;
         for (int64_t j = 0; j < used; j++) top = row[j] > top ? row[j] : top;
         float total = 0.0f;
+        if (used > 0) {
 #pragma omp simd reduction(+ : total)
-        for (int64_t j = 0; j < used; j++) {
-            row[j] = exp_nonpositive(row[j] - top);
-            total += row[j];
+            for (int64_t j = 0; j < used; j++) {
+                row[j] = exp_nonpositive(row[j] - top);
+                total += row[j];
+            }
         }
-        float inv = total > 0.0f ? 1.0f / total : 0.0f;
-#pragma omp simd
-        for (int64_t j = 0; j < used; j++) row[j] *= inv;
-        memset(out + g * dim, 0, sizeof(float) * (size_t)dim);
+        m[g] = top;
+        l[g] = total;
+        memset(acc + g * dim, 0, sizeof(float) * (size_t)dim);
     }
     used = 0;
-    for (int64_t c = 0; c < count; c++) {
+    for (int64_t c = c0; c < c1; c++) {
         int64_t first = index[c] * block;
         int64_t stop = first + block < n ? first + block : n;
         for (int64_t t = first; t < stop; t++, used++) {
             const float *v = values + t * dim;
             for (int64_t g = 0; g < groups; g++) {
-                float p = scores[g * count * block + used];
-                float *o = out + g * dim;
+                float p = scores[g * stride + used];
+                float *o = acc + g * dim;
 #pragma omp simd
                 for (int64_t d = 0; d < dim; d++) o[d] += p * v[d];
             }
@@ -76,16 +82,48 @@ static void attend_head(const float *q, const float *keys, const float *values, 
     }
 }
 
+/* out (G, D) from `parts` partial results (m, l: parts x G; acc: parts x G x D). */
+static void merge_parts(int64_t parts, int64_t groups, int64_t dim, const float *m, const float *l,
+                        const float *acc, float *out) {
+    for (int64_t g = 0; g < groups; g++) {
+        float top = -INFINITY;
+        for (int64_t s = 0; s < parts; s++) top = m[s * groups + g] > top ? m[s * groups + g] : top;
+        float total = 0.0f;
+        float *o = out + g * dim;
+        memset(o, 0, sizeof(float) * (size_t)dim);
+        for (int64_t s = 0; s < parts; s++) {
+            if (l[s * groups + g] <= 0.0f) continue;
+            float w = exp_nonpositive(m[s * groups + g] - top);
+            total += w * l[s * groups + g];
+            const float *a = acc + (s * groups + g) * dim;
+#pragma omp simd
+            for (int64_t d = 0; d < dim; d++) o[d] += w * a[d];
+        }
+        float inv = total > 0.0f ? 1.0f / total : 0.0f;
+#pragma omp simd
+        for (int64_t d = 0; d < dim; d++) o[d] *= inv;
+    }
+}
+
+/* One head, one part: attention over all its selected blocks, normalised into out (G, D). */
+static void attend_head(const float *q, const float *keys, const float *values, const int64_t *index,
+                        int64_t groups, int64_t dim, int64_t block, int64_t count, int64_t n, float scaling,
+                        float *scratch, float *out) {
+    float *m = scratch, *l = m + groups, *acc = l + groups, *scores = acc + groups * dim;
+    attend_part(q, keys, values, index, groups, dim, block, 0, count, n, scaling, scores, m, l, acc);
+    merge_parts(1, groups, dim, m, l, acc, out);
+}
+
 int block_attend(const float *q, const float *keys, const float *values, const int64_t *index, int64_t heads,
                  int64_t groups, int64_t dim, int64_t cap, int64_t block, int64_t count, int64_t n, float scaling,
                  float *out) {
-    float *scores = malloc(sizeof(float) * (size_t)(groups * count * block > 0 ? groups * count * block : 1));
-    if (!scores) return -1;
+    float *scratch = malloc(sizeof(float) * (size_t)(groups * (2 + dim + count * block)));
+    if (!scratch) return -1;
     for (int64_t h = 0; h < heads; h++) {
         attend_head(q + h * groups * dim, keys + h * cap * dim, values + h * cap * dim, index + h * count, groups,
-                    dim, block, count, n, scaling, scores, out + h * groups * dim);
+                    dim, block, count, n, scaling, scratch, out + h * groups * dim);
     }
-    free(scores);
+    free(scratch);
     return 0;
 }
 
@@ -137,26 +175,92 @@ static void select_by_mean(const float *q, const float *sums, int64_t groups, in
     }
 }
 
-/* Mean-key block top-k decode in one call: selection (above) then attention over the selected blocks.
- * sums (heads, sum_cap, D); index_out (heads, count) receives the selection. */
-int block_decode_mean(const float *q, const float *keys, const float *values, const float *sums, int64_t heads,
-                      int64_t groups, int64_t dim, int64_t cap, int64_t sum_cap, int64_t block, int64_t count,
-                      int64_t sink, int64_t recent, int64_t n, float scaling, int64_t *index_out, float *out) {
-    int64_t blocks = (n + block - 1) / block;
-    if (count > blocks) count = blocks;
-    float *scratch = malloc(sizeof(float) * (size_t)(2 * blocks + groups * count * block + 1));
-    if (!scratch) return -1;
-    for (int64_t h = 0; h < heads; h++) {
-        int64_t *index = index_out + h * count;
-        if (count == blocks) {
-            for (int64_t b = 0; b < blocks; b++) index[b] = b;
+/* Mean-key block top-k decode in one call: selection (above) then attention over the selected blocks, on
+ * `threads` threads when the step reads enough to pay for them (each head's selected blocks are split into
+ * one part per thread and the partial softmaxes merged, as in flash-decoding). */
+typedef struct {
+    const float *q, *keys, *values, *sums;
+    int64_t heads, groups, dim, cap, sum_cap, block, count, sink, recent, n, blocks, parts;
+    float scaling;
+    int64_t *index;
+    float *m, *l, *acc; /* (heads * parts) x G, same, x D */
+    int threads, phase, failed;
+} DecodeJob;
+
+typedef struct {
+    DecodeJob *job;
+    int tid;
+} DecodeWorker;
+
+/* Phase 0: block selection for heads tid, tid + threads, ...; phase 1: attention parts likewise. */
+static void *decode_worker(void *arg) {
+    DecodeWorker *w = arg;
+    DecodeJob *j = w->job;
+    int64_t longest = (j->count + j->parts - 1) / j->parts;
+    size_t need = j->phase == 0 ? (size_t)(2 * j->blocks) : (size_t)(j->groups * longest * j->block);
+    float *scratch = malloc(sizeof(float) * (need + 1));
+    if (!scratch) { j->failed = 1; return NULL; }
+    for (int64_t h = w->tid; j->phase == 0 && h < j->heads; h += j->threads) {
+        int64_t *index = j->index + h * j->count;
+        if (j->count == j->blocks) {
+            for (int64_t b = 0; b < j->blocks; b++) index[b] = b;
         } else {
-            select_by_mean(q + h * groups * dim, sums + h * sum_cap * dim, groups, dim, blocks, count, sink,
-                           recent, scratch, index);
+            select_by_mean(j->q + h * j->groups * j->dim, j->sums + h * j->sum_cap * j->dim, j->groups, j->dim,
+                           j->blocks, j->count, j->sink, j->recent, scratch, index);
         }
-        attend_head(q + h * groups * dim, keys + h * cap * dim, values + h * cap * dim, index, groups, dim, block,
-                    count, n, scaling, scratch + 2 * blocks, out + h * groups * dim);
+    }
+    for (int64_t i = w->tid; j->phase == 1 && i < j->heads * j->parts; i += j->threads) {
+        int64_t h = i / j->parts, s = i % j->parts;
+        int64_t c0 = s * j->count / j->parts, c1 = (s + 1) * j->count / j->parts;
+        attend_part(j->q + h * j->groups * j->dim, j->keys + h * j->cap * j->dim, j->values + h * j->cap * j->dim,
+                    j->index + h * j->count, j->groups, j->dim, j->block, c0, c1, j->n, j->scaling, scratch,
+                    j->m + i * j->groups, j->l + i * j->groups, j->acc + i * j->groups * j->dim);
     }
     free(scratch);
-    return 0;
+    return NULL;
+}
+
+/* Run `phase` on every worker: threads 1.. started here (inline if a thread cannot start), 0 on the caller. */
+static void run_phase(DecodeJob *job, int phase) {
+    DecodeWorker workers[MAX_THREADS];
+    pthread_t ids[MAX_THREADS];
+    int running[MAX_THREADS] = {0};
+    job->phase = phase;
+    for (int t = 0; t < job->threads; t++) workers[t] = (DecodeWorker){job, t};
+    for (int t = 1; t < job->threads; t++) {
+        running[t] = pthread_create(&ids[t], NULL, decode_worker, &workers[t]) == 0;
+        if (!running[t]) decode_worker(&workers[t]);
+    }
+    decode_worker(&workers[0]);
+    for (int t = 1; t < job->threads; t++)
+        if (running[t]) pthread_join(ids[t], NULL);
+}
+
+int block_decode_mean(const float *q, const float *keys, const float *values, const float *sums, int64_t heads,
+                      int64_t groups, int64_t dim, int64_t cap, int64_t sum_cap, int64_t block, int64_t count,
+                      int64_t sink, int64_t recent, int64_t n, float scaling, int64_t threads, int64_t *index_out,
+                      float *out) {
+    int64_t blocks = (n + block - 1) / block;
+    if (count > blocks) count = blocks;
+    if (threads < 1 || heads * count * block < THREADED_MIN_TOKENS) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    DecodeJob job = {q, keys, values, sums, heads, groups, dim, cap, sum_cap, block, count, sink, recent, n, blocks,
+                     threads, scaling, index_out, NULL, NULL, NULL, (int)threads, 0, 0};
+    if (count < job.parts) job.parts = count > 0 ? count : 1;
+    size_t partials = (size_t)(heads * job.parts * groups);
+    job.m = malloc(sizeof(float) * partials);
+    job.l = malloc(sizeof(float) * partials);
+    job.acc = malloc(sizeof(float) * partials * (size_t)dim);
+    if (job.m && job.l && job.acc) {
+        run_phase(&job, 0);
+        if (!job.failed) run_phase(&job, 1);
+        for (int64_t h = 0; !job.failed && h < heads; h++) {
+            merge_parts(job.parts, groups, dim, job.m + h * job.parts * groups, job.l + h * job.parts * groups,
+                        job.acc + h * job.parts * groups * dim, out + h * groups * dim);
+        }
+    } else {
+        job.failed = 1;
+    }
+    free(job.m); free(job.l); free(job.acc);
+    return job.failed ? -1 : 0;
 }
