@@ -9,6 +9,8 @@ Steps (each step's output is reused when it already exists, so the script can be
 3. If `attnsparse.measure` is available: per-layer mean k at 95 % coverage before and after (8 windows).
 4. Writes benchmarks/results/condense_smollm2.json and prints a Markdown table for the README.
 
+`--checkpoint N` evaluates the checkpoint of step N instead (a run stopped early; the JSON records the steps).
+
 Slow: on 2 CPU cores the condense step takes ~15 min, each 8-window evaluation ~1-2 min per policy, and the
 whole-test-set protocol ~10 min per policy. Usage:
 
@@ -79,6 +81,9 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=1024)
     parser.add_argument("--no-all", action="store_true", help="skip the whole-test-set protocol (slow)")
     parser.add_argument("--no-measure", action="store_true", help="skip the per-layer k_0.95 profiles")
+    parser.add_argument("--checkpoint", type=int, default=None,
+                        help="evaluate the run's checkpoint at this step instead of training to the end (a stopped "
+                        "run; re-running without it resumes training from the last checkpoint)")
     args = parser.parse_args()
 
     from attnsparse.condense import condense, preset_config
@@ -91,27 +96,38 @@ def main() -> None:
     config = preset_config(args.preset, data=str(DATA / "valid.txt"))
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    if not (run_dir / "model" / "config.json").is_file():
+    model_dir = run_dir / "model"
+    if args.checkpoint is not None:
+        model_dir = run_dir / "checkpoints" / f"checkpoint-{args.checkpoint}"
+        if not (model_dir / "config.json").is_file():
+            raise SystemExit(f"error: no checkpoint at step {args.checkpoint} in {run_dir / 'checkpoints'}")
+    elif not (model_dir / "config.json").is_file():
         resume = bool(checkpoints(run_dir / "checkpoints"))
         condense(config, run_dir, resume=resume, overwrite=not resume)
     timings["condense_s"] = time.perf_counter() - started
+    condensed_name = "eval_condensed" if args.checkpoint is None else f"eval_checkpoint-{args.checkpoint}"
+    measured_name = "measure_condensed" if args.checkpoint is None else f"measure_checkpoint-{args.checkpoint}"
 
     started = time.perf_counter()
     original = evaluate_model(config.model, out / "eval_original", ks, protocols, args.ctx)
-    condensed = evaluate_model(str(run_dir / "model"), out / "eval_condensed", ks, protocols, args.ctx)
+    condensed = evaluate_model(str(model_dir), out / condensed_name, ks, protocols, args.ctx)
     timings["evaluate_s"] = time.perf_counter() - started
 
     k95 = None
     if not args.no_measure:
         before = per_layer_k95(config.model, out / "measure_original", args.ctx)
-        after = per_layer_k95(str(run_dir / "model"), out / "measure_condensed", args.ctx)
+        after = per_layer_k95(str(model_dir), out / measured_name, args.ctx)
         if before is not None and after is not None:
             k95 = {"original": before, "condensed": after}
 
     log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    if args.checkpoint is not None:
+        log = [record for record in log if record["step"] <= args.checkpoint]
     summary = {
         "benchmark": "condense_smollm2",
         "preset": args.preset,
+        "condensed_model": str(model_dir.relative_to(out)),
+        "trained_steps": log[-1]["step"] if log else 0,
         "config": config.to_json(),
         "train": {"first": log[0], "last": log[-1]} if log else {},
         "original": original,
