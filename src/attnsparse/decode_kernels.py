@@ -10,7 +10,6 @@ Bytes read per step are what the kernel must stream from memory; `*_bytes` funct
 
 from __future__ import annotations
 
-import ctypes
 import functools
 
 import torch
@@ -125,19 +124,11 @@ def _native_fits(q: torch.Tensor, key_blocks: torch.Tensor, value_blocks: torch.
                for t in (key_blocks, value_blocks)) and q.dtype == torch.float32 and q.device.type == "cpu"
 
 
-@functools.cache
 def _native_block_attend():  # type: ignore[no-untyped-def]
     """The compiled block attention (ctypes function), or None: the torch gather + SDPA path is used."""
     from attnsparse import native
 
-    lib = native.load("blockattn")
-    if lib is None:
-        return None
-    fn = lib.block_attend
-    p, n = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [p, p, p, p, n, n, n, n, n, n, n, ctypes.c_float, p]
-    fn.restype = ctypes.c_int
-    return fn
+    return native.function("blockattn", "block_attend", "ppppnnnnnnnfp")
 
 
 def _block_decode_native(
@@ -156,18 +147,11 @@ def _block_decode_native(
     return out
 
 
-@functools.cache
 def _native_mean_decode():  # type: ignore[no-untyped-def]
+    """The compiled mean-key selection + attention (ctypes function), or None."""
     from attnsparse import native
 
-    lib = native.load("blockattn")
-    if lib is None:
-        return None
-    fn = lib.block_decode_mean
-    p, n = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [p, p, p, p, n, n, n, n, n, n, n, n, n, n, ctypes.c_float, n, p, p]
-    fn.restype = ctypes.c_int
-    return fn
+    return native.function("blockattn", "block_decode_mean", "ppppnnnnnnnnnnfnpp")
 
 
 def mean_block_decode(

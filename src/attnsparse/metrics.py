@@ -10,7 +10,6 @@ reference and the path for other devices.
 
 from __future__ import annotations
 
-import ctypes
 import math
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -538,19 +537,10 @@ def _cpu_row_stats(
 
 
 def _native_rowstats():  # type: ignore[no-untyped-def]
-    """The compiled bucket kernel (native/rowstats.c) with its ctypes signature, or None (numpy path)."""
+    """The compiled bucket kernel (native/rowstats.c) as a ctypes function, or None (numpy path)."""
     from attnsparse import native
 
-    lib = native.load("rowstats")
-    if lib is None:
-        return None
-    fn = lib.rowstats
-    if fn.argtypes is None:
-        p = ctypes.c_void_p
-        n = ctypes.c_int64
-        fn.argtypes = [p, n, n, p, n, p, n, p, p, n, p, p, p, p, p]
-        fn.restype = ctypes.c_int
-    return fn
+    return native.function("rowstats", "rowstats", "pnnpnpnppnppppp")
 
 
 def _native_block(

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
@@ -66,3 +67,19 @@ def load(name: str) -> ctypes.CDLL | None:
                           stacklevel=2)
             return None
     return ctypes.CDLL(str(target))
+
+
+_CTYPES = {"p": ctypes.c_void_p, "n": ctypes.c_int64, "f": ctypes.c_float}
+
+
+@cache
+def function(library: str, name: str, signature: str) -> Callable[..., int] | None:
+    """Function `name` of kernel `library` returning a C int, its arguments typed from `signature` (one letter
+    each: p pointer, n int64, f float32); None when the kernel cannot be built."""
+    lib = load(library)
+    if lib is None:
+        return None
+    fn = getattr(lib, name)
+    fn.argtypes = [_CTYPES[code] for code in signature]
+    fn.restype = ctypes.c_int
+    return fn
