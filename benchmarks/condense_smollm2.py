@@ -5,9 +5,11 @@ Steps (each step's output is reused when it already exists, so the script can be
 1. `condense` with a preset (default smollm2-cpu-15min) on ../shared/data/wikitext-2/valid.txt -> OUT/condense
    (an interrupted run is resumed from its last checkpoint).
 2. `evaluate` the original and the condensed model on test.txt at ctx 1024 with dense and top-k for
-   k in {4, 8, 16, 32, 64}, under the "8 evenly spaced windows" protocol and (unless --no-all) the whole test set.
-3. If `attnsparse.measure` is available: per-layer mean k at 95 % coverage before and after (8 windows).
-4. Writes benchmarks/results/condense_smollm2.json and prints a Markdown table for the README.
+   k in {4, 8, 16, 32, 64} under the "8 evenly spaced windows" protocol, and (unless --no-all) dense plus
+   --whole-ks (default 8, 16) on the whole test set (304 non-overlapping windows).
+3. If `attnsparse.measure` is available: per-layer mean k at 95 % coverage before and after (8 windows); then
+   passkey accuracy at 1K tokens (dense and top-8 decoding) for both models: does the fine-tune keep behaviour?
+4. Writes benchmarks/results/<--results>.json (default condense_smollm2.json) and prints a Markdown table for the README.
 
 `--checkpoint N` evaluates the checkpoint of step N instead (a run stopped early; the JSON records the steps).
 
@@ -41,6 +43,15 @@ def evaluate_model(spec: str, out: Path, ks: list[int], protocols: list[int | No
     return json.loads(results.read_text())
 
 
+def evaluate_both(spec: str, out: Path, ks: list[int], whole_ks: list[int] | None, ctx: int) -> dict[str, Any]:
+    """8 evenly spaced windows for every k; the whole test set (slow) for dense and `whole_ks` unless None."""
+    result = evaluate_model(spec, out, ks, [8], ctx)
+    if whole_ks is not None:
+        whole = evaluate_model(spec, out.with_name(out.name + "_whole"), whole_ks, [None], ctx)
+        result = result | {"rows": result["rows"] + whole["rows"]}
+    return result
+
+
 def per_layer_k95(spec: str, out: Path, ctx: int) -> list[float] | None:
     """Mean k at 95 % coverage per layer (from measure's profile.json), or None without the measure module."""
     try:
@@ -57,18 +68,30 @@ def per_layer_k95(spec: str, out: Path, ctx: int) -> list[float] | None:
     return [sum(v) / len(v) for _, v in sorted(by_layer.items())]
 
 
+def passkey_accuracy(spec: str, trials: int) -> dict[str, float]:
+    """Behaviour check: passkey accuracy at 1K tokens, depth 0.5, dense and top-8 decoding (prefill is dense)."""
+    from attnsparse.models import load_model
+    from attnsparse.passkey import accuracy_table, run_passkey
+
+    loaded = load_model(spec)
+    results = run_passkey(loaded.model, loaded.tokenizer, {"dense": "dense", "topk:8": "topk:8"}, [1024], [0.5],
+                          trials=trials, progress=False)
+    return {policy: row["1024@0.5"] for policy, row in accuracy_table(results).items()}
+
+
 def markdown(original: dict[str, Any], condensed: dict[str, Any]) -> str:
     header = ("| protocol | policy | density | original ppl | ×dense | condensed ppl | ×dense (condensed) | "
               "condensed / original dense |")
     lines = [header, "|---|---|---|---|---|---|---|---|"]
     dense_original = {r["protocol"]: r["perplexity"] for r in original["rows"] if r["policy"] == "dense"}
-    index = {(r["protocol"], r["policy"]): r for r in condensed["rows"]}
-    for row in original["rows"]:
-        other = index[(row["protocol"], row["policy"])]
+    index = {(r["protocol"], r["policy"]): r for r in original["rows"]}
+    for row in condensed["rows"]:
+        before = index.get((row["protocol"], row["policy"]))
+        original_cells = (f"{before['perplexity']:.2f} | {before['ratio_to_dense']:.3f}" if before else "– | –")
         lines.append(
-            f"| {row['protocol']} | {row['policy']} | {row['density']:.4f} | {row['perplexity']:.2f} | "
-            f"{row['ratio_to_dense']:.3f} | {other['perplexity']:.2f} | {other['ratio_to_dense']:.3f} | "
-            f"{other['perplexity'] / dense_original[row['protocol']]:.3f} |"
+            f"| {row['protocol']} | {row['policy']} | {row['density']:.4f} | {original_cells} | "
+            f"{row['perplexity']:.2f} | {row['ratio_to_dense']:.3f} | "
+            f"{row['perplexity'] / dense_original[row['protocol']]:.3f} |"
         )
     return "\n".join(lines)
 
@@ -80,6 +103,13 @@ def main() -> None:
     parser.add_argument("--ks", default="4,8,16,32,64")
     parser.add_argument("--ctx", type=int, default=1024)
     parser.add_argument("--no-all", action="store_true", help="skip the whole-test-set protocol (slow)")
+    parser.add_argument("--whole-ks", default="8,16",
+                        help="k values evaluated on the whole test set beside dense (~12-18 min each on 2 cores)")
+    parser.add_argument("--original-whole-ks", default=None,
+                        help="k values on the whole test set for the original model (default: --whole-ks; '' = dense only)")
+    parser.add_argument("--passkey-trials", type=int, default=20,
+                        help="passkey trials at 1K tokens for each model (does the fine-tune keep behaviour?); 0 skips")
+    parser.add_argument("--results", default="condense_smollm2", help="name of the JSON written to benchmarks/results")
     parser.add_argument("--no-measure", action="store_true", help="skip the per-layer k_0.95 profiles")
     parser.add_argument("--checkpoint", type=int, default=None,
                         help="evaluate the run's checkpoint at this step instead of training to the end (a stopped "
@@ -90,7 +120,9 @@ def main() -> None:
     from attnsparse.condense.trainer import checkpoints
 
     ks = [int(k) for k in args.ks.split(",")]
-    protocols: list[int | None] = [8] if args.no_all else [8, None]
+    whole_ks = None if args.no_all else [int(k) for k in args.whole_ks.split(",") if k]
+    original_ks = args.whole_ks if args.original_whole_ks is None else args.original_whole_ks
+    original_whole_ks = None if args.no_all else [int(k) for k in original_ks.split(",") if k]
     out: Path = args.out
     run_dir = out / "condense"
     config = preset_config(args.preset, data=str(DATA / "valid.txt"))
@@ -109,8 +141,8 @@ def main() -> None:
     measured_name = "measure_condensed" if args.checkpoint is None else f"measure_checkpoint-{args.checkpoint}"
 
     started = time.perf_counter()
-    original = evaluate_model(config.model, out / "eval_original", ks, protocols, args.ctx)
-    condensed = evaluate_model(str(model_dir), out / condensed_name, ks, protocols, args.ctx)
+    original = evaluate_both(config.model, out / "eval_original", ks, original_whole_ks, args.ctx)
+    condensed = evaluate_both(str(model_dir), out / condensed_name, ks, whole_ks, args.ctx)
     timings["evaluate_s"] = time.perf_counter() - started
 
     k95 = None
@@ -119,6 +151,12 @@ def main() -> None:
         after = per_layer_k95(str(model_dir), out / measured_name, args.ctx)
         if before is not None and after is not None:
             k95 = {"original": before, "condensed": after}
+
+    passkey = None
+    if args.passkey_trials > 0:
+        passkey = {"cell": "1024 tokens, depth 0.5", "trials": args.passkey_trials,
+                   "original": passkey_accuracy(config.model, args.passkey_trials),
+                   "condensed": passkey_accuracy(str(model_dir), args.passkey_trials)}
 
     log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     if args.checkpoint is not None:
@@ -133,12 +171,13 @@ def main() -> None:
         "original": original,
         "condensed": condensed,
         "per_layer_k95": k95,
+        "passkey": passkey,
         "timings": timings,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     from attnsparse.runio import atomic_write_json
 
-    atomic_write_json(RESULTS / "condense_smollm2.json", summary)
+    atomic_write_json(RESULTS / f"{args.results}.json", summary)
     table = markdown(original, condensed)
     (out / "table.md").write_text(table + "\n", encoding="utf-8")
     print(table)
