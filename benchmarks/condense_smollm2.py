@@ -68,15 +68,19 @@ def per_layer_k95(spec: str, out: Path, ctx: int) -> list[float] | None:
     return [sum(v) / len(v) for _, v in sorted(by_layer.items())]
 
 
-def passkey_accuracy(spec: str, trials: int) -> dict[str, float]:
+def passkey_accuracy(spec: str, trials: int, out: Path) -> dict[str, float]:
     """Behaviour check: passkey accuracy at 1K tokens, depth 0.5, dense and top-8 decoding (prefill is dense)."""
     from attnsparse.models import load_model
     from attnsparse.passkey import accuracy_table, run_passkey
+    from attnsparse.runio import atomic_write_json
 
-    loaded = load_model(spec)
-    results = run_passkey(loaded.model, loaded.tokenizer, {"dense": "dense", "topk:8": "topk:8"}, [1024], [0.5],
-                          trials=trials, progress=False)
-    return {policy: row["1024@0.5"] for policy, row in accuracy_table(results).items()}
+    if not out.is_file():
+        loaded = load_model(spec)
+        results = run_passkey(loaded.model, loaded.tokenizer, {"dense": "dense", "topk:8": "topk:8"}, [1024], [0.5],
+                              trials=trials, progress=False)
+        table = {policy: row["1024@0.5"] for policy, row in accuracy_table(results).items()}
+        atomic_write_json(out, {"trials": trials, "accuracy": table})
+    return dict(json.loads(out.read_text())["accuracy"])
 
 
 def markdown(original: dict[str, Any], condensed: dict[str, Any]) -> str:
@@ -155,8 +159,8 @@ def main() -> None:
     passkey = None
     if args.passkey_trials > 0:
         passkey = {"cell": "1024 tokens, depth 0.5", "trials": args.passkey_trials,
-                   "original": passkey_accuracy(config.model, args.passkey_trials),
-                   "condensed": passkey_accuracy(str(model_dir), args.passkey_trials)}
+                   "original": passkey_accuracy(config.model, args.passkey_trials, out / "passkey_original.json"),
+                   "condensed": passkey_accuracy(str(model_dir), args.passkey_trials, out / f"passkey_{condensed_name}.json")}
 
     log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     if args.checkpoint is not None:

@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=1, help="which of 2 evenly spaced windows")
     parser.add_argument("--density", type=float, default=0.0625)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--variants", default="", help="comma-separated subset of variant names (default: all)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decode_selection_quality.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -74,7 +75,11 @@ def main() -> None:
     variants: list[tuple[str, object, Select | None]] = [
         ("dense", "dense", None), (topk, topk, None), ("oracle max", mean, oracle("max")),
         ("oracle mass", mean, oracle("mass")), ("mean key", mean, None), ("quest bound", bound, None),
-    ]
+        ("mean key b8", HeadPolicy("block", block_size=8, density=args.density), None),
+    ] + [(f"channels {r}", HeadPolicy("block", block_size=16, density=args.density, score="channels", channels=r), None)
+         for r in (8, 16, 24, 32)]
+    wanted = {v for v in args.variants.split(",") if v}
+    variants = [v for v in variants if v[0] == "dense" or not wanted or v[0] in wanted]
     original = kvcache.FullStore.select
     results: dict[str, float] = {}
     with decode_backend(model):

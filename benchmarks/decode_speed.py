@@ -7,7 +7,8 @@ machine's copy bandwidth is measured in the same rounds, so the ratios hold on a
     .venv/bin/python benchmarks/decode_speed.py                  # 2K, 8K, 32K, 64K -> results/decode_speed.json
     .venv/bin/python benchmarks/decode_speed.py --contexts 2048 --rounds 3   # quick
 
-Bytes read per step are counted honestly: block summaries + selected keys and values (block top-k), all keys
+Bytes read per step are counted honestly: block summaries (or the float16 key channels scored, for score
+"channels") + selected keys and values (block top-k), all keys
 + kept values (top-k), held keys and values (streaming), all keys and values (dense).
 """
 
@@ -34,8 +35,8 @@ from attnsparse.kvcache import FullStore, StreamStore
 from attnsparse.runio import atomic_write_json, atomic_write_text, environment
 
 LAYERS, HEADS, KV_HEADS, DIM = 30, 9, 3, 64
-POLICIES = ["dense", "topk:256", "block:16:0.0625", "block:16:0.0625:bound", "block:32:0.0625", "block:16:1024",
-            "streaming:4:1020"]
+POLICIES = ["dense", "topk:256", "block:16:0.0625", "block:16:0.0625:bound", "block:16:0.0625:channels16",
+            "block:32:0.0625", "block:16:1024", "streaming:4:1020"]
 
 
 def copy_bandwidth(src: torch.Tensor, dst: torch.Tensor) -> tuple[float, float]:
@@ -66,7 +67,9 @@ def make_store(spec: str, keys: torch.Tensor, values: torch.Tensor) -> FullStore
     store = FullStore(policy, heads)
     store.keys, store.values, store.n = keys, values, keys.shape[2]
     if policy.kind == "block":
-        if policy.score == "bound":
+        if policy.score == "channels":
+            store.sketch = keys.transpose(-1, -2).half().contiguous()
+        elif policy.score == "bound":
             kmin, kmax = K.block_summaries(store.key_blocks(), store.n)
             store.summary = torch.cat([kmax, kmin], dim=-1)
         else:

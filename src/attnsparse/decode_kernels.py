@@ -56,6 +56,23 @@ def block_means(q: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
     return (sums @ q.transpose(-1, -2)).amax(dim=-1)
 
 
+def block_channel_scores(q: torch.Tensor, sketch: torch.Tensor, n: int, block: int, channels: int) -> torch.Tensor:
+    """Block scores from a channel subset (SparQ-style, Ribar et al. 2024): (B, Hkv, ceil(n / block)).
+
+    The `channels` dimensions where the group's |q| (summed over its G heads) is largest are read from the
+    channel-major key copy `sketch` (B, Hkv, D, capacity), every key < n is scored on them, and a block scores the
+    max over its keys and the G heads. With channels = D this is the exact max of q.k per block.
+    """
+    channels = min(channels, q.shape[-1])
+    blocks = -(-n // block)
+    chosen = q.abs().sum(dim=-2).topk(channels, dim=-1).indices  # (B, Hkv, R)
+    rows = sketch[..., :n].gather(2, chosen.unsqueeze(-1).expand(-1, -1, -1, n)).float()  # (B, Hkv, R, n)
+    scores = q.gather(-1, chosen.unsqueeze(2).expand(-1, -1, q.shape[2], -1)) @ rows  # (B, Hkv, G, n)
+    padded = scores.new_full((*scores.shape[:-1], blocks * block), float("-inf"))
+    padded[..., :n] = scores
+    return padded.view(*scores.shape[:-1], blocks, block).amax(dim=-1).amax(dim=-2)
+
+
 def select_blocks(bounds: torch.Tensor, count: int, sink_blocks: int, recent_blocks: int) -> torch.Tensor:
     """Indices (B, Hkv, count) of the blocks to read: sink and recent blocks always, then the highest bounds.
 
@@ -180,6 +197,37 @@ def mean_block_decode(
     return out
 
 
+def _native_channel_decode():  # type: ignore[no-untyped-def]
+    """The compiled channel-subset selection + attention (ctypes function), or None."""
+    from attnsparse import native
+
+    return native.function("blockattn", "block_decode_channels", "ppppnnnnnnnnnnnfnpp")
+
+
+def channel_block_decode(
+    q: torch.Tensor, key_blocks: torch.Tensor, value_blocks: torch.Tensor, sketch: torch.Tensor, n: int, count: int,
+    sink_blocks: int, recent_blocks: int, channels: int, scaling: float,
+) -> torch.Tensor | None:
+    """Block top-k by channel-subset scores (`block_channel_scores`), selection and attention in one compiled call;
+    None when the kernel or the tensors do not fit (CPU float32 keys, float16 contiguous sketch): use the torch path.
+    """
+    fits = _native_fits(q, key_blocks, value_blocks) and sketch.dtype == torch.float16 and sketch.is_contiguous()
+    kernel = _native_channel_decode() if fits and q.shape[-1] <= 256 else None
+    if kernel is None:
+        return None
+    batch, kv_heads, capacity, size, dim = key_blocks.shape
+    count = min(count, -(-n // size))
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    index = torch.empty(batch, kv_heads, count, dtype=torch.int64)
+    status = kernel(q.data_ptr(), key_blocks.data_ptr(), value_blocks.data_ptr(), sketch.data_ptr(), batch * kv_heads,
+                    q.shape[2], dim, capacity * size, sketch.shape[-1], size, count, sink_blocks, recent_blocks, n,
+                    min(channels, dim), scaling, torch.get_num_threads(), index.data_ptr(), out.data_ptr())
+    if status != 0:
+        raise MemoryError("block attention kernel could not allocate its buffers")
+    return out
+
+
 def block_sums(key_blocks: torch.Tensor, n: int) -> torch.Tensor:
     """Sum of the keys of each block, from scratch: (B, Hkv, ceil(n/S), D)."""
     size = key_blocks.shape[-2]
@@ -209,6 +257,11 @@ def dense_bytes(n: int, dim: int, itemsize: int) -> int:
 def topk_bytes(n: int, k: int, groups: int, dim: int, itemsize: int) -> int:
     """Every key plus at most k values per query head of the group."""
     return n * dim * itemsize + min(n, k * groups) * dim * itemsize
+
+
+def channel_block_bytes(n: int, block: int, selected: int, dim: int, itemsize: int, channels: int) -> int:
+    """`channels` float16 rows of the channel-major key copy plus keys and values of the selected blocks."""
+    return min(channels, dim) * n * 2 + 2 * min(selected * block, n) * dim * itemsize
 
 
 def block_bytes(n: int, block: int, selected: int, dim: int, itemsize: int, summary_vectors: int = 2) -> int:

@@ -4,8 +4,10 @@ A plan assigns every key/value head one of four policies (see docs/decode.md):
 
 - `dense`: full KV, exact attention over every key;
 - `topk:K`: full KV, exact scores, each query head keeps its K largest (a reference, it still reads every key);
-- `block:B:BUDGET` (Quest-style, Tang et al. 2024): keys in blocks of B tokens with per-block min/max summaries;
-  each step keeps the blocks with the highest upper bound of q.k, BUDGET tokens in all (or a density);
+- `block:B:BUDGET[:SCORE]` (Quest-style, Tang et al. 2024): keys in blocks of B tokens; each step keeps the
+  blocks with the highest score, BUDGET tokens in all (or a density). SCORE: `mean` (q . mean key, the default),
+  `bound` (Quest's min/max upper bound of q.k) or `channelsR` (every key scored on the R channels where the query
+  is largest, SparQ-style, from a float16 channel-major key copy; block = max over its keys);
 - `streaming:S:W` (DuoAttention-style, Xiao et al. 2024): only the first S and the last W tokens are held,
   older entries are evicted and freed.
 
@@ -25,8 +27,9 @@ from attnsparse.errors import AttnsparseError
 PLAN_FORMAT = "attnsparse-decode-plan"
 PLAN_VERSION = 1
 KINDS = ("dense", "topk", "block", "streaming")
+SCORES = ("mean", "bound", "channels")
 SPEC_HELP = (
-    "use dense, topk:K, block:B:BUDGET[:mean|bound] (B tokens per block, BUDGET tokens kept, or a density such as "
+    "use dense, topk:K, block:B:BUDGET[:mean|bound|channelsR] (B tokens per block, BUDGET tokens kept, or a density such as "
     "0.0625), "
     "streaming:S:W, or a plan JSON file"
 )
@@ -43,7 +46,8 @@ class HeadPolicy:
     density: float = 0.0  # block: fraction of the context kept per step (used when budget == 0)
     sink_blocks: int = 1  # block: first blocks always kept
     recent_blocks: int = 2  # block: last blocks (including the one being filled) always kept
-    score: str = "mean"  # block: rank blocks by q . mean key ("mean") or by Quest's min/max upper bound ("bound")
+    score: str = "mean"  # block: rank blocks by q . mean key ("mean"), Quest's min/max bound ("bound"), or "channels"
+    channels: int = 16  # block with score "channels": query channels each key is scored on
     sink: int = 4  # streaming: first tokens held
     window: int = 1024  # streaming: last tokens held
 
@@ -59,8 +63,10 @@ class HeadPolicy:
                 raise AttnsparseError("block policy needs a token budget >= 1 or a density in (0, 1]")
             if self.sink_blocks < 0 or self.recent_blocks < 1:
                 raise AttnsparseError("block policy needs sink_blocks >= 0 and recent_blocks >= 1")
-            if self.score not in ("mean", "bound"):
-                raise AttnsparseError(f"block score must be 'mean' or 'bound', got '{self.score}'")
+            if self.score not in SCORES:
+                raise AttnsparseError(f"block score must be mean, bound or channelsR, got '{self.score}'")
+            if self.channels < 1:
+                raise AttnsparseError(f"block score channels needs R >= 1 channels, got {self.channels}")
         if self.kind == "streaming" and (self.sink < 0 or self.window < 1):
             raise AttnsparseError(f"streaming needs sink >= 0 and window >= 1, got {self.sink}:{self.window}")
 
@@ -69,7 +75,7 @@ class HeadPolicy:
         if self.kind == "topk":
             return f"topk:{self.k}"
         if self.kind == "block":
-            extra = "" if self.score == "mean" else f":{self.score}"
+            extra = {"mean": "", "bound": ":bound", "channels": f":channels{self.channels}"}[self.score]
             return f"block:{self.block_size}:{self.budget if self.budget else self.density}{extra}"
         if self.kind == "streaming":
             return f"streaming:{self.sink}:{self.window}"
@@ -90,6 +96,8 @@ class HeadPolicy:
     def to_dict(self) -> dict[str, Any]:
         keep = {"dense": (), "topk": ("k",), "streaming": ("sink", "window"),
                 "block": ("block_size", "budget", "density", "sink_blocks", "recent_blocks", "score")}[self.kind]
+        if self.kind == "block" and self.score == "channels":
+            keep += ("channels",)
         return {"policy": self.kind} | {name: getattr(self, name) for name in keep}
 
     @classmethod
@@ -116,10 +124,12 @@ def parse_head_policy(spec: str) -> HeadPolicy:
             return HeadPolicy("topk", k=int(parts[0]))
         if name == "block" and len(parts) in (2, 3):
             size = int(parts[0])
-            score = parts[2] if len(parts) == 3 else "mean"
+            score, channels = parts[2] if len(parts) == 3 else "mean", 16
+            if score.startswith("channels") and score != "channels":
+                score, channels = "channels", int(score.removeprefix("channels"))
             if "." in parts[1]:
-                return HeadPolicy("block", block_size=size, density=float(parts[1]), score=score)
-            return HeadPolicy("block", block_size=size, budget=int(parts[1]), score=score)
+                return HeadPolicy("block", block_size=size, density=float(parts[1]), score=score, channels=channels)
+            return HeadPolicy("block", block_size=size, budget=int(parts[1]), score=score, channels=channels)
         if name == "streaming" and len(parts) == 2:
             return HeadPolicy("streaming", sink=int(parts[0]), window=int(parts[1]))
     except ValueError:

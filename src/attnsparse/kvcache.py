@@ -3,7 +3,8 @@
 Each layer splits its kv heads into groups of equal `HeadPolicy` (usually one or two groups), one store each:
 
 - `FullStore` (dense, topk, block): every token, in a preallocated buffer that grows by doubling; a block policy
-  also keeps per-block element-wise min and max of the keys, updated incrementally as tokens are appended.
+  also keeps its selection data, updated incrementally as tokens are appended: per-block key sums (score "mean"),
+  element-wise min and max (score "bound"), or a float16 channel-major copy of the keys (score "channels").
 - `StreamStore` (streaming): the first `sink` tokens and a ring of the last `window`; older entries are
   overwritten, so memory stays (sink + window) tokens however long the context grows.
 
@@ -42,7 +43,10 @@ class FullStore:
         self.keys = self.values = torch.empty(0)
         # block summaries: (B, h, blocks, 2D) = [kmax | kmin] for score "bound", (B, h, blocks, D) key sums for "mean"
         self.summary = torch.empty(0, 0, 0, 0)
-        self.width = 2 if policy.score == "bound" else 1
+        self.width = {"bound": 2, "mean": 1, "channels": 0}[policy.score]
+        # score "channels": the keys again, channel-major in float16, (B, h, D, capacity)
+        self.sketch = torch.empty(0, 0, 0, 0, dtype=torch.float16)
+        self.sketched = policy.kind == "block" and policy.score == "channels"
 
     @property
     def kmax(self) -> torch.Tensor:
@@ -68,7 +72,12 @@ class FullStore:
             keys[:, :, : self.n] = self.keys[:, :, : self.n]
             values[:, :, : self.n] = self.values[:, :, : self.n]
         self.keys, self.values = keys, values
-        if self.policy.kind == "block":
+        if self.sketched:
+            sketch = like.new_zeros(batch, len(self.heads), dim, capacity, dtype=torch.float16)
+            if self.n:
+                sketch[..., : self.n] = self.sketch[..., : self.n]
+            self.sketch = sketch
+        elif self.policy.kind == "block":
             summary = like.new_zeros(batch, len(self.heads), capacity // self.block, self.width * dim)
             used = -(-self.n // self.block)
             if used:
@@ -85,7 +94,9 @@ class FullStore:
         self.keys[:, :, start:stop] = keys
         self.values[:, :, start:stop] = values
         self.n = stop
-        if self.policy.kind != "block":
+        if self.sketched:
+            self.sketch[..., start:stop] = keys.transpose(-1, -2)
+        if self.policy.kind != "block" or self.sketched:
             return
         size = self.block
         if count == 1:
@@ -123,8 +134,13 @@ class FullStore:
             return K.dense_decode(q, self.keys[:, :, :n], self.values[:, :, :n], scaling)
         if kind == "topk":
             return K.topk_decode(q, self.keys[:, :, :n], self.values[:, :, :n], self.policy.k, scaling)
-        if self.width == 1:
-            p = self.policy
+        p = self.policy
+        if self.sketched:
+            out = K.channel_block_decode(q, self.key_blocks(), self.value_blocks(), self.sketch, n,
+                                         p.selected_blocks(n), p.sink_blocks, p.recent_blocks, p.channels, scaling)
+            if out is not None:
+                return out
+        elif self.width == 1:
             out = K.mean_block_decode(q, self.key_blocks(), self.value_blocks(), self.summary, n,
                                       p.selected_blocks(n), p.sink_blocks, p.recent_blocks, scaling)
             if out is not None:
@@ -133,10 +149,13 @@ class FullStore:
 
     def select(self, q: torch.Tensor) -> torch.Tensor:
         """Blocks the block policy reads for query q: (B, h, C) ascending indices."""
+        p = self.policy
+        if self.sketched:
+            bounds = K.block_channel_scores(q, self.sketch, self.n, self.block, p.channels)
+            return K.select_blocks(bounds, p.selected_blocks(self.n), p.sink_blocks, p.recent_blocks)
         used = -(-self.n // self.block)
         summary = self.summary[:, :, :used]
         bounds = K.block_bounds(q, summary) if self.width == 2 else K.block_means(q, summary)
-        p = self.policy
         return K.select_blocks(bounds, p.selected_blocks(self.n), p.sink_blocks, p.recent_blocks)
 
     def bytes_read(self, groups: int) -> int:
@@ -146,16 +165,22 @@ class FullStore:
             per_head = K.dense_bytes(n, dim, item)
         elif p.kind == "topk":
             per_head = K.topk_bytes(n, p.k, groups, dim, item)
+        elif self.sketched:
+            per_head = K.channel_block_bytes(n, p.block_size, p.selected_blocks(n), dim, item, p.channels)
         else:
             per_head = K.block_bytes(n, p.block_size, p.selected_blocks(n), dim, item, self.width)
         return per_head * len(self.heads) * self.keys.shape[0]
 
     def tensors(self) -> list[torch.Tensor]:
+        if self.sketched:
+            return [self.keys, self.values, self.sketch]
         return [self.keys, self.values] + ([self.summary] if self.policy.kind == "block" else [])
 
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.keys, self.values = fn(self.keys), fn(self.values)
-        if self.policy.kind == "block":
+        if self.sketched:
+            self.sketch = fn(self.sketch)
+        elif self.policy.kind == "block":
             self.summary = fn(self.summary)
 
 

@@ -10,6 +10,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 #define MAX_THREADS 64
 #define THREADED_MIN_TOKENS 4096 /* selected tokens x heads below which one thread is faster */
@@ -144,25 +147,9 @@ static void select_largest(float *v, int64_t n, int64_t k) {
     }
 }
 
-/* Block selection by mean key (sums of each block's keys; see decode_kernels.block_means) for every head:
- * score of block b = max over the group's query heads of q . sum_b; sink and recent blocks always; then the
- * highest scores, `count` blocks in all (ties at the threshold: lower block index first). index (heads, count),
- * ascending. scratch: 2 * blocks floats. */
-static void select_by_mean(const float *q, const float *sums, int64_t groups, int64_t dim, int64_t blocks,
-                           int64_t count, int64_t sink, int64_t recent, float *scratch, int64_t *index) {
-    float *score = scratch, *copy = scratch + blocks;
-    for (int64_t b = 0; b < blocks; b++) {
-        const float *s = sums + b * dim;
-        float best = -INFINITY;
-        for (int64_t g = 0; g < groups; g++) {
-            const float *qg = q + g * dim;
-            float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t d = 0; d < dim; d++) dot += qg[d] * s[d];
-            best = dot > best ? dot : best;
-        }
-        score[b] = (b < sink || b >= blocks - recent) ? INFINITY : best;
-    }
+/* Keep the `count` best-scored blocks: index (count) ascending; ties at the threshold go to lower block indices.
+ * score is left as is; copy: scratch of `blocks` floats. */
+static void pick_blocks(const float *score, int64_t blocks, int64_t count, float *copy, int64_t *index) {
     memcpy(copy, score, sizeof(float) * (size_t)blocks);
     select_largest(copy, blocks, count);
     float threshold = copy[0];
@@ -175,12 +162,130 @@ static void select_by_mean(const float *q, const float *sums, int64_t groups, in
     }
 }
 
-/* Mean-key block top-k decode in one call: selection (above) then attention over the selected blocks, on
- * `threads` threads when the step reads enough to pay for them (each head's selected blocks are split into
- * one part per thread and the partial softmaxes merged, as in flash-decoding). */
+/* Mean-key block scores (sums of each block's keys; see decode_kernels.block_means): score of block b = max over
+ * the group's query heads of q . sum_b. */
+static void score_by_mean(const float *q, const float *sums, int64_t groups, int64_t dim, int64_t blocks,
+                          float *score) {
+    for (int64_t b = 0; b < blocks; b++) {
+        const float *s = sums + b * dim;
+        float best = -INFINITY;
+        for (int64_t g = 0; g < groups; g++) {
+            const float *qg = q + g * dim;
+            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t d = 0; d < dim; d++) dot += qg[d] * s[d];
+            best = dot > best ? dot : best;
+        }
+        score[b] = best;
+    }
+}
+
+#define CHANNEL_MAX 256
+#define TOKEN_TILE 2048 /* tokens scored at a time: (G + 1) x TILE floats stay in L1/L2 */
+
+/* The `r` channels where the group's queries are largest in absolute value (summed over the G heads), ascending
+ * index order does not matter; ties: lower channel first (as torch.topk on distinct values). */
+static int64_t top_channels(const float *q, int64_t groups, int64_t dim, int64_t r, int64_t *channels) {
+    float weight[CHANNEL_MAX];
+    int taken[CHANNEL_MAX] = {0};
+    if (dim > CHANNEL_MAX) return -1;
+    if (r > dim) r = dim;
+    for (int64_t d = 0; d < dim; d++) {
+        float w = 0.0f;
+        for (int64_t g = 0; g < groups; g++) w += fabsf(q[g * dim + d]);
+        weight[d] = w;
+    }
+    for (int64_t i = 0; i < r; i++) {
+        int64_t best = -1;
+        for (int64_t d = 0; d < dim; d++)
+            if (!taken[d] && (best < 0 || weight[d] > weight[best])) best = d;
+        taken[best] = 1;
+        channels[i] = best;
+    }
+    return r;
+}
+
+/* IEEE half (bits) to float, portable: normal, subnormal, zero, inf and NaN. */
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu, bits;
+    if (exponent == 0x1fu) {
+        bits = sign | 0x7f800000u | (mantissa << 13);
+    } else if (exponent != 0) {
+        bits = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+    } else if (mantissa == 0) {
+        bits = sign;
+    } else { /* subnormal: value = mantissa * 2^-24 */
+        float value = (float)mantissa * 5.9604644775390625e-8f;
+        memcpy(&bits, &value, sizeof bits);
+        bits |= sign;
+    }
+    float out;
+    memcpy(&out, &bits, sizeof out);
+    return out;
+}
+
+/* Row segment of float16 (bits) to float32: hardware conversion 8 at a time where the CPU has F16C. */
+static void widen(const uint16_t *restrict src, int64_t len, float *restrict dst) {
+    int64_t t = 0;
+#if defined(__F16C__)
+    for (; t + 8 <= len; t += 8) _mm256_storeu_ps(dst + t, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + t))));
+#endif
+    for (; t < len; t++) dst[t] = half_to_float(src[t]);
+}
+
+/* The portable conversion alone, exported so tests can check it on every half bit pattern. */
+void half_to_float_portable(const uint16_t *src, int64_t len, float *dst) {
+    for (int64_t t = 0; t < len; t++) dst[t] = half_to_float(src[t]);
+}
+
+/* acc[t] += w * row[t] */
+static void axpy(float w, const float *restrict row, int64_t len, float *restrict acc) {
+#pragma omp simd
+    for (int64_t t = 0; t < len; t++) acc[t] += w * row[t];
+}
+
+/* Channel-subset block scores (decode_kernels.block_channel_scores): every key is scored on the r channels
+ * where the group's queries are largest, reading those rows of the channel-major float16 key copy `sketch`
+ * (dim, sketch_cap); block score = max over its tokens (< n) and the G query heads.
+ * tile: (G + 1) * TOKEN_TILE floats. */
+static void score_by_channels(const float *q, const uint16_t *sketch, int64_t groups, int64_t dim,
+                              int64_t sketch_cap, int64_t n, int64_t block, int64_t r, float *tile,
+                              float *score) {
+    int64_t channels[CHANNEL_MAX];
+    r = top_channels(q, groups, dim, r, channels);
+    int64_t tile_tokens = TOKEN_TILE - TOKEN_TILE % block;
+    if (tile_tokens < block) tile_tokens = block;
+    float *row = tile + groups * tile_tokens;
+    for (int64_t t0 = 0; t0 < n; t0 += tile_tokens) {
+        int64_t len = n - t0 < tile_tokens ? n - t0 : tile_tokens;
+        memset(tile, 0, sizeof(float) * (size_t)(groups * tile_tokens));
+        for (int64_t i = 0; i < r; i++) {
+            widen(sketch + channels[i] * sketch_cap + t0, len, row);
+            for (int64_t g = 0; g < groups; g++) axpy(q[g * dim + channels[i]], row, len, tile + g * tile_tokens);
+        }
+        for (int64_t g = 1; g < groups; g++) { /* max over the group's heads into the first row */
+            const float *other = tile + g * tile_tokens;
+#pragma omp simd
+            for (int64_t t = 0; t < len; t++) tile[t] = other[t] > tile[t] ? other[t] : tile[t];
+        }
+        for (int64_t b0 = 0; b0 < len; b0 += block) { /* t0 and tile_tokens are multiples of block */
+            int64_t stop = b0 + block < len ? b0 + block : len;
+            float best = -INFINITY;
+#pragma omp simd reduction(max : best)
+            for (int64_t t = b0; t < stop; t++) best = tile[t] > best ? tile[t] : best;
+            score[(t0 + b0) / block] = best;
+        }
+    }
+}
+
+/* Block top-k decode in one call: selection (by mean key or by channel subset, above) then attention over the
+ * selected blocks, on `threads` threads when the step reads enough to pay for them (each head's selected blocks
+ * are split into one part per thread and the partial softmaxes merged, as in flash-decoding). */
 typedef struct {
-    const float *q, *keys, *values, *sums;
+    const float *q, *keys, *values;
+    const void *summary; /* float key sums (blocks, D) per head, or float16 channel-major keys (D, sketch_cap) */
     int64_t heads, groups, dim, cap, sum_cap, block, count, sink, recent, n, blocks, parts;
+    int64_t channels; /* 0: score by mean key; r > 0: score by the r largest query channels */
     float scaling;
     int64_t *index;
     float *m, *l, *acc; /* (heads * parts) x G, same, x D */
@@ -197,7 +302,8 @@ static void *decode_worker(void *arg) {
     DecodeWorker *w = arg;
     DecodeJob *j = w->job;
     int64_t longest = (j->count + j->parts - 1) / j->parts;
-    size_t need = j->phase == 0 ? (size_t)(2 * j->blocks) : (size_t)(j->groups * longest * j->block);
+    size_t need = j->phase == 0 ? (size_t)(2 * j->blocks + (j->groups + 1) * (TOKEN_TILE + j->block))
+                                : (size_t)(j->groups * longest * j->block);
     float *scratch = malloc(sizeof(float) * (need + 1));
     if (!scratch) { j->failed = 1; return NULL; }
     for (int64_t h = w->tid; j->phase == 0 && h < j->heads; h += j->threads) {
@@ -205,8 +311,18 @@ static void *decode_worker(void *arg) {
         if (j->count == j->blocks) {
             for (int64_t b = 0; b < j->blocks; b++) index[b] = b;
         } else {
-            select_by_mean(j->q + h * j->groups * j->dim, j->sums + h * j->sum_cap * j->dim, j->groups, j->dim,
-                           j->blocks, j->count, j->sink, j->recent, scratch, index);
+            const float *q = j->q + h * j->groups * j->dim;
+            if (j->channels > 0) {
+                const uint16_t *sketch = (const uint16_t *)j->summary + h * j->dim * j->sum_cap;
+                score_by_channels(q, sketch, j->groups, j->dim, j->sum_cap, j->n, j->block, j->channels,
+                                  scratch + 2 * j->blocks, scratch);
+            } else {
+                score_by_mean(q, (const float *)j->summary + h * j->sum_cap * j->dim, j->groups, j->dim, j->blocks,
+                              scratch);
+            }
+            for (int64_t b = 0; b < j->blocks; b++)
+                if (b < j->sink || b >= j->blocks - j->recent) scratch[b] = INFINITY;
+            pick_blocks(scratch, j->blocks, j->count, scratch + j->blocks, index);
         }
     }
     for (int64_t i = w->tid; j->phase == 1 && i < j->heads * j->parts; i += j->threads) {
@@ -236,16 +352,17 @@ static void run_phase(DecodeJob *job, int phase) {
         if (running[t]) pthread_join(ids[t], NULL);
 }
 
-int block_decode_mean(const float *q, const float *keys, const float *values, const float *sums, int64_t heads,
-                      int64_t groups, int64_t dim, int64_t cap, int64_t sum_cap, int64_t block, int64_t count,
-                      int64_t sink, int64_t recent, int64_t n, float scaling, int64_t threads, int64_t *index_out,
-                      float *out) {
+static int block_decode(const float *q, const float *keys, const float *values, const void *summary,
+                        int64_t heads, int64_t groups, int64_t dim, int64_t cap, int64_t sum_cap, int64_t block,
+                        int64_t count, int64_t sink, int64_t recent, int64_t n, int64_t channels, float scaling,
+                        int64_t threads, int64_t *index_out, float *out) {
     int64_t blocks = (n + block - 1) / block;
     if (count > blocks) count = blocks;
+    if (channels > 0 && dim > CHANNEL_MAX) return -2;
     if (threads < 1 || heads * count * block < THREADED_MIN_TOKENS) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
-    DecodeJob job = {q, keys, values, sums, heads, groups, dim, cap, sum_cap, block, count, sink, recent, n, blocks,
-                     threads, scaling, index_out, NULL, NULL, NULL, (int)threads, 0, 0};
+    DecodeJob job = {q, keys, values, summary, heads, groups, dim, cap, sum_cap, block, count, sink, recent, n,
+                     blocks, threads, channels, scaling, index_out, NULL, NULL, NULL, (int)threads, 0, 0};
     if (count < job.parts) job.parts = count > 0 ? count : 1;
     size_t partials = (size_t)(heads * job.parts * groups);
     job.m = malloc(sizeof(float) * partials);
@@ -263,4 +380,23 @@ int block_decode_mean(const float *q, const float *keys, const float *values, co
     }
     free(job.m); free(job.l); free(job.acc);
     return job.failed ? -1 : 0;
+}
+
+/* Mean-key selection: sums (heads, sum_cap, D) float32. */
+int block_decode_mean(const float *q, const float *keys, const float *values, const float *sums, int64_t heads,
+                      int64_t groups, int64_t dim, int64_t cap, int64_t sum_cap, int64_t block, int64_t count,
+                      int64_t sink, int64_t recent, int64_t n, float scaling, int64_t threads, int64_t *index_out,
+                      float *out) {
+    return block_decode(q, keys, values, sums, heads, groups, dim, cap, sum_cap, block, count, sink, recent, n, 0,
+                        scaling, threads, index_out, out);
+}
+
+/* Channel-subset selection: sketch (heads, D, sketch_cap) float16, r channels per step (1 <= r). */
+int block_decode_channels(const float *q, const float *keys, const float *values, const uint16_t *sketch,
+                          int64_t heads, int64_t groups, int64_t dim, int64_t cap, int64_t sketch_cap, int64_t block,
+                          int64_t count, int64_t sink, int64_t recent, int64_t n, int64_t channels, float scaling,
+                          int64_t threads, int64_t *index_out, float *out) {
+    if (channels < 1) return -2;
+    return block_decode(q, keys, values, sketch, heads, groups, dim, cap, sketch_cap, block, count, sink, recent, n,
+                        channels, scaling, threads, index_out, out);
 }
