@@ -68,6 +68,15 @@ def per_layer_k95(spec: str, out: Path, ctx: int) -> list[float] | None:
     return [sum(v) / len(v) for _, v in sorted(by_layer.items())]
 
 
+def earlier_whole_dense(path: Path) -> dict[str, Any]:
+    """The original model's dense whole-test-set row from an earlier run (benchmarks/perplexity_smollm2.py)."""
+    earlier = json.loads(path.read_text())
+    dense = next(r for r in earlier["results"] if r["policy"] == "dense")
+    return {"protocol": "all", "policy": "dense", "density": 1.0, "perplexity": dense["perplexity"],
+            "mean_nll": dense["mean_nll"], "tokens": dense["tokens_scored"], "windows": earlier["windows"],
+            "ctx": earlier["ctx"], "ratio_to_dense": 1.0, "seconds": dense["seconds"], "from": path.name}
+
+
 def passkey_accuracy(spec: str, trials: int, out: Path) -> dict[str, float]:
     """Behaviour check: passkey accuracy at 1K tokens, depth 0.5, dense and top-8 decoding (prefill is dense)."""
     from attnsparse.models import load_model
@@ -111,6 +120,9 @@ def main() -> None:
                         help="k values evaluated on the whole test set beside dense (~12-18 min each on 2 cores)")
     parser.add_argument("--original-whole-ks", default=None,
                         help="k values on the whole test set for the original model (default: --whole-ks; '' = dense only)")
+    parser.add_argument("--original-whole-from", type=Path, default=None,
+                        help="take the original's dense whole-set perplexity from this earlier perplexity_smollm2.py "
+                        "result instead of re-running it (same protocol); the row records the file")
     parser.add_argument("--passkey-trials", type=int, default=20,
                         help="passkey trials at 1K tokens for each model (does the fine-tune keep behaviour?); 0 skips")
     parser.add_argument("--results", default="condense_smollm2", help="name of the JSON written to benchmarks/results")
@@ -145,7 +157,11 @@ def main() -> None:
     measured_name = "measure_condensed" if args.checkpoint is None else f"measure_checkpoint-{args.checkpoint}"
 
     started = time.perf_counter()
-    original = evaluate_both(config.model, out / "eval_original", ks, original_whole_ks, args.ctx)
+    if args.original_whole_from is not None and whole_ks is not None:
+        original = evaluate_both(config.model, out / "eval_original", ks, None, args.ctx)
+        original = original | {"rows": original["rows"] + [earlier_whole_dense(args.original_whole_from)]}
+    else:
+        original = evaluate_both(config.model, out / "eval_original", ks, original_whole_ks, args.ctx)
     condensed = evaluate_both(str(model_dir), out / condensed_name, ks, whole_ks, args.ctx)
     timings["evaluate_s"] = time.perf_counter() - started
 
