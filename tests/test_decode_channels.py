@@ -152,3 +152,12 @@ def test_portable_half_conversion_matches_torch_on_every_bit_pattern():
     expected = bits.view(torch.float16).float()
     assert torch.equal(out.isnan(), expected.isnan())
     assert torch.equal(out[~out.isnan()], expected[~expected.isnan()])
+
+
+def test_channel_policy_runs_in_bfloat16_on_the_torch_path():
+    torch.manual_seed(2)
+    keys, values = torch.randn(1, 2, 100, 16).bfloat16(), torch.randn(1, 2, 100, 16).bfloat16()
+    store = FullStore(HeadPolicy("block", block_size=8, budget=32, score="channels", channels=4), [0, 1])
+    store.append(keys, values)
+    out = store.attend(torch.randn(1, 2, 3, 16).bfloat16(), 0.25)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()

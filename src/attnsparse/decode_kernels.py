@@ -67,7 +67,7 @@ def block_channel_scores(q: torch.Tensor, sketch: torch.Tensor, n: int, block: i
     blocks = -(-n // block)
     chosen = q.abs().sum(dim=-2).topk(channels, dim=-1).indices  # (B, Hkv, R)
     rows = sketch[..., :n].gather(2, chosen.unsqueeze(-1).expand(-1, -1, -1, n)).float()  # (B, Hkv, R, n)
-    scores = q.gather(-1, chosen.unsqueeze(2).expand(-1, -1, q.shape[2], -1)) @ rows  # (B, Hkv, G, n)
+    scores = q.gather(-1, chosen.unsqueeze(2).expand(-1, -1, q.shape[2], -1)).float() @ rows  # (B, Hkv, G, n)
     padded = scores.new_full((*scores.shape[:-1], blocks * block), float("-inf"))
     padded[..., :n] = scores
     return padded.view(*scores.shape[:-1], blocks, block).amax(dim=-1).amax(dim=-2)
