@@ -162,11 +162,11 @@ static void pick_blocks(const float *score, int64_t blocks, int64_t count, float
     }
 }
 
-/* Mean-key block scores (sums of each block's keys; see decode_kernels.block_means): score of block b = max over
- * the group's query heads of q . sum_b. */
-static void score_by_mean(const float *q, const float *sums, int64_t groups, int64_t dim, int64_t blocks,
-                          float *score) {
-    for (int64_t b = 0; b < blocks; b++) {
+/* Mean-key block scores (sums of each block's keys; see decode_kernels.block_means) of blocks [b_begin, b_end):
+ * score of block b = max over the group's query heads of q . sum_b. */
+static void score_by_mean(const float *q, const float *sums, int64_t groups, int64_t dim, int64_t b_begin,
+                          int64_t b_end, float *score) {
+    for (int64_t b = b_begin; b < b_end; b++) {
         const float *s = sums + b * dim;
         float best = -INFINITY;
         for (int64_t g = 0; g < groups; g++) {
@@ -244,20 +244,20 @@ static void axpy(float w, const float *restrict row, int64_t len, float *restric
     for (int64_t t = 0; t < len; t++) acc[t] += w * row[t];
 }
 
-/* Channel-subset block scores (decode_kernels.block_channel_scores): every key is scored on the r channels
- * where the group's queries are largest, reading those rows of the channel-major float16 key copy `sketch`
- * (dim, sketch_cap); block score = max over its tokens (< n) and the G query heads.
- * tile: (G + 1) * TOKEN_TILE floats. */
+/* Channel-subset block scores (decode_kernels.block_channel_scores) of the blocks holding tokens
+ * [t_begin, t_end) (t_begin a multiple of block): every key is scored on the r channels where the group's
+ * queries are largest, reading those rows of the channel-major float16 key copy `sketch` (dim, sketch_cap);
+ * block score = max over its tokens and the G query heads. tile: (G + 1) * (TOKEN_TILE + block) floats. */
 static void score_by_channels(const float *q, const uint16_t *sketch, int64_t groups, int64_t dim,
-                              int64_t sketch_cap, int64_t n, int64_t block, int64_t r, float *tile,
-                              float *score) {
+                              int64_t sketch_cap, int64_t t_begin, int64_t t_end, int64_t block, int64_t r,
+                              float *tile, float *score) {
     int64_t channels[CHANNEL_MAX];
     r = top_channels(q, groups, dim, r, channels);
     int64_t tile_tokens = TOKEN_TILE - TOKEN_TILE % block;
     if (tile_tokens < block) tile_tokens = block;
     float *row = tile + groups * tile_tokens;
-    for (int64_t t0 = 0; t0 < n; t0 += tile_tokens) {
-        int64_t len = n - t0 < tile_tokens ? n - t0 : tile_tokens;
+    for (int64_t t0 = t_begin; t0 < t_end; t0 += tile_tokens) {
+        int64_t len = t_end - t0 < tile_tokens ? t_end - t0 : tile_tokens;
         memset(tile, 0, sizeof(float) * (size_t)(groups * tile_tokens));
         for (int64_t i = 0; i < r; i++) {
             widen(sketch + channels[i] * sketch_cap + t0, len, row);
@@ -287,6 +287,7 @@ typedef struct {
     int64_t heads, groups, dim, cap, sum_cap, block, count, sink, recent, n, blocks, parts;
     int64_t channels; /* 0: score by mean key; r > 0: score by the r largest query channels */
     float scaling;
+    float *scores; /* heads x blocks block scores, written in phase 0 */
     int64_t *index;
     float *m, *l, *acc; /* (heads * parts) x G, same, x D */
     int threads, phase, failed;
@@ -297,32 +298,29 @@ typedef struct {
     int tid;
 } DecodeWorker;
 
-/* Phase 0: block selection for heads tid, tid + threads, ...; phase 1: attention parts likewise. */
+/* Phase 0: block scores, each head's blocks split into `parts` ranges, items tid, tid + threads, ...;
+ * phase 1: attention parts likewise. */
 static void *decode_worker(void *arg) {
     DecodeWorker *w = arg;
     DecodeJob *j = w->job;
     int64_t longest = (j->count + j->parts - 1) / j->parts;
-    size_t need = j->phase == 0 ? (size_t)(2 * j->blocks + (j->groups + 1) * (TOKEN_TILE + j->block))
+    size_t need = j->phase == 0 ? (size_t)((j->groups + 1) * (TOKEN_TILE + j->block))
                                 : (size_t)(j->groups * longest * j->block);
     float *scratch = malloc(sizeof(float) * (need + 1));
     if (!scratch) { j->failed = 1; return NULL; }
-    for (int64_t h = w->tid; j->phase == 0 && h < j->heads; h += j->threads) {
-        int64_t *index = j->index + h * j->count;
-        if (j->count == j->blocks) {
-            for (int64_t b = 0; b < j->blocks; b++) index[b] = b;
+    for (int64_t i = w->tid; j->phase == 0 && i < j->heads * j->parts; i += j->threads) {
+        int64_t h = i / j->parts, s = i % j->parts;
+        int64_t b0 = s * j->blocks / j->parts, b1 = (s + 1) * j->blocks / j->parts;
+        const float *q = j->q + h * j->groups * j->dim;
+        float *score = j->scores + h * j->blocks;
+        if (b0 >= b1) continue;
+        if (j->channels > 0) {
+            const uint16_t *sketch = (const uint16_t *)j->summary + h * j->dim * j->sum_cap;
+            int64_t t1 = b1 * j->block < j->n ? b1 * j->block : j->n;
+            score_by_channels(q, sketch, j->groups, j->dim, j->sum_cap, b0 * j->block, t1, j->block, j->channels,
+                              scratch, score);
         } else {
-            const float *q = j->q + h * j->groups * j->dim;
-            if (j->channels > 0) {
-                const uint16_t *sketch = (const uint16_t *)j->summary + h * j->dim * j->sum_cap;
-                score_by_channels(q, sketch, j->groups, j->dim, j->sum_cap, j->n, j->block, j->channels,
-                                  scratch + 2 * j->blocks, scratch);
-            } else {
-                score_by_mean(q, (const float *)j->summary + h * j->sum_cap * j->dim, j->groups, j->dim, j->blocks,
-                              scratch);
-            }
-            for (int64_t b = 0; b < j->blocks; b++)
-                if (b < j->sink || b >= j->blocks - j->recent) scratch[b] = INFINITY;
-            pick_blocks(scratch, j->blocks, j->count, scratch + j->blocks, index);
+            score_by_mean(q, (const float *)j->summary + h * j->sum_cap * j->dim, j->groups, j->dim, b0, b1, score);
         }
     }
     for (int64_t i = w->tid; j->phase == 1 && i < j->heads * j->parts; i += j->threads) {
@@ -359,17 +357,32 @@ static int block_decode(const float *q, const float *keys, const float *values, 
     int64_t blocks = (n + block - 1) / block;
     if (count > blocks) count = blocks;
     if (channels > 0 && dim > CHANNEL_MAX) return -2;
-    if (threads < 1 || heads * count * block < THREADED_MIN_TOKENS) threads = 1;
+    /* work in selected-token equivalents: the attended keys and values, plus the float16 channel rows scored */
+    int64_t work = heads * count * block + (channels > 0 ? heads * n * channels / (4 * dim) : 0);
+    if (threads < 1 || work < THREADED_MIN_TOKENS) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     DecodeJob job = {q, keys, values, summary, heads, groups, dim, cap, sum_cap, block, count, sink, recent, n,
-                     blocks, threads, channels, scaling, index_out, NULL, NULL, NULL, (int)threads, 0, 0};
+                     blocks, threads, channels, scaling, NULL, index_out, NULL, NULL, NULL, (int)threads, 0, 0};
     if (count < job.parts) job.parts = count > 0 ? count : 1;
     size_t partials = (size_t)(heads * job.parts * groups);
     job.m = malloc(sizeof(float) * partials);
     job.l = malloc(sizeof(float) * partials);
     job.acc = malloc(sizeof(float) * partials * (size_t)dim);
-    if (job.m && job.l && job.acc) {
-        run_phase(&job, 0);
+    job.scores = malloc(sizeof(float) * (size_t)(heads * blocks + blocks + 1));
+    if (job.m && job.l && job.acc && job.scores) {
+        if (count < blocks) { /* scores (threaded), then each head's pick (cheap, here) */
+            run_phase(&job, 0);
+            float *copy = job.scores + heads * blocks;
+            for (int64_t h = 0; !job.failed && h < heads; h++) {
+                float *score = job.scores + h * blocks;
+                for (int64_t b = 0; b < blocks; b++)
+                    if (b < sink || b >= blocks - recent) score[b] = INFINITY;
+                pick_blocks(score, blocks, count, copy, index_out + h * count);
+            }
+        } else {
+            for (int64_t h = 0; h < heads; h++)
+                for (int64_t b = 0; b < blocks; b++) index_out[h * count + b] = b;
+        }
         if (!job.failed) run_phase(&job, 1);
         for (int64_t h = 0; !job.failed && h < heads; h++) {
             merge_parts(job.parts, groups, dim, job.m + h * job.parts * groups, job.l + h * job.parts * groups,
@@ -378,7 +391,7 @@ static int block_decode(const float *q, const float *keys, const float *values, 
     } else {
         job.failed = 1;
     }
-    free(job.m); free(job.l); free(job.acc);
+    free(job.m); free(job.l); free(job.acc); free(job.scores);
     return job.failed ? -1 : 0;
 }
 
