@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 WIKITEXT_TEST = SHARED_DATA / "wikitext-2" / "test.txt"
@@ -24,3 +25,12 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from attnsparse.tiny import save_tiny
 
     return Path(save_tiny(str(tmp_path_factory.mktemp("tiny") / "model")))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a shared 2-core machine a second thread mostly waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

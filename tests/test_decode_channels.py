@@ -7,13 +7,7 @@ from attnsparse import decode_kernels as K
 from attnsparse.decode_plan import DecodePlan, HeadPolicy, parse_head_policy
 from attnsparse.kvcache import PENDING, FullStore, SparseLayer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def channel_scores_brute(q: torch.Tensor, keys: torch.Tensor, n: int, block: int, r: int) -> torch.Tensor:

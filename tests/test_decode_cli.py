@@ -13,14 +13,7 @@ from attnsparse.generate_cli import generate_command
 from attnsparse.passkey import accuracy_table, passkey_prompt, run_passkey
 from attnsparse.tiny import save_tiny, tiny_llama, tiny_tokenizer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared 2-core machine a second thread mostly waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

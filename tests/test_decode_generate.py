@@ -11,14 +11,7 @@ from attnsparse.errors import AttnsparseError
 from attnsparse.kvcache import SparseCache
 from attnsparse.tiny import tiny_gpt2, tiny_llama
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared 2-core machine a second thread mostly waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 COVERING = ["dense", "topk:1000", "block:4:1000", "block:8:1.0:bound", "streaming:4:1000"]
 
