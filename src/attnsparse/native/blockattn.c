@@ -259,7 +259,42 @@ static void score_by_channels(const float *q, const uint16_t *sketch, int64_t gr
     for (int64_t t0 = t_begin; t0 < t_end; t0 += tile_tokens) {
         int64_t len = t_end - t0 < tile_tokens ? t_end - t0 : tile_tokens;
         memset(tile, 0, sizeof(float) * (size_t)(groups * tile_tokens));
-        for (int64_t i = 0; i < r; i++) {
+        int64_t i = 0;
+#if defined(__F16C__) && defined(__FMA__)
+        for (; i + 4 <= r && groups <= 8; i += 4) { /* four rows streamed together, converted in registers */
+            const uint16_t *r0 = sketch + channels[i] * sketch_cap + t0, *r1 = sketch + channels[i + 1] * sketch_cap + t0;
+            const uint16_t *r2 = sketch + channels[i + 2] * sketch_cap + t0, *r3 = sketch + channels[i + 3] * sketch_cap + t0;
+            __m256 w[8][4];
+            for (int64_t g = 0; g < groups; g++)
+                for (int k = 0; k < 4; k++) w[g][k] = _mm256_set1_ps(q[g * dim + channels[i + k]]);
+            int64_t t = 0;
+            for (; t + 8 <= len; t += 8) {
+                __m256 x0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(r0 + t)));
+                __m256 x1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(r1 + t)));
+                __m256 x2 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(r2 + t)));
+                __m256 x3 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(r3 + t)));
+                for (int64_t g = 0; g < groups; g++) {
+                    float *a = tile + g * tile_tokens + t;
+                    __m256 acc = _mm256_loadu_ps(a);
+                    acc = _mm256_fmadd_ps(w[g][0], x0, acc);
+                    acc = _mm256_fmadd_ps(w[g][1], x1, acc);
+                    acc = _mm256_fmadd_ps(w[g][2], x2, acc);
+                    acc = _mm256_fmadd_ps(w[g][3], x3, acc);
+                    _mm256_storeu_ps(a, acc);
+                }
+            }
+            for (; t < len; t++) {
+                float x0 = half_to_float(r0[t]), x1 = half_to_float(r1[t]), x2 = half_to_float(r2[t]);
+                float x3 = half_to_float(r3[t]);
+                for (int64_t g = 0; g < groups; g++) {
+                    const float *qg = q + g * dim;
+                    tile[g * tile_tokens + t] += qg[channels[i]] * x0 + qg[channels[i + 1]] * x1 +
+                                                 qg[channels[i + 2]] * x2 + qg[channels[i + 3]] * x3;
+                }
+            }
+        }
+#endif
+        for (; i < r; i++) {
             widen(sketch + channels[i] * sketch_cap + t0, len, row);
             for (int64_t g = 0; g < groups; g++) axpy(q[g * dim + channels[i]], row, len, tile + g * tile_tokens);
         }
