@@ -68,7 +68,7 @@ def make_store(spec: str, keys: torch.Tensor, values: torch.Tensor) -> FullStore
     store.keys, store.values, store.n = keys, values, keys.shape[2]
     if policy.kind == "block":
         if policy.score == "channels":
-            store.sketch = keys.transpose(-1, -2).half().contiguous()
+            store.summary = keys.transpose(-1, -2).half().contiguous()
         elif policy.score == "bound":
             kmin, kmax = K.block_summaries(store.key_blocks(), store.n)
             store.summary = torch.cat([kmax, kmin], dim=-1)

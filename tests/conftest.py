@@ -34,3 +34,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def block_kv():
+    """Factory: random decode-step inputs in block layout, seeded: (q, keys, key_blocks, value_blocks).
+
+    q (1, 3, groups, 64); keys/values (1, 3, capacity, 64) with capacity = n rounded up to blocks of 16, plus 32.
+    """
+    def make(n: int, groups: int, seed: int, size: int = 16):
+        gen = torch.Generator().manual_seed(seed)
+        capacity = -(-n // size) * size + 32
+        keys = torch.randn(1, 3, capacity, 64, generator=gen)
+        values = torch.randn(1, 3, capacity, 64, generator=gen)
+        q = torch.randn(1, 3, groups, 64, generator=gen)
+        return q, keys, keys.view(1, 3, capacity // size, size, 64), values.view(1, 3, capacity // size, size, 64)
+    return make

@@ -228,19 +228,13 @@ def test_native_block_kernel_equals_gather_and_sdpa(n):
 
 @pytest.mark.parametrize(("n", "count", "threads"), [(1000, 8, 1), (997, 8, 1), (40, 8, 1), (8190, 100, 2),
                                                      (8190, 100, 3)])
-def test_native_mean_block_decode_equals_torch_selection_and_attention(n, count, threads):
+def test_native_mean_block_decode_equals_torch_selection_and_attention(n, count, threads, block_kv):
     """One compiled call (mean-key selection + attention, split over threads for large steps and merged) equals
     block_means + select_blocks + block_decode."""
-    gen = torch.Generator().manual_seed(n)
-    batch, kv_heads, groups, dim, size = 1, 3, 3, 64, 16
-    capacity = -(-n // size) * size + 32
-    keys = torch.randn(batch, kv_heads, capacity, dim, generator=gen)
-    values = torch.randn(batch, kv_heads, capacity, dim, generator=gen)
-    q = torch.randn(batch, kv_heads, groups, dim, generator=gen)
-    kb = keys.view(batch, kv_heads, capacity // size, size, dim)
-    vb = values.view(batch, kv_heads, capacity // size, size, dim)
+    q, _, kb, vb = block_kv(n, 3, seed=n)
+    size = kb.shape[-2]
     sums = K.block_sums(kb, n)
-    sums = torch.cat([sums, torch.zeros(batch, kv_heads, capacity // size - sums.shape[2], dim)], dim=2)
+    sums = torch.cat([sums, torch.zeros(*sums.shape[:2], kb.shape[2] - sums.shape[2], sums.shape[-1])], dim=2)
     sink, recent = 1, 2
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -95,16 +95,10 @@ def test_covering_channel_policy_equals_dense(native, monkeypatch):
 @pytest.mark.parametrize(("n", "count", "r", "threads", "groups"),
                          [(1000, 8, 16, 1, 3), (997, 8, 5, 1, 3), (40, 8, 64, 1, 3), (8190, 100, 16, 2, 3),
                           (8190, 100, 24, 3, 3), (997, 8, 7, 1, 10), (333, 4, 9, 1, 1)])
-def test_native_channel_decode_equals_torch_selection_and_attention(n, count, r, threads, groups):
+def test_native_channel_decode_equals_torch_selection_and_attention(n, count, r, threads, groups, block_kv):
     """Rows scored four at a time in registers (and the remainder one by one), any group size, threads merged."""
-    gen = torch.Generator().manual_seed(n + r)
-    batch, kv_heads, dim, size = 1, 3, 64, 16
-    capacity = -(-n // size) * size + 32
-    keys = torch.randn(batch, kv_heads, capacity, dim, generator=gen)
-    values = torch.randn(batch, kv_heads, capacity, dim, generator=gen)
-    q = torch.randn(batch, kv_heads, groups, dim, generator=gen)
-    kb = keys.view(batch, kv_heads, capacity // size, size, dim)
-    vb = values.view(batch, kv_heads, capacity // size, size, dim)
+    q, keys, kb, vb = block_kv(n, groups, seed=n + r)
+    size = kb.shape[-2]
     sketch = keys.transpose(-1, -2).half().contiguous()
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)

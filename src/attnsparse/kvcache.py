@@ -41,12 +41,16 @@ class FullStore:
         self.block = policy.block_size if policy.kind == "block" else 1
         self.n = 0
         self.keys = self.values = torch.empty(0)
-        # block summaries: (B, h, blocks, 2D) = [kmax | kmin] for score "bound", (B, h, blocks, D) key sums for "mean"
+        # a block policy's selection data: (B, h, blocks, 2D) = [kmax | kmin] for score "bound", (B, h, blocks, D) key
+        # sums for "mean", and for "channels" the keys again, channel-major in float16, (B, h, D, capacity)
         self.summary = torch.empty(0, 0, 0, 0)
         self.width = {"bound": 2, "mean": 1, "channels": 0}[policy.score]
-        # score "channels": the keys again, channel-major in float16, (B, h, D, capacity)
-        self.sketch = torch.empty(0, 0, 0, 0, dtype=torch.float16)
         self.sketched = policy.kind == "block" and policy.score == "channels"
+
+    @property
+    def sketch(self) -> torch.Tensor:
+        """Score "channels": the float16 channel-major key copy (B, h, D, capacity)."""
+        return self.summary
 
     @property
     def kmax(self) -> torch.Tensor:
@@ -75,8 +79,8 @@ class FullStore:
         if self.sketched:
             sketch = like.new_zeros(batch, len(self.heads), dim, capacity, dtype=torch.float16)
             if self.n:
-                sketch[..., : self.n] = self.sketch[..., : self.n]
-            self.sketch = sketch
+                sketch[..., : self.n] = self.summary[..., : self.n]
+            self.summary = sketch
         elif self.policy.kind == "block":
             summary = like.new_zeros(batch, len(self.heads), capacity // self.block, self.width * dim)
             used = -(-self.n // self.block)
@@ -95,7 +99,7 @@ class FullStore:
         self.values[:, :, start:stop] = values
         self.n = stop
         if self.sketched:
-            self.sketch[..., start:stop] = keys.transpose(-1, -2)
+            self.summary[..., start:stop] = keys.transpose(-1, -2)
         if self.policy.kind != "block" or self.sketched:
             return
         size = self.block
@@ -172,15 +176,11 @@ class FullStore:
         return per_head * len(self.heads) * self.keys.shape[0]
 
     def tensors(self) -> list[torch.Tensor]:
-        if self.sketched:
-            return [self.keys, self.values, self.sketch]
         return [self.keys, self.values] + ([self.summary] if self.policy.kind == "block" else [])
 
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.keys, self.values = fn(self.keys), fn(self.values)
-        if self.sketched:
-            self.sketch = fn(self.sketch)
-        elif self.policy.kind == "block":
+        if self.policy.kind == "block":
             self.summary = fn(self.summary)
 
 
