@@ -226,6 +226,28 @@ def test_native_block_kernel_equals_gather_and_sdpa(n):
     assert torch.allclose(native, torch_path, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize(("dim", "size", "groups", "n"), [(64, 16, 3, 1000), (128, 8, 1, 997), (24, 5, 4, 401),
+                                                         (12, 16, 2, 520), (72, 4, 3, 333)])
+def test_native_block_kernel_any_shape_equals_gather_and_sdpa(dim, size, groups, n):
+    """Head dims with and without a vector tail, blocks walked eight at a time or alone, the partial last block."""
+    if K._native_block_attend() is None:
+        pytest.skip("no C compiler: block_decode uses the torch path only")
+    gen = torch.Generator().manual_seed(dim + n)
+    capacity = -(-n // size) * size
+    keys, values = (torch.randn(2, 3, capacity, dim, generator=gen) for _ in range(2))
+    q = torch.randn(2, 3, groups, dim, generator=gen)
+    used = capacity // size
+    count = used // 2 + 3  # several groups of eight plus a remainder
+    picks = [torch.cat([torch.randperm(used - 1, generator=gen)[: count - 1], torch.tensor([used - 1])]) for _ in range(6)]
+    index = torch.stack(picks).view(2, 3, count)
+    kb, vb = keys.view(2, 3, used, size, dim), values.view(2, 3, used, size, dim)
+    native = K.block_decode(q, kb, vb, index, n, dim**-0.5)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(K, "_native_block_attend", lambda: None)
+        torch_path = K.block_decode(q, kb, vb, index, n, dim**-0.5)
+    assert torch.allclose(native, torch_path, atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize(("n", "count", "threads"), [(1000, 8, 1), (997, 8, 1), (40, 8, 1), (8190, 100, 2),
                                                      (8190, 100, 3)])
 def test_native_mean_block_decode_equals_torch_selection_and_attention(n, count, threads, block_kv):

@@ -10,12 +10,13 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
 #define MAX_THREADS 64
 #define THREADED_MIN_TOKENS 4096 /* selected tokens x heads below which one thread is faster */
+#define TOKEN_TILE 2048 /* tokens (or blocks) scored at a time: (G + 1) x TILE floats stay in L1/L2 */
 
 /* exp(x) for x <= 0 in float32: 2^(x log2 e) split into an integer power and a degree-6 polynomial on
  * [-0.5, 0.5] (relative error ~2e-7); branch-free so loops over scores vectorize. Arguments below -87 give 0. */
@@ -31,27 +32,172 @@ static inline float exp_nonpositive(float x) {
     return p * scale;
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+#define VECTOR_KERNELS 1
+/* Lane i of the result = the sum of the 8 lanes of a[i]. */
+static inline __m256 lane_sums(const __m256 a[8]) {
+    __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+
+/* q . rows[i] for 8 consecutive rows of `dim` floats (dim a multiple of 8): eight independent FMA chains, so the
+ * loop runs at FMA throughput instead of waiting on one reduction's latency. */
+static inline __m256 dots8(const float *q, const float *rows, int64_t dim) {
+    __m256 acc[8];
+    for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < dim; d += 8) {
+        __m256 qd = _mm256_loadu_ps(q + d);
+        for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(rows + i * dim + d), acc[i]);
+    }
+    return lane_sums(acc);
+}
+#endif
+
+static inline float dot(const float *a, const float *b, int64_t dim) {
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t d = 0; d < dim; d++) s += a[d] * b[d];
+    return s;
+}
+
+/* out[g * stride + i] = scale * q_g . rows[i] for `len` consecutive rows and the G query heads. */
+static void score_rows(const float *q, const float *rows, int64_t len, int64_t groups, int64_t dim, float scale,
+                       int64_t stride, float *out) {
+    int64_t i = 0;
+#ifdef VECTOR_KERNELS
+    if (dim % 8 == 0) {
+        __m256 s = _mm256_set1_ps(scale);
+        for (; i + 8 <= len; i += 8)
+            for (int64_t g = 0; g < groups; g++)
+                _mm256_storeu_ps(out + g * stride + i, _mm256_mul_ps(s, dots8(q + g * dim, rows + i * dim, dim)));
+    }
+#endif
+    for (; i < len; i++)
+        for (int64_t g = 0; g < groups; g++) out[g * stride + i] = scale * dot(q + g * dim, rows + i * dim, dim);
+}
+
+/* acc_g += sum_i p[g * stride + i] rows[i] for `len` consecutive rows and the G query heads. Columns go 64 at a
+ * time through eight vector registers, so each row is loaded once per head and no accumulator leaves registers. */
+static void weigh_rows(const float *p, int64_t stride, const float *rows, int64_t len, int64_t groups, int64_t dim,
+                       float *acc) {
+    int64_t d0 = 0;
+#ifdef VECTOR_KERNELS
+    for (; d0 + 64 <= dim; d0 += 64) {
+        for (int64_t g = 0; g < groups; g++) {
+            float *o = acc + g * dim + d0;
+            __m256 a[8];
+            for (int k = 0; k < 8; k++) a[k] = _mm256_loadu_ps(o + 8 * k);
+            for (int64_t i = 0; i < len; i++) {
+                __m256 w = _mm256_set1_ps(p[g * stride + i]);
+                const float *row = rows + i * dim + d0;
+                for (int k = 0; k < 8; k++) a[k] = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + 8 * k), a[k]);
+            }
+            for (int k = 0; k < 8; k++) _mm256_storeu_ps(o + 8 * k, a[k]);
+        }
+    }
+#endif
+    if (d0 == dim) return;
+    for (int64_t i = 0; i < len; i++)
+        for (int64_t g = 0; g < groups; g++) {
+            float w = p[g * stride + i];
+            float *o = acc + g * dim;
+#pragma omp simd
+            for (int64_t d = d0; d < dim; d++) o[d] += w * rows[i * dim + d];
+        }
+}
+
+#define WAYS 8 /* selected blocks walked side by side: one read stream each keeps enough reads in flight */
+
+#ifdef VECTOR_KERNELS
+/* Row j of WAYS full blocks at once (position used + j * WAYS + w holds block w's row j): scattered 4 KB blocks
+ * read one after another reach a third of the copy bandwidth on the machines we measured, eight side by side
+ * more than twice that (benchmarks/README.md). */
+static void score_ways(const float *q, const float *const rows[WAYS], int64_t block, int64_t groups, int64_t dim,
+                       float scale, int64_t stride, float *out) {
+    __m256 s = _mm256_set1_ps(scale);
+    for (int64_t j = 0; j < block; j++)
+        for (int64_t g = 0; g < groups; g++) {
+            const float *qg = q + g * dim;
+            __m256 acc[WAYS];
+            for (int w = 0; w < WAYS; w++) acc[w] = _mm256_setzero_ps();
+            for (int64_t d = 0; d < dim; d += 8) {
+                __m256 qd = _mm256_loadu_ps(qg + d);
+                for (int w = 0; w < WAYS; w++) acc[w] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(rows[w] + j * dim + d), acc[w]);
+            }
+            _mm256_storeu_ps(out + g * stride + j * WAYS, _mm256_mul_ps(s, lane_sums(acc)));
+        }
+}
+
+/* acc_g += sum over rows (j, w) of p[g * stride + j * WAYS + w] * rows[w][j], the layout of score_ways. */
+static void weigh_ways(const float *p, int64_t stride, const float *const rows[WAYS], int64_t block, int64_t groups,
+                       int64_t dim, float *acc) {
+    for (int64_t d0 = 0; d0 < dim; d0 += 64) {
+        int64_t width = dim - d0 < 64 ? dim - d0 : 64;
+        for (int64_t g = 0; g < groups; g++) {
+            float *o = acc + g * dim + d0;
+            const float *pg = p + g * stride;
+            if (width == 64) {
+                __m256 a[8];
+                for (int k = 0; k < 8; k++) a[k] = _mm256_loadu_ps(o + 8 * k);
+                for (int64_t j = 0; j < block; j++)
+                    for (int w = 0; w < WAYS; w++) {
+                        __m256 weight = _mm256_set1_ps(pg[j * WAYS + w]);
+                        const float *row = rows[w] + j * dim + d0;
+                        for (int k = 0; k < 8; k++) a[k] = _mm256_fmadd_ps(weight, _mm256_loadu_ps(row + 8 * k), a[k]);
+                    }
+                for (int k = 0; k < 8; k++) _mm256_storeu_ps(o + 8 * k, a[k]);
+            } else {
+                for (int64_t j = 0; j < block; j++)
+                    for (int w = 0; w < WAYS; w++) {
+                        float weight = pg[j * WAYS + w];
+                        const float *row = rows[w] + j * dim + d0;
+#pragma omp simd
+                        for (int64_t d = 0; d < width; d++) o[d] += weight * row[d];
+                    }
+            }
+        }
+    }
+}
+#endif
+
+/* How many of the selected blocks index[c, c1) go together: WAYS when the vector kernels apply and they are all
+ * full, else 1. */
+static int64_t ways_at(const int64_t *index, int64_t c, int64_t c1, int64_t block, int64_t dim, int64_t n) {
+#ifdef VECTOR_KERNELS
+    if (dim % 8 == 0 && c + WAYS <= c1) {
+        int64_t w = 0;
+        while (w < WAYS && (index[c + w] + 1) * block <= n) w++;
+        if (w == WAYS) return WAYS;
+    }
+#endif
+    (void)index; (void)c; (void)c1; (void)block; (void)dim; (void)n;
+    return 1;
+}
+
 /* Attention of the G query heads q (G, D) over selected blocks index[c0, c1) of one kv head (keys/values
  * (cap, D), blocks of `block` tokens, positions >= n not attended), unnormalised so parts can be merged:
  * m[g] = max score, l[g] = sum of exp(score - m[g]), acc[g] = sum of exp(score - m[g]) v. scores: scratch of
- * G * (c1 - c0) * block floats. */
+ * G * (c1 - c0) * block floats; their order only has to agree between the key and the value pass. */
 static void attend_part(const float *q, const float *keys, const float *values, const int64_t *index,
                         int64_t groups, int64_t dim, int64_t block, int64_t c0, int64_t c1, int64_t n,
                         float scaling, float *scores, float *m, float *l, float *acc) {
     int64_t stride = (c1 - c0) * block, used = 0;
-    for (int64_t c = c0; c < c1; c++) {
+    for (int64_t c = c0, ways; c < c1; c += ways) {
+        ways = ways_at(index, c, c1, block, dim, n);
+#ifdef VECTOR_KERNELS
+        if (ways == WAYS) {
+            const float *rows[WAYS];
+            for (int w = 0; w < WAYS; w++) rows[w] = keys + index[c + w] * block * dim;
+            score_ways(q, rows, block, groups, dim, scaling, stride, scores + used);
+            used += WAYS * block;
+            continue;
+        }
+#endif
         int64_t first = index[c] * block;
         int64_t stop = first + block < n ? first + block : n;
-        for (int64_t t = first; t < stop; t++, used++) {
-            const float *k = keys + t * dim;
-            for (int64_t g = 0; g < groups; g++) {
-                const float *qg = q + g * dim;
-                float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-                for (int64_t d = 0; d < dim; d++) s += qg[d] * k[d];
-                scores[g * stride + used] = s * scaling;
-            }
-        }
+        score_rows(q, keys + first * dim, stop - first, groups, dim, scaling, stride, scores + used);
+        used += stop - first;
     }
     for (int64_t g = 0; g < groups; g++) {
         float *row = scores + g * stride;
@@ -70,18 +216,21 @@ static void attend_part(const float *q, const float *keys, const float *values, 
         memset(acc + g * dim, 0, sizeof(float) * (size_t)dim);
     }
     used = 0;
-    for (int64_t c = c0; c < c1; c++) {
+    for (int64_t c = c0, ways; c < c1; c += ways) {
+        ways = ways_at(index, c, c1, block, dim, n);
+#ifdef VECTOR_KERNELS
+        if (ways == WAYS) {
+            const float *rows[WAYS];
+            for (int w = 0; w < WAYS; w++) rows[w] = values + index[c + w] * block * dim;
+            weigh_ways(scores + used, stride, rows, block, groups, dim, acc);
+            used += WAYS * block;
+            continue;
+        }
+#endif
         int64_t first = index[c] * block;
         int64_t stop = first + block < n ? first + block : n;
-        for (int64_t t = first; t < stop; t++, used++) {
-            const float *v = values + t * dim;
-            for (int64_t g = 0; g < groups; g++) {
-                float p = scores[g * stride + used];
-                float *o = acc + g * dim;
-#pragma omp simd
-                for (int64_t d = 0; d < dim; d++) o[d] += p * v[d];
-            }
-        }
+        weigh_rows(scores + used, stride, values + first * dim, stop - first, groups, dim, acc);
+        used += stop - first;
     }
 }
 
@@ -163,25 +312,21 @@ static void pick_blocks(const float *score, int64_t blocks, int64_t count, float
 }
 
 /* Mean-key block scores (sums of each block's keys; see decode_kernels.block_means) of blocks [b_begin, b_end):
- * score of block b = max over the group's query heads of q . sum_b. */
+ * score of block b = max over the group's query heads of q . sum_b. tile: G * TOKEN_TILE floats. */
 static void score_by_mean(const float *q, const float *sums, int64_t groups, int64_t dim, int64_t b_begin,
-                          int64_t b_end, float *score) {
-    for (int64_t b = b_begin; b < b_end; b++) {
-        const float *s = sums + b * dim;
-        float best = -INFINITY;
-        for (int64_t g = 0; g < groups; g++) {
-            const float *qg = q + g * dim;
-            float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t d = 0; d < dim; d++) dot += qg[d] * s[d];
-            best = dot > best ? dot : best;
+                          int64_t b_end, float *tile, float *score) {
+    for (int64_t b0 = b_begin; b0 < b_end; b0 += TOKEN_TILE) {
+        int64_t len = b_end - b0 < TOKEN_TILE ? b_end - b0 : TOKEN_TILE;
+        score_rows(q, sums + b0 * dim, len, groups, dim, 1.0f, TOKEN_TILE, tile);
+        for (int64_t i = 0; i < len; i++) {
+            float best = tile[i];
+            for (int64_t g = 1; g < groups; g++) best = tile[g * TOKEN_TILE + i] > best ? tile[g * TOKEN_TILE + i] : best;
+            score[b0 + i] = best;
         }
-        score[b] = best;
     }
 }
 
 #define CHANNEL_MAX 256
-#define TOKEN_TILE 2048 /* tokens scored at a time: (G + 1) x TILE floats stay in L1/L2 */
 
 /* The `r` channels where the group's queries are largest in absolute value (summed over the G heads), ascending
  * index order does not matter; ties: lower channel first (as torch.topk on distinct values). */
@@ -227,7 +372,7 @@ static inline float half_to_float(uint16_t h) {
 /* Row segment of float16 (bits) to float32: hardware conversion 8 at a time where the CPU has F16C. */
 static void widen(const uint16_t *restrict src, int64_t len, float *restrict dst) {
     int64_t t = 0;
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX2__)
     for (; t + 8 <= len; t += 8) _mm256_storeu_ps(dst + t, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + t))));
 #endif
     for (; t < len; t++) dst[t] = half_to_float(src[t]);
@@ -355,7 +500,8 @@ static void *decode_worker(void *arg) {
             score_by_channels(q, sketch, j->groups, j->dim, j->sum_cap, b0 * j->block, t1, j->block, j->channels,
                               scratch, score);
         } else {
-            score_by_mean(q, (const float *)j->summary + h * j->sum_cap * j->dim, j->groups, j->dim, b0, b1, score);
+            score_by_mean(q, (const float *)j->summary + h * j->sum_cap * j->dim, j->groups, j->dim, b0, b1, scratch,
+                          score);
         }
     }
     for (int64_t i = w->tid; j->phase == 1 && i < j->heads * j->parts; i += j->threads) {
