@@ -15,7 +15,9 @@
 #endif
 
 #define MAX_THREADS 64
-#define THREADED_MIN_TOKENS 4096 /* selected tokens x heads below which one thread is faster */
+/* Work (tokens of keys and values read, summaries counted in the same unit) below which one thread is faster
+ * than waking the pool's workers. */
+#define THREADED_MIN_TOKENS 1024
 #define TOKEN_TILE 2048 /* tokens (or blocks) scored at a time: (G + 1) x TILE floats stay in L1/L2 */
 
 /* exp(x) for x <= 0 in float32: 2^(x log2 e) split into an integer power and a degree-6 polynomial on
@@ -473,22 +475,29 @@ typedef struct {
     int threads, phase, failed;
 } DecodeJob;
 
-typedef struct {
-    DecodeJob *job;
-    int tid;
-} DecodeWorker;
+/* Scratch of at least `floats` floats owned by the calling thread, kept between calls: a fresh malloc of this
+ * size per layer would be an mmap and its page faults every step. NULL when it cannot grow. */
+static float *thread_scratch(size_t floats) {
+    static __thread float *buffer;
+    static __thread size_t capacity;
+    if (floats > capacity) {
+        float *grown = realloc(buffer, sizeof(float) * floats);
+        if (!grown) return NULL;
+        buffer = grown;
+        capacity = floats;
+    }
+    return buffer;
+}
 
 /* Phase 0: block scores, each head's blocks split into `parts` ranges, items tid, tid + threads, ...;
- * phase 1: attention parts likewise. */
-static void *decode_worker(void *arg) {
-    DecodeWorker *w = arg;
-    DecodeJob *j = w->job;
+ * phase 1: each head's pick; phase 2: attention parts like phase 0. */
+static void decode_worker(DecodeJob *j, int tid) {
     int64_t longest = (j->count + j->parts - 1) / j->parts;
     size_t need = j->phase == 0 ? (size_t)((j->groups + 1) * (TOKEN_TILE + j->block))
-                                : (size_t)(j->groups * longest * j->block);
-    float *scratch = malloc(sizeof(float) * (need + 1));
-    if (!scratch) { j->failed = 1; return NULL; }
-    for (int64_t i = w->tid; j->phase == 0 && i < j->heads * j->parts; i += j->threads) {
+                : j->phase == 1 ? (size_t)j->blocks : (size_t)(j->groups * longest * j->block);
+    float *scratch = thread_scratch(need + 1);
+    if (!scratch) { j->failed = 1; return; }
+    for (int64_t i = tid; j->phase == 0 && i < j->heads * j->parts; i += j->threads) {
         int64_t h = i / j->parts, s = i % j->parts;
         int64_t b0 = s * j->blocks / j->parts, b1 = (s + 1) * j->blocks / j->parts;
         const float *q = j->q + h * j->groups * j->dim;
@@ -504,31 +513,115 @@ static void *decode_worker(void *arg) {
                           score);
         }
     }
-    for (int64_t i = w->tid; j->phase == 1 && i < j->heads * j->parts; i += j->threads) {
+    for (int64_t h = tid; j->phase == 1 && h < j->heads; h += j->threads) {
+        float *score = j->scores + h * j->blocks;
+        for (int64_t b = 0; b < j->blocks; b++)
+            if (b < j->sink || b >= j->blocks - j->recent) score[b] = INFINITY;
+        pick_blocks(score, j->blocks, j->count, scratch, j->index + h * j->count);
+    }
+    for (int64_t i = tid; j->phase == 2 && i < j->heads * j->parts; i += j->threads) {
         int64_t h = i / j->parts, s = i % j->parts;
         int64_t c0 = s * j->count / j->parts, c1 = (s + 1) * j->count / j->parts;
         attend_part(j->q + h * j->groups * j->dim, j->keys + h * j->cap * j->dim, j->values + h * j->cap * j->dim,
                     j->index + h * j->count, j->groups, j->dim, j->block, c0, c1, j->n, j->scaling, scratch,
                     j->m + i * j->groups, j->l + i * j->groups, j->acc + i * j->groups * j->dim);
     }
-    free(scratch);
+}
+
+/* Worker threads kept between calls: starting threads for every phase of every layer cost more than a decode
+ * step's sparse attention at 8K. Workers spin briefly for the next phase (phases of one step follow within
+ * microseconds), then sleep on a condition variable (between steps the model's other layers run). */
+#define SPIN_ROUNDS 2000 /* pause instructions: ~50 us on the machines we measured */
+
+static struct {
+    pthread_mutex_t lock, busy; /* lock: the fields below; busy: one caller uses the pool at a time */
+    pthread_cond_t wake, done;
+    DecodeJob *job;
+    long generation; /* bumped once per phase */
+    long created_at; /* generation when the newest workers were started: they wait for the next one */
+    int workers, pending;
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER,
+          NULL, 0, 0, 0, 0};
+
+static inline void pause_briefly(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static void *pool_worker(void *arg) {
+    int tid = (int)(intptr_t)arg;
+    long seen = pool.created_at; /* written before pthread_create, which orders it before this read */
+    for (;;) {
+        long now = seen;
+        for (int spin = 0; spin < SPIN_ROUNDS && now == seen; spin++) {
+            pause_briefly();
+            now = __atomic_load_n(&pool.generation, __ATOMIC_ACQUIRE);
+        }
+        if (now == seen) {
+            pthread_mutex_lock(&pool.lock);
+            while (pool.generation == seen) pthread_cond_wait(&pool.wake, &pool.lock);
+            now = pool.generation;
+            pthread_mutex_unlock(&pool.lock);
+        }
+        seen = now;
+        DecodeJob *job = pool.job;
+        if (tid < job->threads) decode_worker(job, tid);
+        if (__atomic_sub_fetch(&pool.pending, 1, __ATOMIC_ACQ_REL) == 0) {
+            pthread_mutex_lock(&pool.lock);
+            pthread_cond_signal(&pool.done);
+            pthread_mutex_unlock(&pool.lock);
+        }
+    }
     return NULL;
 }
 
-/* Run `phase` on every worker: threads 1.. started here (inline if a thread cannot start), 0 on the caller. */
-static void run_phase(DecodeJob *job, int phase) {
-    DecodeWorker workers[MAX_THREADS];
-    pthread_t ids[MAX_THREADS];
-    int running[MAX_THREADS] = {0};
-    job->phase = phase;
-    for (int t = 0; t < job->threads; t++) workers[t] = (DecodeWorker){job, t};
-    for (int t = 1; t < job->threads; t++) {
-        running[t] = pthread_create(&ids[t], NULL, decode_worker, &workers[t]) == 0;
-        if (!running[t]) decode_worker(&workers[t]);
+/* A forked child has none of the parent's workers (and maybe a held lock): start over. */
+static void pool_after_fork(void) {
+    pthread_mutex_init(&pool.lock, NULL);
+    pthread_mutex_init(&pool.busy, NULL);
+    pthread_cond_init(&pool.wake, NULL);
+    pthread_cond_init(&pool.done, NULL);
+    pool.workers = 0;
+}
+
+/* Make sure `wanted` workers (threads 1..wanted) exist; returns how many do. Called holding pool.busy. */
+static int pool_grow(int wanted) {
+    static int registered;
+    if (!registered) registered = pthread_atfork(NULL, NULL, pool_after_fork) == 0;
+    pool.created_at = pool.generation;
+    while (pool.workers < wanted) {
+        pthread_t id;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        int failed = pthread_create(&id, &attr, pool_worker, (void *)(intptr_t)(pool.workers + 1));
+        pthread_attr_destroy(&attr);
+        if (failed) break;
+        pool.workers++;
     }
-    decode_worker(&workers[0]);
-    for (int t = 1; t < job->threads; t++)
-        if (running[t]) pthread_join(ids[t], NULL);
+    return pool.workers;
+}
+
+/* Run `phase` with job->threads threads: the caller is thread 0, pool workers the rest. */
+static void run_phase(DecodeJob *job, int phase) {
+    job->phase = phase;
+    if (job->threads > 1) {
+        pthread_mutex_lock(&pool.lock);
+        pool.job = job;
+        pool.pending = pool.workers;
+        __atomic_add_fetch(&pool.generation, 1, __ATOMIC_RELEASE);
+        pthread_cond_broadcast(&pool.wake);
+        pthread_mutex_unlock(&pool.lock);
+    }
+    decode_worker(job, 0);
+    if (job->threads > 1) {
+        for (int spin = 0; spin < SPIN_ROUNDS && __atomic_load_n(&pool.pending, __ATOMIC_ACQUIRE) > 0; spin++)
+            pause_briefly();
+        pthread_mutex_lock(&pool.lock);
+        while (__atomic_load_n(&pool.pending, __ATOMIC_ACQUIRE) > 0) pthread_cond_wait(&pool.done, &pool.lock);
+        pthread_mutex_unlock(&pool.lock);
+    }
 }
 
 static int block_decode(const float *q, const float *keys, const float *values, const void *summary,
@@ -538,8 +631,8 @@ static int block_decode(const float *q, const float *keys, const float *values, 
     int64_t blocks = (n + block - 1) / block;
     if (count > blocks) count = blocks;
     if (channels > 0 && dim > CHANNEL_MAX) return -2;
-    /* work in selected-token equivalents: the attended keys and values, plus the float16 channel rows scored */
-    int64_t work = heads * count * block + (channels > 0 ? heads * n * channels / (4 * dim) : 0);
+    /* work in tokens of keys and values: the selected ones, plus the float16 channel rows or the key sums scored */
+    int64_t work = heads * count * block + (channels > 0 ? heads * n * channels / (4 * dim) : heads * blocks / 2);
     if (threads < 1 || work < THREADED_MIN_TOKENS) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     DecodeJob job = {q, keys, values, summary, heads, groups, dim, cap, sum_cap, block, count, sink, recent, n,
@@ -549,22 +642,22 @@ static int block_decode(const float *q, const float *keys, const float *values, 
     job.m = malloc(sizeof(float) * partials);
     job.l = malloc(sizeof(float) * partials);
     job.acc = malloc(sizeof(float) * partials * (size_t)dim);
-    job.scores = malloc(sizeof(float) * (size_t)(heads * blocks + blocks + 1));
+    job.scores = malloc(sizeof(float) * (size_t)(heads * blocks + 1));
+    int pooled = 0;
+    if (job.threads > 1) { /* another caller holds the pool (or no worker starts): one thread, same result */
+        pooled = pthread_mutex_trylock(&pool.busy) == 0;
+        int available = pooled ? pool_grow(job.threads - 1) + 1 : 1;
+        if (available < job.threads) job.threads = available;
+    }
     if (job.m && job.l && job.acc && job.scores) {
-        if (count < blocks) { /* scores (threaded), then each head's pick (cheap, here) */
+        if (count < blocks) {
             run_phase(&job, 0);
-            float *copy = job.scores + heads * blocks;
-            for (int64_t h = 0; !job.failed && h < heads; h++) {
-                float *score = job.scores + h * blocks;
-                for (int64_t b = 0; b < blocks; b++)
-                    if (b < sink || b >= blocks - recent) score[b] = INFINITY;
-                pick_blocks(score, blocks, count, copy, index_out + h * count);
-            }
+            if (!job.failed) run_phase(&job, 1);
         } else {
             for (int64_t h = 0; h < heads; h++)
                 for (int64_t b = 0; b < blocks; b++) index_out[h * count + b] = b;
         }
-        if (!job.failed) run_phase(&job, 1);
+        if (!job.failed) run_phase(&job, 2);
         for (int64_t h = 0; !job.failed && h < heads; h++) {
             merge_parts(job.parts, groups, dim, job.m + h * job.parts * groups, job.l + h * job.parts * groups,
                         job.acc + h * job.parts * groups * dim, out + h * groups * dim);
@@ -572,6 +665,7 @@ static int block_decode(const float *q, const float *keys, const float *values, 
     } else {
         job.failed = 1;
     }
+    if (pooled) pthread_mutex_unlock(&pool.busy);
     free(job.m); free(job.l); free(job.acc); free(job.scores);
     return job.failed ? -1 : 0;
 }
