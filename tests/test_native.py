@@ -31,3 +31,27 @@ def test_built_once_into_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     stamp = built[0].stat().st_mtime_ns
     assert native.load.__wrapped__("blockattn") is not None
     assert built[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+def test_compiler_without_openmp_still_builds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compiler that rejects -fopenmp gets the single-threaded build, not the numpy fallback."""
+    wrapper = tmp_path / "cc-no-openmp"
+    wrapper.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec cc "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("ATTNSPARSE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(wrapper))
+    assert native.load.__wrapped__("blockattn") is not None
+    assert len(list((tmp_path / "native").glob("blockattn-*.so"))) == 1
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists() or shutil.which("cc") is None, reason="Linux with cc only")
+def test_kernels_share_torchs_openmp_runtime() -> None:
+    """The kernels' threads are torch's: loading them maps no second libgomp into the process."""
+    import torch
+
+    torch.ones(4096).sum()
+    assert native.load("blockattn") is not None
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    runtimes = {line.split()[-1] for line in maps if "libgomp" in line}
+    assert len(runtimes) <= 1, runtimes

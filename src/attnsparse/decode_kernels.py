@@ -137,8 +137,10 @@ def block_decode(
 
 
 def _native_fits(q: torch.Tensor, key_blocks: torch.Tensor, value_blocks: torch.Tensor) -> bool:
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
-               for t in (key_blocks, value_blocks)) and q.dtype == torch.float32 and q.device.type == "cpu"
+    """CPU float32 query and contiguous keys and values: what the compiled kernels read (checked every step)."""
+    f32 = torch.float32
+    return (q.dtype == f32 and key_blocks.dtype == f32 and value_blocks.dtype == f32 and not q.is_cuda
+            and key_blocks.device.type == "cpu" and key_blocks.is_contiguous() and value_blocks.is_contiguous())
 
 
 def _native_block_attend():  # type: ignore[no-untyped-def]
@@ -168,7 +170,7 @@ def _native_mean_decode():  # type: ignore[no-untyped-def]
     """The compiled mean-key selection + attention (ctypes function), or None."""
     from attnsparse import native
 
-    return native.function("blockattn", "block_decode_mean", "ppppnnnnnnnnnnfnpp")
+    return native.function("blockattn", "block_decode_mean", "ppppnnnnnnnnnnfnp")
 
 
 def mean_block_decode(
@@ -188,10 +190,9 @@ def mean_block_decode(
     count = min(count, blocks)
     q = q.contiguous()
     out = torch.empty_like(q)
-    index = torch.empty(batch, kv_heads, count, dtype=torch.int64)
     status = kernel(q.data_ptr(), key_blocks.data_ptr(), value_blocks.data_ptr(), sums.data_ptr(), batch * kv_heads,
                     q.shape[2], dim, capacity * size, sums.shape[2], size, count, sink_blocks, recent_blocks, n,
-                    scaling, torch.get_num_threads(), index.data_ptr(), out.data_ptr())
+                    scaling, torch.get_num_threads(), out.data_ptr())
     if status != 0:
         raise MemoryError("block attention kernel could not allocate its buffers")
     return out
@@ -201,7 +202,7 @@ def _native_channel_decode():  # type: ignore[no-untyped-def]
     """The compiled channel-subset selection + attention (ctypes function), or None."""
     from attnsparse import native
 
-    return native.function("blockattn", "block_decode_channels", "ppppnnnnnnnnnnnfnpp")
+    return native.function("blockattn", "block_decode_channels", "ppppnnnnnnnnnnnfnp")
 
 
 def channel_block_decode(
@@ -219,10 +220,9 @@ def channel_block_decode(
     count = min(count, -(-n // size))
     q = q.contiguous()
     out = torch.empty_like(q)
-    index = torch.empty(batch, kv_heads, count, dtype=torch.int64)
     status = kernel(q.data_ptr(), key_blocks.data_ptr(), value_blocks.data_ptr(), sketch.data_ptr(), batch * kv_heads,
                     q.shape[2], dim, capacity * size, sketch.shape[-1], size, count, sink_blocks, recent_blocks, n,
-                    min(channels, dim), scaling, torch.get_num_threads(), index.data_ptr(), out.data_ptr())
+                    min(channels, dim), scaling, torch.get_num_threads(), out.data_ptr())
     if status != 0:
         raise MemoryError("block attention kernel could not allocate its buffers")
     return out

@@ -48,25 +48,34 @@ def load(name: str) -> ctypes.CDLL | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None
-    # built on the machine that runs it (the cache key has the CPU model); no -ffast-math: results stay exact
-    flags = ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-fopenmp-simd", "-pthread", "-fPIC",
-             "-shared"]
-    machine = " ".join(flags + [platform.machine(), _cpu_model()])
-    digest = hashlib.sha256(source.read_bytes() + machine.encode()).hexdigest()[:16]
-    target = cache_root() / "native" / f"{name}-{digest}.so"
-    if not target.is_file():
+    # built on the machine that runs it (the cache key has the CPU model); no -ffast-math: results stay exact.
+    # -fopenmp links libgomp.so.1, which the loader resolves to the copy torch already has loaded: kernels share
+    # torch's threads. Without OpenMP the same source builds single-threaded.
+    common = ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-fPIC", "-shared"]
+    last_error: Exception | None = None
+    for flags in (common + ["-fopenmp"], common + ["-fopenmp-simd"]):
+        machine = " ".join(flags + [platform.machine(), _cpu_model()])
+        digest = hashlib.sha256(source.read_bytes() + machine.encode()).hexdigest()[:16]
+        target = cache_root() / "native" / f"{name}-{digest}.so"
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-                built = Path(tmp) / target.name
-                subprocess.run([compiler, *flags, str(source), "-o", str(built), "-lm"], check=True,
-                               capture_output=True, timeout=120)
-                os.replace(built, target)
+            if not target.is_file():
+                _build(compiler, flags, source, target)
+            return ctypes.CDLL(str(target))
         except (OSError, subprocess.SubprocessError) as error:
-            warnings.warn(f"attnsparse: could not compile {source.name} ({error}); using the slower numpy path",
-                          stacklevel=2)
-            return None
-    return ctypes.CDLL(str(target))
+            last_error = error
+    warnings.warn(f"attnsparse: could not compile {source.name} ({last_error}); using the slower numpy path",
+                  stacklevel=2)
+    return None
+
+
+def _build(compiler: str, flags: list[str], source: Path, target: Path) -> None:
+    """Compile into a temporary name and rename: concurrent processes never load a half-written library."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        subprocess.run([compiler, *flags, str(source), "-o", str(built), "-lm"], check=True, capture_output=True,
+                       timeout=120)
+        os.replace(built, target)
 
 
 _CTYPES = {"p": ctypes.c_void_p, "n": ctypes.c_int64, "f": ctypes.c_float}

@@ -6,7 +6,6 @@
  * sum of the selected values. float32 throughout, like SDPA on CPU.
  */
 #include <math.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,7 +15,7 @@
 
 #define MAX_THREADS 64
 /* Work (tokens of keys and values read, summaries counted in the same unit) below which one thread is faster
- * than waking the pool's workers. */
+ * than handing items to torch's other threads. */
 #define THREADED_MIN_TOKENS 1024
 #define TOKEN_TILE 2048 /* tokens (or blocks) scored at a time: (G + 1) x TILE floats stay in L1/L2 */
 
@@ -489,20 +488,24 @@ static float *thread_scratch(size_t floats) {
     return buffer;
 }
 
-/* Phase 0: block scores, each head's blocks split into `parts` ranges, items tid, tid + threads, ...;
- * phase 1: each head's pick; phase 2: attention parts like phase 0. */
-static void decode_worker(DecodeJob *j, int tid) {
+/* Items of a phase: 0, block scores of one of `parts` block ranges of a head; 1, one head's pick; 2, attention
+ * over one of `parts` ranges of a head's selected blocks. */
+static int64_t phase_items(const DecodeJob *j) {
+    return j->phase == 1 ? j->heads : j->heads * j->parts;
+}
+
+static void run_item(DecodeJob *j, int64_t i) {
     int64_t longest = (j->count + j->parts - 1) / j->parts;
     size_t need = j->phase == 0 ? (size_t)((j->groups + 1) * (TOKEN_TILE + j->block))
                 : j->phase == 1 ? (size_t)j->blocks : (size_t)(j->groups * longest * j->block);
-    float *scratch = thread_scratch(need + 1);
-    if (!scratch) { j->failed = 1; return; }
-    for (int64_t i = tid; j->phase == 0 && i < j->heads * j->parts; i += j->threads) {
-        int64_t h = i / j->parts, s = i % j->parts;
+    float *scratch = j->failed ? NULL : thread_scratch(need + 1);
+    if (!scratch) { j->failed = 1; return; } /* and every later item: picks or indices may be missing */
+    int64_t h = j->phase == 1 ? i : i / j->parts, s = i % j->parts;
+    const float *q = j->q + h * j->groups * j->dim;
+    if (j->phase == 0) {
         int64_t b0 = s * j->blocks / j->parts, b1 = (s + 1) * j->blocks / j->parts;
-        const float *q = j->q + h * j->groups * j->dim;
         float *score = j->scores + h * j->blocks;
-        if (b0 >= b1) continue;
+        if (b0 >= b1) return;
         if (j->channels > 0) {
             const uint16_t *sketch = (const uint16_t *)j->summary + h * j->dim * j->sum_cap;
             int64_t t1 = b1 * j->block < j->n ? b1 * j->block : j->n;
@@ -512,122 +515,40 @@ static void decode_worker(DecodeJob *j, int tid) {
             score_by_mean(q, (const float *)j->summary + h * j->sum_cap * j->dim, j->groups, j->dim, b0, b1, scratch,
                           score);
         }
-    }
-    for (int64_t h = tid; j->phase == 1 && h < j->heads; h += j->threads) {
+    } else if (j->phase == 1) {
         float *score = j->scores + h * j->blocks;
         for (int64_t b = 0; b < j->blocks; b++)
             if (b < j->sink || b >= j->blocks - j->recent) score[b] = INFINITY;
         pick_blocks(score, j->blocks, j->count, scratch, j->index + h * j->count);
-    }
-    for (int64_t i = tid; j->phase == 2 && i < j->heads * j->parts; i += j->threads) {
-        int64_t h = i / j->parts, s = i % j->parts;
+    } else {
         int64_t c0 = s * j->count / j->parts, c1 = (s + 1) * j->count / j->parts;
-        attend_part(j->q + h * j->groups * j->dim, j->keys + h * j->cap * j->dim, j->values + h * j->cap * j->dim,
-                    j->index + h * j->count, j->groups, j->dim, j->block, c0, c1, j->n, j->scaling, scratch,
-                    j->m + i * j->groups, j->l + i * j->groups, j->acc + i * j->groups * j->dim);
+        attend_part(q, j->keys + h * j->cap * j->dim, j->values + h * j->cap * j->dim, j->index + h * j->count,
+                    j->groups, j->dim, j->block, c0, c1, j->n, j->scaling, scratch, j->m + i * j->groups,
+                    j->l + i * j->groups, j->acc + i * j->groups * j->dim);
     }
 }
 
-/* Worker threads kept between calls: starting threads for every phase of every layer cost more than a decode
- * step's sparse attention at 8K. Workers spin briefly for the next phase (phases of one step follow within
- * microseconds), then sleep on a condition variable (between steps the model's other layers run). */
-#define SPIN_ROUNDS 2000 /* pause instructions: ~50 us on the machines we measured */
-
-static struct {
-    pthread_mutex_t lock, busy; /* lock: the fields below; busy: one caller uses the pool at a time */
-    pthread_cond_t wake, done;
-    DecodeJob *job;
-    long generation; /* bumped once per phase */
-    long created_at; /* generation when the newest workers were started: they wait for the next one */
-    int workers, pending;
-} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER,
-          NULL, 0, 0, 0, 0};
-
-static inline void pause_briefly(void) {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#endif
-}
-
-static void *pool_worker(void *arg) {
-    int tid = (int)(intptr_t)arg;
-    long seen = pool.created_at; /* written before pthread_create, which orders it before this read */
-    for (;;) {
-        long now = seen;
-        for (int spin = 0; spin < SPIN_ROUNDS && now == seen; spin++) {
-            pause_briefly();
-            now = __atomic_load_n(&pool.generation, __ATOMIC_ACQUIRE);
-        }
-        if (now == seen) {
-            pthread_mutex_lock(&pool.lock);
-            while (pool.generation == seen) pthread_cond_wait(&pool.wake, &pool.lock);
-            now = pool.generation;
-            pthread_mutex_unlock(&pool.lock);
-        }
-        seen = now;
-        DecodeJob *job = pool.job;
-        if (tid < job->threads) decode_worker(job, tid);
-        if (__atomic_sub_fetch(&pool.pending, 1, __ATOMIC_ACQ_REL) == 0) {
-            pthread_mutex_lock(&pool.lock);
-            pthread_cond_signal(&pool.done);
-            pthread_mutex_unlock(&pool.lock);
-        }
+/* Every item of each phase, one OpenMP region per call. Built with -fopenmp the kernel resolves libgomp.so.1 to
+ * the copy torch has already loaded, so these are torch's own intra-op threads: no second pool competing for the
+ * cores (a private pthread pool ran up to 3x slower right after torch work on a 2-core machine). Items are handed
+ * out dynamically, so a thread the OS deschedules delays only the items it holds. */
+static void run_phases(DecodeJob *job, int first_phase) {
+    int threads = job->threads;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    for (int phase = first_phase; phase <= 2; phase++) {
+#pragma omp single
+        job->phase = phase;
+        int64_t total = phase_items(job);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < total; i++) run_item(job, i);
     }
-    return NULL;
-}
-
-/* A forked child has none of the parent's workers (and maybe a held lock): start over. */
-static void pool_after_fork(void) {
-    pthread_mutex_init(&pool.lock, NULL);
-    pthread_mutex_init(&pool.busy, NULL);
-    pthread_cond_init(&pool.wake, NULL);
-    pthread_cond_init(&pool.done, NULL);
-    pool.workers = 0;
-}
-
-/* Make sure `wanted` workers (threads 1..wanted) exist; returns how many do. Called holding pool.busy. */
-static int pool_grow(int wanted) {
-    static int registered;
-    if (!registered) registered = pthread_atfork(NULL, NULL, pool_after_fork) == 0;
-    pool.created_at = pool.generation;
-    while (pool.workers < wanted) {
-        pthread_t id;
-        pthread_attr_t attr;
-        pthread_attr_init(&attr);
-        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        int failed = pthread_create(&id, &attr, pool_worker, (void *)(intptr_t)(pool.workers + 1));
-        pthread_attr_destroy(&attr);
-        if (failed) break;
-        pool.workers++;
-    }
-    return pool.workers;
-}
-
-/* Run `phase` with job->threads threads: the caller is thread 0, pool workers the rest. */
-static void run_phase(DecodeJob *job, int phase) {
-    job->phase = phase;
-    if (job->threads > 1) {
-        pthread_mutex_lock(&pool.lock);
-        pool.job = job;
-        pool.pending = pool.workers;
-        __atomic_add_fetch(&pool.generation, 1, __ATOMIC_RELEASE);
-        pthread_cond_broadcast(&pool.wake);
-        pthread_mutex_unlock(&pool.lock);
-    }
-    decode_worker(job, 0);
-    if (job->threads > 1) {
-        for (int spin = 0; spin < SPIN_ROUNDS && __atomic_load_n(&pool.pending, __ATOMIC_ACQUIRE) > 0; spin++)
-            pause_briefly();
-        pthread_mutex_lock(&pool.lock);
-        while (__atomic_load_n(&pool.pending, __ATOMIC_ACQUIRE) > 0) pthread_cond_wait(&pool.done, &pool.lock);
-        pthread_mutex_unlock(&pool.lock);
-    }
+    (void)threads;
 }
 
 static int block_decode(const float *q, const float *keys, const float *values, const void *summary,
                         int64_t heads, int64_t groups, int64_t dim, int64_t cap, int64_t sum_cap, int64_t block,
                         int64_t count, int64_t sink, int64_t recent, int64_t n, int64_t channels, float scaling,
-                        int64_t threads, int64_t *index_out, float *out) {
+                        int64_t threads, float *out) {
     int64_t blocks = (n + block - 1) / block;
     if (count > blocks) count = blocks;
     if (channels > 0 && dim > CHANNEL_MAX) return -2;
@@ -636,28 +557,22 @@ static int block_decode(const float *q, const float *keys, const float *values, 
     if (threads < 1 || work < THREADED_MIN_TOKENS) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     DecodeJob job = {q, keys, values, summary, heads, groups, dim, cap, sum_cap, block, count, sink, recent, n,
-                     blocks, threads, channels, scaling, NULL, index_out, NULL, NULL, NULL, (int)threads, 0, 0};
+                     blocks, threads, channels, scaling, NULL, NULL, NULL, NULL, NULL, (int)threads, 0, 0};
     if (count < job.parts) job.parts = count > 0 ? count : 1;
     size_t partials = (size_t)(heads * job.parts * groups);
-    job.m = malloc(sizeof(float) * partials);
-    job.l = malloc(sizeof(float) * partials);
-    job.acc = malloc(sizeof(float) * partials * (size_t)dim);
-    job.scores = malloc(sizeof(float) * (size_t)(heads * blocks + 1));
-    int pooled = 0;
-    if (job.threads > 1) { /* another caller holds the pool (or no worker starts): one thread, same result */
-        pooled = pthread_mutex_trylock(&pool.busy) == 0;
-        int available = pooled ? pool_grow(job.threads - 1) + 1 : 1;
-        if (available < job.threads) job.threads = available;
-    }
-    if (job.m && job.l && job.acc && job.scores) {
-        if (count < blocks) {
-            run_phase(&job, 0);
-            if (!job.failed) run_phase(&job, 1);
-        } else {
+    /* one buffer: block scores, picks, then the partial results of every part */
+    job.index = malloc(sizeof(int64_t) * (size_t)(heads * count) + sizeof(float) * ((size_t)(heads * blocks) +
+                       partials * (2 + (size_t)dim)));
+    if (job.index) {
+        job.scores = (float *)(job.index + heads * count);
+        job.m = job.scores + heads * blocks;
+        job.l = job.m + partials;
+        job.acc = job.l + partials;
+        if (count >= blocks) { /* every block: no scores, no picks */
             for (int64_t h = 0; h < heads; h++)
-                for (int64_t b = 0; b < blocks; b++) index_out[h * count + b] = b;
+                for (int64_t b = 0; b < blocks; b++) job.index[h * count + b] = b;
         }
-        if (!job.failed) run_phase(&job, 2);
+        run_phases(&job, count < blocks ? 0 : 2);
         for (int64_t h = 0; !job.failed && h < heads; h++) {
             merge_parts(job.parts, groups, dim, job.m + h * job.parts * groups, job.l + h * job.parts * groups,
                         job.acc + h * job.parts * groups * dim, out + h * groups * dim);
@@ -665,26 +580,24 @@ static int block_decode(const float *q, const float *keys, const float *values, 
     } else {
         job.failed = 1;
     }
-    if (pooled) pthread_mutex_unlock(&pool.busy);
-    free(job.m); free(job.l); free(job.acc); free(job.scores);
+    free(job.index);
     return job.failed ? -1 : 0;
 }
 
 /* Mean-key selection: sums (heads, sum_cap, D) float32. */
 int block_decode_mean(const float *q, const float *keys, const float *values, const float *sums, int64_t heads,
                       int64_t groups, int64_t dim, int64_t cap, int64_t sum_cap, int64_t block, int64_t count,
-                      int64_t sink, int64_t recent, int64_t n, float scaling, int64_t threads, int64_t *index_out,
-                      float *out) {
+                      int64_t sink, int64_t recent, int64_t n, float scaling, int64_t threads, float *out) {
     return block_decode(q, keys, values, sums, heads, groups, dim, cap, sum_cap, block, count, sink, recent, n, 0,
-                        scaling, threads, index_out, out);
+                        scaling, threads, out);
 }
 
 /* Channel-subset selection: sketch (heads, D, sketch_cap) float16, r channels per step (1 <= r). */
 int block_decode_channels(const float *q, const float *keys, const float *values, const uint16_t *sketch,
                           int64_t heads, int64_t groups, int64_t dim, int64_t cap, int64_t sketch_cap, int64_t block,
                           int64_t count, int64_t sink, int64_t recent, int64_t n, int64_t channels, float scaling,
-                          int64_t threads, int64_t *index_out, float *out) {
+                          int64_t threads, float *out) {
     if (channels < 1) return -2;
     return block_decode(q, keys, values, sketch, heads, groups, dim, cap, sketch_cap, block, count, sink, recent, n,
-                        channels, scaling, threads, index_out, out);
+                        channels, scaling, threads, out);
 }
