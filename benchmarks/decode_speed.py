@@ -36,7 +36,7 @@ from attnsparse.runio import atomic_write_json, atomic_write_text, environment
 
 LAYERS, HEADS, KV_HEADS, DIM = 30, 9, 3, 64
 POLICIES = ["dense", "topk:256", "block:16:0.0625", "block:16:0.0625:bound", "block:16:0.0625:channels16",
-            "block:32:0.0625", "block:16:1024", "streaming:4:1020"]
+            "block:16:0.0625:channels32", "block:32:0.0625", "block:16:1024", "streaming:4:1020"]
 
 
 def copy_bandwidth(src: torch.Tensor, dst: torch.Tensor) -> tuple[float, float]:

@@ -50,5 +50,9 @@ def test_builtin_text_is_long_english_and_deterministic():
 def test_hub_data_set_unreachable_is_clear(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    # the libraries read these when imported: patch their constants too, or a hanging network takes a minute
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("datasets.config.HF_DATASETS_OFFLINE", True)
     with pytest.raises(AttnsparseError, match="cannot load hub data set 'no-such/dataset'"):
         load_text("hf:no-such/dataset:cfg:test")

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from attnsparse import decode_kernels as K
 from attnsparse.backend import chunked_attention
@@ -272,3 +273,18 @@ def test_native_mean_block_decode_equals_torch_selection_and_attention(n, count,
         mp.setattr(K, "_native_block_attend", lambda: None)
         expected = K.block_decode(q, kb, vb, index, n, 0.125)
     assert torch.allclose(native, expected, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("batch", "groups", "dim", "n"), [(1, 3, 64, 1000), (2, 1, 128, 77), (3, 4, 12, 5)])
+def test_dense_decode_on_buffer_prefix_equals_sdpa(batch, groups, dim, n):
+    """The compiled dense kernel reads the first n tokens of larger buffers in place; SDPA is the reference."""
+    gen = torch.Generator().manual_seed(n)
+    keys, values = (torch.randn(batch, 3, n + 40, dim, generator=gen) for _ in range(2))
+    q = torch.randn(batch, 3, groups, dim, generator=gen)
+    k, v = keys[:, :, :n], values[:, :, :n]
+    expected = F.scaled_dot_product_attention(q, k, v, scale=0.3)
+    assert K._token_rows(k) == n + 40 or K._native_dense_decode() is None
+    assert torch.allclose(K.dense_decode(q, k, v, 0.3), expected, atol=2e-5, rtol=1e-4)
+    other = keys.transpose(2, 3).contiguous().transpose(2, 3)[:, :, :n]  # same values, token stride 1
+    assert K._token_rows(other) is None
+    assert torch.allclose(K.dense_decode(q, other, v, 0.3), expected, atol=2e-5, rtol=1e-4)

@@ -52,7 +52,8 @@ def test_directory_without_config_is_reported(tmp_path):
 
 
 def test_unreachable_hub_suggests_a_local_path(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # read when huggingface_hub is imported: patch the constant too,
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # or a hanging network takes a minute
     with pytest.raises(AttnsparseError, match="hub.*pass a local model directory"):
         load_model("some-org/some-model-that-is-not-cached")
 

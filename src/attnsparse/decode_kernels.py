@@ -17,8 +17,39 @@ import torch.nn.functional as F
 
 
 def dense_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Exact attention of q (B, Hkv, G, D) over every key (B, Hkv, N, D); returns (B, Hkv, G, D)."""
-    return F.scaled_dot_product_attention(q, keys, values, scale=scaling)
+    """Exact attention of q (B, Hkv, G, D) over every key (B, Hkv, N, D); returns (B, Hkv, G, D).
+
+    Keys and values may be the first N tokens of larger per-head buffers. On CPU float32 the compiled kernel reads
+    them in place (faster than SDPA for one query: `benchmarks/README.md`); otherwise SDPA.
+    """
+    out = _dense_decode_native(q, keys, values, scaling)
+    return F.scaled_dot_product_attention(q, keys, values, scale=scaling) if out is None else out
+
+
+def _token_rows(t: torch.Tensor) -> int | None:
+    """Tokens between consecutive heads when t (B, H, N, D) is a token-prefix of contiguous (B, H, cap, D)
+    storage, else None."""
+    batch, heads, _, dim = t.shape
+    stride = t.stride()
+    if stride[3] != 1 or stride[2] != dim or stride[1] % dim or (batch > 1 and stride[0] != heads * stride[1]):
+        return None
+    return stride[1] // dim
+
+
+def _dense_decode_native(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor | None:
+    cap = _token_rows(keys)
+    if cap is None or cap != _token_rows(values) or not _native_fits(q, keys, values, contiguous=False):
+        return None
+    kernel = _native_dense_decode()
+    if kernel is None:
+        return None
+    batch, kv_heads, n, dim = keys.shape
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    if kernel(q.data_ptr(), keys.data_ptr(), values.data_ptr(), batch * kv_heads, q.shape[2], dim, cap, n, scaling,
+              torch.get_num_threads(), out.data_ptr()) != 0:
+        raise MemoryError("dense attention kernel could not allocate its buffers")
+    return out
 
 
 def topk_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k: int, scaling: float) -> torch.Tensor:
@@ -136,11 +167,12 @@ def block_decode(
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling)
 
 
-def _native_fits(q: torch.Tensor, key_blocks: torch.Tensor, value_blocks: torch.Tensor) -> bool:
-    """CPU float32 query and contiguous keys and values: what the compiled kernels read (checked every step)."""
+def _native_fits(q: torch.Tensor, key_blocks: torch.Tensor, value_blocks: torch.Tensor, contiguous: bool = True) -> bool:
+    """CPU float32 query, keys and values (contiguous unless told): what the compiled kernels read (every step)."""
     f32 = torch.float32
     return (q.dtype == f32 and key_blocks.dtype == f32 and value_blocks.dtype == f32 and not q.is_cuda
-            and key_blocks.device.type == "cpu" and key_blocks.is_contiguous() and value_blocks.is_contiguous())
+            and key_blocks.device.type == "cpu" and value_blocks.device.type == "cpu"
+            and (not contiguous or (key_blocks.is_contiguous() and value_blocks.is_contiguous())))
 
 
 def _native_block_attend():  # type: ignore[no-untyped-def]
@@ -164,6 +196,13 @@ def _block_decode_native(
     if status != 0:
         raise MemoryError("block attention kernel could not allocate its score buffer")
     return out
+
+
+def _native_dense_decode():  # type: ignore[no-untyped-def]
+    """The compiled attention over every key (ctypes function), or None: SDPA is used."""
+    from attnsparse import native
+
+    return native.function("blockattn", "dense_decode", "pppnnnnnfnp")
 
 
 def _native_mean_decode():  # type: ignore[no-untyped-def]

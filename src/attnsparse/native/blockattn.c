@@ -584,6 +584,13 @@ static int block_decode(const float *q, const float *keys, const float *values, 
     return job.failed ? -1 : 0;
 }
 
+/* Every key: the tokens [0, n) of each head (keys/values (heads, cap, D)), walked like selected blocks of one
+ * token. Dense and streaming heads read contiguous memory, so this is a plain stream at the kernel's rate. */
+int dense_decode(const float *q, const float *keys, const float *values, int64_t heads, int64_t groups, int64_t dim,
+                 int64_t cap, int64_t n, float scaling, int64_t threads, float *out) {
+    return block_decode(q, keys, values, NULL, heads, groups, dim, cap, 0, 1, n, 0, 0, n, 0, scaling, threads, out);
+}
+
 /* Mean-key selection: sums (heads, sum_cap, D) float32. */
 int block_decode_mean(const float *q, const float *keys, const float *values, const float *sums, int64_t heads,
                       int64_t groups, int64_t dim, int64_t cap, int64_t sum_cap, int64_t block, int64_t count,
