@@ -27,13 +27,23 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return Path(save_tiny(str(tmp_path_factory.mktemp("tiny") / "model")))
 
 
+def _torch_threads(count: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def one_thread():
     """Tiny tensors gain nothing from threads, and on a shared 2-core machine a second thread mostly waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    yield from _torch_threads(1)
+
+
+@pytest.fixture
+def two_threads():
+    """For tests of the threaded paths of the compiled kernels."""
+    yield from _torch_threads(2)
 
 
 @pytest.fixture

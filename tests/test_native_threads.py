@@ -14,14 +14,6 @@ def _decode(q, kb, vb, sums, n):  # type: ignore[no-untyped-def]
     return K.mean_block_decode(q, kb, vb, sums, n, 100, 1, 2, 0.125)
 
 
-@pytest.fixture
-def two_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _inputs(block_kv, seed: int):  # type: ignore[no-untyped-def]
     n = 8190
     q, _, kb, vb = block_kv(n, 3, seed=seed)
