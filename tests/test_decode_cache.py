@@ -288,3 +288,38 @@ def test_dense_decode_on_buffer_prefix_equals_sdpa(batch, groups, dim, n):
     other = keys.transpose(2, 3).contiguous().transpose(2, 3)[:, :, :n]  # same values, token stride 1
     assert K._token_rows(other) is None
     assert torch.allclose(K.dense_decode(q, other, v, 0.3), expected, atol=2e-5, rtol=1e-4)
+
+
+def _picks_lower_index_first(scores: torch.Tensor, count: int, sink: int, recent: int) -> torch.Tensor:
+    """Brute-force selection: sink and recent blocks, then the best scores, ties to the lower block index."""
+    scores = scores.clone()
+    scores[..., :sink] = float("inf")
+    scores[..., scores.shape[-1] - recent:] = float("inf")
+    blocks = scores.shape[-1]
+    order = torch.arange(blocks, dtype=torch.float64) / blocks  # < 1: breaks ties only (scores are integers)
+    return (scores.double() - order).topk(count, dim=-1).indices.sort(dim=-1).values
+
+
+@pytest.mark.parametrize("case", ["ties", "best_off_sample", "best_on_sample"])
+def test_native_picks_are_exact_when_the_sampled_threshold_is_off(case, block_kv):
+    """2048 blocks: the kernel pre-filters with a threshold from a 1-in-8 sample. Integer keys and queries make the
+    scores exact (many ties); the best blocks are placed off or on the sampled positions to mislead the sample."""
+    n, count, sink, recent, size = 2048 * 16, 128, 1, 2, 16
+    gen = torch.Generator().manual_seed(7)
+    keys = torch.randint(-1, 2, (1, 3, n, 64), generator=gen).float()
+    q = torch.randint(-2, 3, (1, 3, 3, 64), generator=gen).float()
+    if case != "ties":
+        keys *= 0.0
+        best = torch.randperm(255, generator=gen)[:count] * 8 + (1 if case == "best_off_sample" else 0) + 8
+        keys.view(1, 3, -1, size, 64)[:, :, best] += q[:, :, :1].unsqueeze(2)  # aligned with the first query head
+    values = torch.randn(1, 3, n, 64, generator=gen)
+    kb, vb = keys.view(1, 3, -1, size, 64), values.view(1, 3, -1, size, 64)
+    sums = K.block_sums(kb, n).contiguous()
+    native = K.mean_block_decode(q, kb, vb, sums, n, count, sink, recent, 0.125)
+    if native is None:
+        pytest.skip("no C compiler")
+    index = _picks_lower_index_first(K.block_means(q, sums), count, sink, recent)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(K, "_native_block_attend", lambda: None)
+        expected = K.block_decode(q, kb, vb, index, n, 0.125)
+    assert torch.allclose(native, expected, atol=2e-5, rtol=1e-4)

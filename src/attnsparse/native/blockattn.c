@@ -297,11 +297,37 @@ static void select_largest(float *v, int64_t n, int64_t k) {
     }
 }
 
-/* Keep the `count` best-scored blocks: index (count) ascending; ties at the threshold go to lower block indices.
- * score is left as is; copy: scratch of `blocks` floats. */
+#define PICK_SAMPLE 256
+
+/* Copy into `out` the scores that can be among the `count` best, from a threshold set on an evenly spaced sample
+ * with a margin, and return how many; 0 when the sample's threshold keeps fewer than `count` (rare: then every
+ * score is a candidate). Exact either way: whenever `count` scores pass, the `count` best are among them. */
+static int64_t likely_candidates(const float *score, int64_t blocks, int64_t count, float *out) {
+    if (blocks < 4 * PICK_SAMPLE || 4 * count > blocks) return 0;
+    int64_t step = blocks / PICK_SAMPLE, sampled = 0;
+    for (int64_t b = 0; b < blocks; b += step) out[sampled++] = score[b];
+    int64_t rank = 2 * count * sampled / blocks + 8; /* twice the expected rank of the true threshold, plus slack */
+    if (rank >= sampled) return 0;
+    select_largest(out, sampled, rank);
+    float low = out[0];
+    for (int64_t j = 1; j < rank; j++) low = out[j] < low ? out[j] : low;
+    int64_t kept = 0;
+    for (int64_t b = 0; b < blocks; b++) {
+        out[kept] = score[b];
+        kept += score[b] >= low;
+    }
+    return kept >= count ? kept : 0;
+}
+
+/* Keep the `count` best-scored blocks (count < blocks): index (count) ascending; ties at the threshold go to lower
+ * block indices. score is left as is; copy: scratch of `blocks` floats. */
 static void pick_blocks(const float *score, int64_t blocks, int64_t count, float *copy, int64_t *index) {
-    memcpy(copy, score, sizeof(float) * (size_t)blocks);
-    select_largest(copy, blocks, count);
+    int64_t candidates = likely_candidates(score, blocks, count, copy);
+    if (candidates == 0) {
+        memcpy(copy, score, sizeof(float) * (size_t)blocks);
+        candidates = blocks;
+    }
+    if (candidates > count) select_largest(copy, candidates, count);
     float threshold = copy[0];
     for (int64_t j = 1; j < count; j++) threshold = copy[j] < threshold ? copy[j] : threshold;
     int64_t above = 0;
@@ -317,12 +343,31 @@ static void pick_blocks(const float *score, int64_t blocks, int64_t count, float
 static void score_by_mean(const float *q, const float *sums, int64_t groups, int64_t dim, int64_t b_begin,
                           int64_t b_end, float *tile, float *score) {
     for (int64_t b0 = b_begin; b0 < b_end; b0 += TOKEN_TILE) {
-        int64_t len = b_end - b0 < TOKEN_TILE ? b_end - b0 : TOKEN_TILE;
-        score_rows(q, sums + b0 * dim, len, groups, dim, 1.0f, TOKEN_TILE, tile);
-        for (int64_t i = 0; i < len; i++) {
+        int64_t len = b_end - b0 < TOKEN_TILE ? b_end - b0 : TOKEN_TILE, segment = 0;
+        const float *first = sums + b0 * dim;
+#ifdef VECTOR_KERNELS
+        if (dim % 8 == 0) { /* eight sequential streams, one per eighth of the tile: see score_ways */
+            segment = len / WAYS;
+            const float *rows[WAYS];
+            for (int w = 0; w < WAYS; w++) rows[w] = first + w * segment * dim;
+            if (segment > 0) score_ways(q, rows, segment, groups, dim, 1.0f, TOKEN_TILE, tile);
+            for (int64_t j = 0; j < segment; j++)
+                for (int w = 0; w < WAYS; w++) {
+                    float best = tile[j * WAYS + w];
+                    for (int64_t g = 1; g < groups; g++) {
+                        float other = tile[g * TOKEN_TILE + j * WAYS + w];
+                        best = other > best ? other : best;
+                    }
+                    score[b0 + w * segment + j] = best;
+                }
+        }
+#endif
+        int64_t done = segment * WAYS;
+        score_rows(q, first + done * dim, len - done, groups, dim, 1.0f, TOKEN_TILE, tile);
+        for (int64_t i = 0; i < len - done; i++) {
             float best = tile[i];
             for (int64_t g = 1; g < groups; g++) best = tile[g * TOKEN_TILE + i] > best ? tile[g * TOKEN_TILE + i] : best;
-            score[b0 + i] = best;
+            score[b0 + done + i] = best;
         }
     }
 }
@@ -584,11 +629,11 @@ static int block_decode(const float *q, const float *keys, const float *values, 
     return job.failed ? -1 : 0;
 }
 
-/* Every key: the tokens [0, n) of each head (keys/values (heads, cap, D)), walked like selected blocks of one
- * token. Dense and streaming heads read contiguous memory, so this is a plain stream at the kernel's rate. */
+/* Every key: the tokens [0, n) of each head (keys/values (heads, cap, D)), walked like selected blocks of 16
+ * tokens (all of them, in order; the last may be partial). Dense and streaming heads use it. */
 int dense_decode(const float *q, const float *keys, const float *values, int64_t heads, int64_t groups, int64_t dim,
                  int64_t cap, int64_t n, float scaling, int64_t threads, float *out) {
-    return block_decode(q, keys, values, NULL, heads, groups, dim, cap, 0, 1, n, 0, 0, n, 0, scaling, threads, out);
+    return block_decode(q, keys, values, NULL, heads, groups, dim, cap, 0, 16, (n + 15) / 16, 0, 0, n, 0, scaling, threads, out);
 }
 
 /* Mean-key selection: sums (heads, sum_cap, D) float32. */
