@@ -35,6 +35,10 @@ static inline float exp_nonpositive(float x) {
 
 #if defined(__AVX2__) && defined(__FMA__)
 #define VECTOR_KERNELS 1
+#endif
+#define WAYS 8 /* rows read side by side: one read stream each keeps enough reads in flight */
+
+#ifdef VECTOR_KERNELS
 /* Lane i of the result = the sum of the 8 lanes of a[i]. */
 static inline __m256 lane_sums(const __m256 a[8]) {
     __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
@@ -42,78 +46,10 @@ static inline __m256 lane_sums(const __m256 a[8]) {
     return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
 }
 
-/* q . rows[i] for 8 consecutive rows of `dim` floats (dim a multiple of 8): eight independent FMA chains, so the
- * loop runs at FMA throughput instead of waiting on one reduction's latency. */
-static inline __m256 dots8(const float *q, const float *rows, int64_t dim) {
-    __m256 acc[8];
-    for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
-    for (int64_t d = 0; d < dim; d += 8) {
-        __m256 qd = _mm256_loadu_ps(q + d);
-        for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(rows + i * dim + d), acc[i]);
-    }
-    return lane_sums(acc);
-}
-#endif
-
-static inline float dot(const float *a, const float *b, int64_t dim) {
-    float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-    for (int64_t d = 0; d < dim; d++) s += a[d] * b[d];
-    return s;
-}
-
-/* out[g * stride + i] = scale * q_g . rows[i] for `len` consecutive rows and the G query heads. */
-static void score_rows(const float *q, const float *rows, int64_t len, int64_t groups, int64_t dim, float scale,
-                       int64_t stride, float *out) {
-    int64_t i = 0;
-#ifdef VECTOR_KERNELS
-    if (dim % 8 == 0) {
-        __m256 s = _mm256_set1_ps(scale);
-        for (; i + 8 <= len; i += 8)
-            for (int64_t g = 0; g < groups; g++)
-                _mm256_storeu_ps(out + g * stride + i, _mm256_mul_ps(s, dots8(q + g * dim, rows + i * dim, dim)));
-    }
-#endif
-    for (; i < len; i++)
-        for (int64_t g = 0; g < groups; g++) out[g * stride + i] = scale * dot(q + g * dim, rows + i * dim, dim);
-}
-
-/* acc_g += sum_i p[g * stride + i] rows[i] for `len` consecutive rows and the G query heads. Columns go 64 at a
- * time through eight vector registers, so each row is loaded once per head and no accumulator leaves registers. */
-static void weigh_rows(const float *p, int64_t stride, const float *rows, int64_t len, int64_t groups, int64_t dim,
-                       float *acc) {
-    int64_t d0 = 0;
-#ifdef VECTOR_KERNELS
-    for (; d0 + 64 <= dim; d0 += 64) {
-        for (int64_t g = 0; g < groups; g++) {
-            float *o = acc + g * dim + d0;
-            __m256 a[8];
-            for (int k = 0; k < 8; k++) a[k] = _mm256_loadu_ps(o + 8 * k);
-            for (int64_t i = 0; i < len; i++) {
-                __m256 w = _mm256_set1_ps(p[g * stride + i]);
-                const float *row = rows + i * dim + d0;
-                for (int k = 0; k < 8; k++) a[k] = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + 8 * k), a[k]);
-            }
-            for (int k = 0; k < 8; k++) _mm256_storeu_ps(o + 8 * k, a[k]);
-        }
-    }
-#endif
-    if (d0 == dim) return;
-    for (int64_t i = 0; i < len; i++)
-        for (int64_t g = 0; g < groups; g++) {
-            float w = p[g * stride + i];
-            float *o = acc + g * dim;
-#pragma omp simd
-            for (int64_t d = d0; d < dim; d++) o[d] += w * rows[i * dim + d];
-        }
-}
-
-#define WAYS 8 /* selected blocks walked side by side: one read stream each keeps enough reads in flight */
-
-#ifdef VECTOR_KERNELS
-/* Row j of WAYS full blocks at once (position used + j * WAYS + w holds block w's row j): scattered 4 KB blocks
- * read one after another reach a third of the copy bandwidth on the machines we measured, eight side by side
- * more than twice that (benchmarks/README.md). */
+/* Row j of WAYS runs of `block` rows at once (output position j * WAYS + w holds run w's row j), dim a multiple of
+ * 8: eight independent FMA chains instead of one reduction's latency per dot product, and eight read streams.
+ * Scattered 4 KB blocks read one after another reach a third of the copy bandwidth on the machines we measured,
+ * eight side by side more than twice that (benchmarks/README.md). */
 static void score_ways(const float *q, const float *const rows[WAYS], int64_t block, int64_t groups, int64_t dim,
                        float scale, int64_t stride, float *out) {
     __m256 s = _mm256_set1_ps(scale);
@@ -130,7 +66,8 @@ static void score_ways(const float *q, const float *const rows[WAYS], int64_t bl
         }
 }
 
-/* acc_g += sum over rows (j, w) of p[g * stride + j * WAYS + w] * rows[w][j], the layout of score_ways. */
+/* acc_g += sum over rows (j, w) of p[g * stride + j * WAYS + w] * rows[w][j], the layout of score_ways. Columns go
+ * 64 at a time through eight vector registers, so no accumulator leaves registers within a call. */
 static void weigh_ways(const float *p, int64_t stride, const float *const rows[WAYS], int64_t block, int64_t groups,
                        int64_t dim, float *acc) {
     for (int64_t d0 = 0; d0 < dim; d0 += 64) {
@@ -162,17 +99,72 @@ static void weigh_ways(const float *p, int64_t stride, const float *const rows[W
 }
 #endif
 
-/* How many of the selected blocks index[c, c1) go together: WAYS when the vector kernels apply and they are all
- * full, else 1. */
-static int64_t ways_at(const int64_t *index, int64_t c, int64_t c1, int64_t block, int64_t dim, int64_t n) {
+static inline float dot(const float *a, const float *b, int64_t dim) {
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t d = 0; d < dim; d++) s += a[d] * b[d];
+    return s;
+}
+
+/* The eight consecutive rows from `first` as side-by-side runs of one row. */
+static inline void consecutive_rows(const float *first, int64_t dim, const float *rows[WAYS]) {
+    for (int w = 0; w < WAYS; w++) rows[w] = first + w * dim;
+}
+
+/* out[g * stride + i] = scale * q_g . rows[i] for `len` consecutive rows and the G query heads. */
+static void score_rows(const float *q, const float *rows, int64_t len, int64_t groups, int64_t dim, float scale,
+                       int64_t stride, float *out) {
+    int64_t i = 0;
+#ifdef VECTOR_KERNELS
+    for (const float *eight[WAYS]; dim % 8 == 0 && i + WAYS <= len; i += WAYS) {
+        consecutive_rows(rows + i * dim, dim, eight);
+        score_ways(q, eight, 1, groups, dim, scale, stride, out + i);
+    }
+#endif
+    for (; i < len; i++)
+        for (int64_t g = 0; g < groups; g++) out[g * stride + i] = scale * dot(q + g * dim, rows + i * dim, dim);
+}
+
+/* acc_g += sum_i p[g * stride + i] rows[i] for `len` consecutive rows and the G query heads. */
+static void weigh_rows(const float *p, int64_t stride, const float *rows, int64_t len, int64_t groups, int64_t dim,
+                       float *acc) {
+    int64_t i = 0;
+#ifdef VECTOR_KERNELS
+    for (const float *eight[WAYS]; i + WAYS <= len; i += WAYS) {
+        consecutive_rows(rows + i * dim, dim, eight);
+        weigh_ways(p + i, stride, eight, 1, groups, dim, acc);
+    }
+#endif
+    for (; i < len; i++)
+        for (int64_t g = 0; g < groups; g++) {
+            float w = p[g * stride + i];
+            float *o = acc + g * dim;
+#pragma omp simd
+            for (int64_t d = 0; d < dim; d++) o[d] += w * rows[i * dim + d];
+        }
+}
+
+/* One step of a walk over the selected blocks index[c, c1) of `base` (blocks of `block` rows of `dim`, rows >= n
+ * not attended): WAYS full blocks side by side (their first rows in rows[0..WAYS)) when the vector kernels apply,
+ * else one block, maybe partial (rows[0]). Returns the blocks taken; *tokens: the rows they hold. */
+static int64_t walk_step(const float *base, const int64_t *index, int64_t c, int64_t c1, int64_t block, int64_t dim,
+                         int64_t n, const float *rows[WAYS], int64_t *tokens) {
 #ifdef VECTOR_KERNELS
     if (dim % 8 == 0 && c + WAYS <= c1) {
         int64_t w = 0;
         while (w < WAYS && (index[c + w] + 1) * block <= n) w++;
-        if (w == WAYS) return WAYS;
+        if (w == WAYS) {
+            for (w = 0; w < WAYS; w++) rows[w] = base + index[c + w] * block * dim;
+            *tokens = WAYS * block;
+            return WAYS;
+        }
     }
+#else
+    (void)c1;
 #endif
-    (void)index; (void)c; (void)c1; (void)block; (void)dim; (void)n;
+    int64_t first = index[c] * block;
+    rows[0] = base + first * dim;
+    *tokens = (first + block < n ? first + block : n) - first;
     return 1;
 }
 
@@ -183,22 +175,15 @@ static int64_t ways_at(const int64_t *index, int64_t c, int64_t c1, int64_t bloc
 static void attend_part(const float *q, const float *keys, const float *values, const int64_t *index,
                         int64_t groups, int64_t dim, int64_t block, int64_t c0, int64_t c1, int64_t n,
                         float scaling, float *scores, float *m, float *l, float *acc) {
-    int64_t stride = (c1 - c0) * block, used = 0;
-    for (int64_t c = c0, ways; c < c1; c += ways) {
-        ways = ways_at(index, c, c1, block, dim, n);
+    int64_t stride = (c1 - c0) * block, used = 0, tokens;
+    const float *rows[WAYS];
+    for (int64_t c = c0; c < c1; used += tokens) {
+        int64_t ways = walk_step(keys, index, c, c1, block, dim, n, rows, &tokens);
 #ifdef VECTOR_KERNELS
-        if (ways == WAYS) {
-            const float *rows[WAYS];
-            for (int w = 0; w < WAYS; w++) rows[w] = keys + index[c + w] * block * dim;
-            score_ways(q, rows, block, groups, dim, scaling, stride, scores + used);
-            used += WAYS * block;
-            continue;
-        }
+        if (ways == WAYS) score_ways(q, rows, block, groups, dim, scaling, stride, scores + used);
 #endif
-        int64_t first = index[c] * block;
-        int64_t stop = first + block < n ? first + block : n;
-        score_rows(q, keys + first * dim, stop - first, groups, dim, scaling, stride, scores + used);
-        used += stop - first;
+        if (ways == 1) score_rows(q, rows[0], tokens, groups, dim, scaling, stride, scores + used);
+        c += ways;
     }
     for (int64_t g = 0; g < groups; g++) {
         float *row = scores + g * stride;
@@ -217,21 +202,13 @@ static void attend_part(const float *q, const float *keys, const float *values, 
         memset(acc + g * dim, 0, sizeof(float) * (size_t)dim);
     }
     used = 0;
-    for (int64_t c = c0, ways; c < c1; c += ways) {
-        ways = ways_at(index, c, c1, block, dim, n);
+    for (int64_t c = c0; c < c1; used += tokens) {
+        int64_t ways = walk_step(values, index, c, c1, block, dim, n, rows, &tokens);
 #ifdef VECTOR_KERNELS
-        if (ways == WAYS) {
-            const float *rows[WAYS];
-            for (int w = 0; w < WAYS; w++) rows[w] = values + index[c + w] * block * dim;
-            weigh_ways(scores + used, stride, rows, block, groups, dim, acc);
-            used += WAYS * block;
-            continue;
-        }
+        if (ways == WAYS) weigh_ways(scores + used, stride, rows, block, groups, dim, acc);
 #endif
-        int64_t first = index[c] * block;
-        int64_t stop = first + block < n ? first + block : n;
-        weigh_rows(scores + used, stride, values + first * dim, stop - first, groups, dim, acc);
-        used += stop - first;
+        if (ways == 1) weigh_rows(scores + used, stride, rows[0], tokens, groups, dim, acc);
+        c += ways;
     }
 }
 
