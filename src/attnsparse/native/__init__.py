@@ -53,9 +53,9 @@ def load(name: str) -> ctypes.CDLL | None:
     # torch's threads. Without OpenMP the same source builds single-threaded.
     common = ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-fPIC", "-shared"]
     last_error: Exception | None = None
+    code, machine = source.read_bytes(), [platform.machine(), _cpu_model()]
     for flags in (common + ["-fopenmp"], common + ["-fopenmp-simd"]):
-        machine = " ".join(flags + [platform.machine(), _cpu_model()])
-        digest = hashlib.sha256(source.read_bytes() + machine.encode()).hexdigest()[:16]
+        digest = hashlib.sha256(code + " ".join(flags + machine).encode()).hexdigest()[:16]
         target = cache_root() / "native" / f"{name}-{digest}.so"
         try:
             if not target.is_file():
