@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from attnsparse.runio import atomic_write_json, environment
+from attnsparse.core.runs import atomic_write_json, environment
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

@@ -7,7 +7,7 @@ Steps (each step's output is reused when it already exists, so the script can be
 2. `evaluate` the original and the condensed model on test.txt at ctx 1024 with dense and top-k for
    k in {4, 8, 16, 32, 64} under the "8 evenly spaced windows" protocol, and (unless --no-all) dense plus
    --whole-ks (default 8, 16) on the whole test set (304 non-overlapping windows).
-3. If `attnsparse.measure` is available: per-layer mean k at 95 % coverage before and after (8 windows); then
+3. If `attnsparse.measure.run` is available: per-layer mean k at 95 % coverage before and after (8 windows); then
    passkey accuracy at 1K tokens (dense and top-8 decoding) for both models: does the fine-tune keep behaviour?
 4. Writes benchmarks/results/<--results>.json (default condense_smollm2.json) and prints a Markdown table for the README.
 
@@ -34,7 +34,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 def evaluate_model(spec: str, out: Path, ks: list[int], protocols: list[int | None], ctx: int) -> dict[str, Any]:
     """Run (or reuse) an evaluate run directory and return its results.json."""
-    from attnsparse.evaluate import evaluate
+    from attnsparse.evaluate.run import evaluate
 
     results = out / "results.json"
     if not results.is_file():
@@ -55,7 +55,7 @@ def evaluate_both(spec: str, out: Path, ks: list[int], whole_ks: list[int] | Non
 def per_layer_k95(spec: str, out: Path, ctx: int) -> list[float] | None:
     """Mean k at 95 % coverage per layer (from measure's profile.json), or None without the measure module."""
     try:
-        from attnsparse.measure import measure
+        from attnsparse.measure.run import measure
     except ImportError:
         return None
     profile_path = out / "profile.json"
@@ -79,9 +79,9 @@ def earlier_whole_dense(path: Path) -> dict[str, Any]:
 
 def passkey_accuracy(spec: str, trials: int, out: Path) -> dict[str, float]:
     """Behaviour check: passkey accuracy at 1K tokens, depth 0.5, dense and top-8 decoding (prefill is dense)."""
-    from attnsparse.models import load_model
-    from attnsparse.passkey import accuracy_table, run_passkey
-    from attnsparse.runio import atomic_write_json
+    from attnsparse.core.models import load_model
+    from attnsparse.core.runs import atomic_write_json
+    from attnsparse.evaluate.passkey import accuracy_table, run_passkey
 
     if not out.is_file():
         loaded = load_model(spec)
@@ -195,7 +195,7 @@ def main() -> None:
         "timings": timings,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    from attnsparse.runio import atomic_write_json
+    from attnsparse.core.runs import atomic_write_json
 
     atomic_write_json(RESULTS / f"{args.results}.json", summary)
     table = markdown(original, condensed)

@@ -23,13 +23,13 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from attnsparse import decode_kernels as K
-from attnsparse import kvcache
-from attnsparse.data import load_windows
-from attnsparse.decode import cache_from_kv, decode_backend, decode_step, prefill
-from attnsparse.decode_plan import DecodePlan, HeadPolicy
-from attnsparse.models import load_model
-from attnsparse.runio import atomic_write_json
+from attnsparse.core.data import load_windows
+from attnsparse.core.models import load_model
+from attnsparse.core.runs import atomic_write_json
+from attnsparse.decode import cache as kvcache
+from attnsparse.decode import kernels as K
+from attnsparse.decode.backend import cache_from_kv, decode_backend, decode_step, prefill
+from attnsparse.decode.plan import DecodePlan, HeadPolicy
 
 Select = Callable[[kvcache.FullStore, torch.Tensor], torch.Tensor]
 

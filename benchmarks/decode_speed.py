@@ -29,10 +29,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from attnsparse import decode_kernels as K
-from attnsparse.decode_plan import parse_head_policy
-from attnsparse.kvcache import FullStore, StreamStore
-from attnsparse.runio import atomic_write_json, atomic_write_text, environment
+from attnsparse.core.runs import atomic_write_json, atomic_write_text, environment
+from attnsparse.decode import kernels as K
+from attnsparse.decode.cache import FullStore, StreamStore
+from attnsparse.decode.plan import parse_head_policy
 
 LAYERS, HEADS, KV_HEADS, DIM = 30, 9, 3, 64
 POLICIES = ["dense", "topk:256", "block:16:0.0625", "block:16:0.0625:bound", "block:16:0.0625:channels16",

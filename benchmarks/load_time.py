@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_result
 
 PROBE = (
-    "import json, time; from attnsparse.models import load_model; t = time.perf_counter(); "
+    "import json, time; from attnsparse.core.models import load_model; t = time.perf_counter(); "
     "m = load_model('smollm2-135m'); print(json.dumps({'source': m.source, 'seconds': time.perf_counter() - t}))"
 )
 

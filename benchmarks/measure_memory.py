@@ -4,7 +4,7 @@ Each variant runs in a fresh subprocess (so peak RSS is its own) on the same win
   sdpa         model(ids, logits_to_keep=1, use_cache=False) with the model's own SDPA attention
                (the same forward call measure makes, so the ratio isolates the observed attention + recorder)
   sdpa_logits  the same with full-vocabulary logits (what a plain `model(ids)` costs), for reference
-  measure      attnsparse.measure.measure(...) on that window, writing its whole run directory
+  measure      attnsparse.measure.run.measure(...) on that window, writing its whole run directory
 SDPA runs before and after measure; the ratios use their mean. Writes benchmarks/results/measure_memory.json.
 Usage: python benchmarks/measure_memory.py [--ctx 8192] [--windows 1]
 """
@@ -30,9 +30,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def child(mode: str, ctx: int, windows: int) -> None:
     import torch
 
-    from attnsparse import data
-    from attnsparse.measure import measure
-    from attnsparse.models import load_model
+    from attnsparse.core import data
+    from attnsparse.core.models import load_model
+    from attnsparse.measure.run import measure
 
     loaded = load_model("smollm2-135m", probe=False)
     ids = data.load_windows(loaded.tokenizer, str(TEXT), ctx, count=windows)

@@ -28,8 +28,8 @@ def main() -> None:
 
     import torch
 
-    from attnsparse.measure import measure
-    from attnsparse.models import load_model
+    from attnsparse.core.models import load_model
+    from attnsparse.measure.run import measure
 
     loaded = load_model("smollm2-135m", probe=False)
     record: dict = {"benchmark": "measure_smollm2", "model": "smollm2-135m (GGUF Q4_1 dequantised to float32)",

@@ -17,8 +17,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from attnsparse.models import load_model
-from attnsparse.passkey import accuracy_table, run_passkey, save_results
+from attnsparse.core.models import load_model
+from attnsparse.evaluate.passkey import accuracy_table, run_passkey, save_results
 
 DEFAULT_POLICIES = "dense,block:16:0.0625,streaming:4:1020"
 

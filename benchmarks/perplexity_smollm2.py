@@ -15,10 +15,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import WIKITEXT_TEST, write_result
 
-from attnsparse.data import load_windows
-from attnsparse.models import load_model
-from attnsparse.perplexity import perplexity
-from attnsparse.policies import parse_policies
+from attnsparse.attention.policies import parse_policies
+from attnsparse.core.data import load_windows
+from attnsparse.core.models import load_model
+from attnsparse.evaluate.perplexity import perplexity
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from attnsparse import metrics as M
+from attnsparse.measure import rowstats as M
 
 
 def reference_row_metrics(probs, visible, positions, spec):  # type: ignore[no-untyped-def]

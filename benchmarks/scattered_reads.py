@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from attnsparse.runio import atomic_write_json, environment
+from attnsparse.core.runs import atomic_write_json, environment
 
 
 def main() -> None:

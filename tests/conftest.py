@@ -14,7 +14,7 @@ WIKITEXT_TEST = SHARED_DATA / "wikitext-2" / "test.txt"
 @pytest.fixture(scope="session")
 def smollm2():
     """SmolLM2-135M from the embedded GGUF (converted once into the cache, then loaded in seconds)."""
-    from attnsparse.models import load_model
+    from attnsparse.core.models import load_model
 
     return load_model("smollm2-135m")
 
@@ -22,7 +22,7 @@ def smollm2():
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved default tiny Llama with the character tokenizer, loadable by path (read-only for tests)."""
-    from attnsparse.tiny import save_tiny
+    from attnsparse.core.tiny import save_tiny
 
     return Path(save_tiny(str(tmp_path_factory.mktemp("tiny") / "model")))
 

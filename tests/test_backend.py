@@ -6,9 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import MistralConfig, MistralForCausalLM
 
-from attnsparse.backend import BACKEND_NAME, AttentionChunk, chunked_attention, sparse_attention
-from attnsparse.policies import Policy
-from attnsparse.tiny import tiny_gpt2, tiny_llama
+from attnsparse.attention.backend import BACKEND_NAME, AttentionChunk, chunked_attention, sparse_attention
+from attnsparse.attention.policies import Policy
+from attnsparse.core.tiny import tiny_gpt2, tiny_llama
 
 MODELS = {"llama_gqa": lambda: tiny_llama(heads=6, kv_heads=2), "gpt2": tiny_gpt2}
 
@@ -123,7 +123,7 @@ def test_gathered_topk_matches_brute_force(seed, kv_heads, groups, queries, extr
     """The gather path (forced on for every row width) keeps exactly the brute-force keys, ties included."""
     from unittest import mock
 
-    from attnsparse import backend
+    from attnsparse.attention import backend
 
     keys = queries + extra_keys
     q, k_, v, visible = random_inputs(seed, 2, kv_heads * groups, kv_heads, queries, keys, 4, pad, quantize)
@@ -137,7 +137,7 @@ def test_gathered_topk_gradient_equals_mask_path():
     """Sparse-aware training differentiates through the gather path: same gradients as the masked softmax."""
     from unittest import mock
 
-    from attnsparse import backend
+    from attnsparse.attention import backend
 
     def grads(ratio):
         q, k, v, visible = random_inputs(7, 2, 6, 2, 40, 40, 8, pad=3)
@@ -159,7 +159,7 @@ def test_gathered_topk_gradient_equals_mask_path():
 @given(seed=st.integers(0, 9999), queries=st.integers(1, 20), chunk=st.integers(1, 25),
        policy=st.sampled_from(["dense", "topk:3", "sink+window:2:4"]), softcap=st.sampled_from([None, 5.0]))
 def test_chunking_never_changes_results(seed, queries, chunk, policy, softcap):
-    from attnsparse.policies import parse_policy
+    from attnsparse.attention.policies import parse_policy
 
     q, k, v, visible = random_inputs(seed, 2, 4, 2, queries, queries + 3, 8, pad=2)
     seen: dict[int, list[torch.Tensor]] = {}

@@ -12,14 +12,14 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 from typer.testing import CliRunner
 
-from attnsparse.backend import sparse_attention
+from attnsparse.attention.backend import sparse_attention
+from attnsparse.cli.condense import condense_command
 from attnsparse.condense import CondenseConfig, condense
+from attnsparse.condense.losses import CondensationRegularizer
 from attnsparse.condense.trainable import add_lora, projection_names, set_trainable
-from attnsparse.condense_cli import condense_command
+from attnsparse.core.models import load_model
+from attnsparse.core.tiny import tiny_gpt2, tiny_llama
 from attnsparse.errors import AttnsparseError
-from attnsparse.losses import CondensationRegularizer
-from attnsparse.models import load_model
-from attnsparse.tiny import tiny_gpt2, tiny_llama
 
 TEXT = "It was the best of times, it was the worst of times, it was the age of wisdom. " * 30
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from attnsparse.tiny import save_tiny
+from attnsparse.core.tiny import save_tiny
 
 WORKER = Path(__file__).with_name("ddp_condense_worker.py")
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from attnsparse.data import builtin_text, check_context, load_text, load_windows, tokenize, windows
+from attnsparse.core.data import builtin_text, check_context, load_text, load_windows, tokenize, windows
+from attnsparse.core.tiny import tiny_tokenizer
 from attnsparse.errors import AttnsparseError
-from attnsparse.tiny import tiny_tokenizer
 
 
 def test_windows_non_overlapping_and_evenly_spaced():

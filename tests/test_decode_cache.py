@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attnsparse import decode_kernels as K
-from attnsparse.backend import chunked_attention
-from attnsparse.decode_plan import HeadPolicy
+from attnsparse.attention.backend import chunked_attention
+from attnsparse.attention.policies import Policy
+from attnsparse.decode import kernels as K
+from attnsparse.decode.cache import PENDING, FullStore, SparseLayer, StreamStore
+from attnsparse.decode.plan import HeadPolicy
 from attnsparse.errors import AttnsparseError
-from attnsparse.kvcache import PENDING, FullStore, SparseLayer, StreamStore
-from attnsparse.policies import Policy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -151,7 +151,7 @@ def test_block_bounds_are_upper_bounds_and_selection_matches_brute_force():
 
 @pytest.mark.parametrize("policy", ["dense", "topk:500", "block:8:500", "block:8:1.0:bound", "streaming:4:500"])
 def test_covering_policies_equal_dense_kernel(policy):
-    from attnsparse.decode_plan import parse_head_policy
+    from attnsparse.decode.plan import parse_head_policy
 
     torch.manual_seed(6)
     keys, values = torch.randn(2, 3, 77, 16), torch.randn(2, 3, 77, 16)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from attnsparse import decode_kernels as K
-from attnsparse.decode_plan import DecodePlan, HeadPolicy, parse_head_policy
-from attnsparse.kvcache import PENDING, FullStore, SparseLayer
+from attnsparse.decode import kernels as K
+from attnsparse.decode.cache import PENDING, FullStore, SparseLayer
+from attnsparse.decode.plan import DecodePlan, HeadPolicy, parse_head_policy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -131,7 +131,7 @@ def test_channel_spec_round_trips_and_bytes_count_the_sketch(tmp_path):
 
 
 def test_portable_half_conversion_matches_torch_on_every_bit_pattern():
-    from attnsparse import native
+    from attnsparse.core import native
 
     convert = native.function("blockattn", "half_to_float_portable", "pnp")
     if convert is None:

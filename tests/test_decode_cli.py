@@ -7,11 +7,11 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from attnsparse.decode_plan import DecodePlan
+from attnsparse.cli.generate import generate_command
+from attnsparse.core.tiny import save_tiny, tiny_llama, tiny_tokenizer
+from attnsparse.decode.plan import DecodePlan
 from attnsparse.errors import AttnsparseError
-from attnsparse.generate_cli import generate_command
-from attnsparse.passkey import accuracy_table, passkey_prompt, run_passkey
-from attnsparse.tiny import save_tiny, tiny_llama, tiny_tokenizer
+from attnsparse.evaluate.passkey import accuracy_table, passkey_prompt, run_passkey
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

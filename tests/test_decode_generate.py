@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from attnsparse.decode import generate, generate_hf, sparse_decoding
-from attnsparse.decode_plan import DecodePlan, HeadPolicy, parse_head_policy, plan_from_profile, resolve_plan
+from attnsparse.core.tiny import tiny_gpt2, tiny_llama
+from attnsparse.decode.backend import generate, generate_hf, sparse_decoding
+from attnsparse.decode.cache import SparseCache
+from attnsparse.decode.plan import DecodePlan, HeadPolicy, parse_head_policy, plan_from_profile, resolve_plan
 from attnsparse.errors import AttnsparseError
-from attnsparse.kvcache import SparseCache
-from attnsparse.tiny import tiny_gpt2, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

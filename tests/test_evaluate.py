@@ -11,11 +11,11 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from attnsparse.cli.evaluate import evaluate_command
+from attnsparse.core.models import load_model
 from attnsparse.errors import AttnsparseError
-from attnsparse.evaluate import evaluate, parse_protocol
-from attnsparse.evaluate_cli import evaluate_command
-from attnsparse.models import load_model
-from attnsparse.perplexity import perplexity
+from attnsparse.evaluate.perplexity import perplexity
+from attnsparse.evaluate.run import evaluate, parse_protocol
 
 TEXT = "The quick brown fox jumps over the lazy dog while the cat sleeps by the fire. " * 16
 
@@ -47,7 +47,7 @@ def test_rows_match_perplexity_and_density(loaded, text_file: Path, tmp_path: Pa
     assert top4.density == pytest.approx(sum(min(4, i + 1) for i in range(64)) / (64 * 65 / 2))
     assert top4.ratio_to_dense == pytest.approx(top4.perplexity / dense.perplexity)
     # the evenly spaced protocol scores exactly the windows data.windows(count=5) gives
-    from attnsparse.data import tokenize, windows
+    from attnsparse.core.data import tokenize, windows
 
     ids = tokenize(loaded.tokenizer, TEXT)
     direct = perplexity(loaded.model, windows(ids, 64, count=5), "topk:4", progress=False)
@@ -112,8 +112,8 @@ def test_decode_plans_score_the_decoded_tail(loaded, text_file: Path, tmp_path: 
     import torch
     import torch.nn.functional as F
 
-    from attnsparse.data import tokenize, windows
-    from attnsparse.decode import make_plan
+    from attnsparse.core.data import tokenize, windows
+    from attnsparse.decode.backend import make_plan
 
     plan_file = tmp_path / "stream.json"
     make_plan(loaded.model, "streaming:2:6").save(plan_file)

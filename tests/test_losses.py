@@ -11,8 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attnsparse.errors import AttnsparseError
-from attnsparse.losses import (
+from attnsparse.condense.losses import (
     CondensationRegularizer,
     LossConfig,
     RowLoss,
@@ -22,6 +21,7 @@ from attnsparse.losses import (
     soft_count_excess,
     topk_tail_mass,
 )
+from attnsparse.errors import AttnsparseError
 
 HYPO = settings(max_examples=40, deadline=None)
 
@@ -482,8 +482,8 @@ def test_functions_reject_bad_k():
 
 def test_regularizer_end_to_end_on_tiny_llama():
     """Under the backend the loss reaches q/k projections and equals the brute-force loss of eager attentions."""
-    from attnsparse.backend import AttentionChunk, sparse_attention
-    from attnsparse.tiny import tiny_llama
+    from attnsparse.attention.backend import AttentionChunk, sparse_attention
+    from attnsparse.core.tiny import tiny_llama
 
     assert {"layer_idx", "probs", "visible"} <= set(AttentionChunk.__dataclass_fields__)
     model = tiny_llama(seed=0, layers=2, heads=4, kv_heads=2)  # GQA: 2 query heads per kv head
@@ -514,8 +514,8 @@ def test_regularizer_end_to_end_on_tiny_llama():
 
 def test_regularizer_end_to_end_ignores_left_padding():
     """Padded query rows never count; real rows match eager attentions restricted to non-padding keys."""
-    from attnsparse.backend import sparse_attention
-    from attnsparse.tiny import tiny_llama
+    from attnsparse.attention.backend import sparse_attention
+    from attnsparse.core.tiny import tiny_llama
 
     model = tiny_llama(seed=1, layers=2, heads=4, kv_heads=1)
     ids = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(1))

@@ -9,11 +9,11 @@ import torch
 import typer
 from typer.testing import CliRunner
 
+from attnsparse.cli.measure import measure_command
+from attnsparse.core.models import LoadedModel
+from attnsparse.core.tiny import save_tiny, tiny_gpt2, tiny_llama, tiny_tokenizer
 from attnsparse.errors import AttnsparseError
-from attnsparse.measure import measure
-from attnsparse.measure_cli import measure_command
-from attnsparse.models import LoadedModel
-from attnsparse.tiny import save_tiny, tiny_gpt2, tiny_llama, tiny_tokenizer
+from attnsparse.measure.run import measure
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from attnsparse.measure import measure
-from attnsparse.models import LoadedModel
-from attnsparse.tiny import tiny_llama, tiny_tokenizer
+from attnsparse.core.models import LoadedModel
+from attnsparse.core.tiny import tiny_llama, tiny_tokenizer
+from attnsparse.measure.run import measure
 
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "screenshot_report.sh"

@@ -1,4 +1,4 @@
-"""Every metric in attnsparse.metrics against a slow brute-force reference on single numpy rows."""
+"""Every metric in attnsparse.measure.rowstats against a slow brute-force reference on single numpy rows."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attnsparse import metrics as M
+from attnsparse.measure import rowstats as M
 
 DELTAS = (0.01, 0.05, 0.1)
 EPS = (1e-3, 1e-2, 1e-1)

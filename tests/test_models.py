@@ -4,9 +4,9 @@
 import pytest
 from transformers import MambaConfig, MambaForCausalLM
 
+from attnsparse.core.models import check_backend_support, describe, embedded_gguf, load_model
+from attnsparse.core.tiny import save_tiny, tiny_gpt2, tiny_llama
 from attnsparse.errors import AttnsparseError
-from attnsparse.models import check_backend_support, describe, embedded_gguf, load_model
-from attnsparse.tiny import save_tiny, tiny_gpt2, tiny_llama
 
 
 def test_local_directory_loads_and_is_supported(tmp_path):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from attnsparse import native
+from attnsparse.core import native
 
 
 def test_switched_off_or_no_working_compiler_gives_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

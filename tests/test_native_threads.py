@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from attnsparse import decode_kernels as K
+from attnsparse.decode import kernels as K
 
 
 def _decode(q, kb, vb, sums, n):  # type: ignore[no-untyped-def]

@@ -4,8 +4,8 @@ import json
 
 from typer.testing import CliRunner
 
-from attnsparse.cli import app
-from attnsparse.tiny import save_tiny, tiny_llama
+from attnsparse.cli.app import app
+from attnsparse.core.tiny import save_tiny, tiny_llama
 
 runner = CliRunner()
 

@@ -3,8 +3,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from attnsparse.attention.policies import Policy, parse_policies, parse_policy, sink_window_keep_mask, topk_keep_mask
 from attnsparse.errors import AttnsparseError
-from attnsparse.policies import Policy, parse_policies, parse_policy, sink_window_keep_mask, topk_keep_mask
 
 
 def brute_topk_keep(scores: torch.Tensor, visible: torch.Tensor, k: int) -> torch.Tensor:

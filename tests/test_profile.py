@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from attnsparse.backend import sparse_attention
-from attnsparse.profile import Profile, ProfileConfig, Recorder, coverage_key, density, fit_from_sums
-from attnsparse.tiny import tiny_llama
+from attnsparse.attention.backend import sparse_attention
+from attnsparse.core.tiny import tiny_llama
+from attnsparse.measure.profile import Profile, ProfileConfig, Recorder, coverage_key, density, fit_from_sums
 
 CTX = 48
 CONFIG = ProfileConfig(ctx=CTX, ks=(1, 2, 4, 8, 32, 64), deltas=(0.01, 0.05, 0.1), eps=(1e-2, 1e-1),
@@ -193,7 +193,7 @@ def test_fit_from_sufficient_statistics_matches_polyfit() -> None:
 
 def test_streaming_head_is_classified_streaming() -> None:
     """Synthetic chunks: head 0 puts all mass on the sink and the diagonal, head 1 spreads it uniformly."""
-    from attnsparse.backend import AttentionChunk
+    from attnsparse.attention.backend import AttentionChunk
 
     ctx = 64
     cfg = ProfileConfig(ctx=ctx, sink_tokens=1, local_window=4)

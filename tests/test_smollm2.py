@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from attnsparse.backend import sparse_attention
-from attnsparse.data import load_text, tokenize, windows
+from attnsparse.attention.backend import sparse_attention
+from attnsparse.core.data import load_text, tokenize, windows
 from tests.conftest import WIKITEXT_TEST
 
 pytestmark = pytest.mark.slow

@@ -11,9 +11,10 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from attnsparse import theory_stats as ts
+from attnsparse.cli.theory import theory_command
 from attnsparse.errors import AttnsparseError
-from attnsparse.theory import (
+from attnsparse.theory import stats as ts
+from attnsparse.theory.lab import (
     Head,
     TheoryConfig,
     load_profile_overlay,
@@ -22,7 +23,6 @@ from attnsparse.theory import (
     run_theory,
     simulate,
 )
-from attnsparse.theory_cli import theory_command
 
 
 def small_config(**kw: object) -> TheoryConfig:

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attnsparse import theory_stats as ts
+from attnsparse.theory import stats as ts
 
 
 def brute_k_at_coverage(row: list[float], eps: float) -> int:

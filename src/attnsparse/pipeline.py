@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from attnsparse.core.plotting import pyplot
+from attnsparse.core.report import Section, write_html_report
+from attnsparse.core.runs import atomic_write_json, prepare_run_dir, write_run_config
 from attnsparse.errors import AttnsparseError
-from attnsparse.plotting import pyplot
-from attnsparse.report import Section, write_html_report
-from attnsparse.runio import atomic_write_json, prepare_run_dir, write_run_config
 
 KIND = "run"
 STAGES = ("measure_before", "evaluate_before", "condense", "measure_after", "evaluate_after")
@@ -69,9 +69,9 @@ def run_pipeline(
 ) -> PipelineResult:
     """Run every stage not already finished in `out`; returns the before/after summary and the report path."""
     from attnsparse.condense import condense, preset_config
-    from attnsparse.evaluate import evaluate
-    from attnsparse.measure import measure
-    from attnsparse.models import LoadedModel, load_model
+    from attnsparse.core.models import LoadedModel, load_model
+    from attnsparse.evaluate.run import evaluate
+    from attnsparse.measure.run import measure
 
     out = Path(out)
     if out.exists() and not (out / "config.json").is_file() and any(out.iterdir()):

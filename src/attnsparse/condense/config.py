@@ -6,10 +6,10 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from attnsparse.condense.losses import parse_loss
 from attnsparse.condense.schedules import K_SCHEDULES, LAMBDA_SCHEDULES
 from attnsparse.condense.trainable import TRAINABLE_SETS
 from attnsparse.errors import AttnsparseError
-from attnsparse.losses import parse_loss
 
 DISTILL_MODES: tuple[str, ...] = ("none", "add", "only")
 # Settings that may differ between the first run and a resume without changing the result.

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from attnsparse.runio import atomic_write_bytes
+from attnsparse.core.runs import atomic_write_bytes
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:

@@ -26,9 +26,10 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, TrainerCallback, TrainingArguments, default_data_collator, set_seed
 
-from attnsparse.backend import BackendState, attach, current_implementation, detach, use_backend
+from attnsparse.attention.backend import BackendState, attach, current_implementation, detach, use_backend
 from attnsparse.condense.config import CondenseConfig
 from attnsparse.condense.distill import lm_loss
+from attnsparse.condense.losses import CondensationRegularizer
 from attnsparse.condense.plots import plot_curves, read_log
 from attnsparse.condense.schedules import ConstrainedLambda
 from attnsparse.condense.trainable import add_lora, merged, set_trainable
@@ -39,11 +40,10 @@ from attnsparse.condense.trainer import (
     install_callbacks,
     load_state,
 )
-from attnsparse.data import check_context, load_text, tokenize, windows
+from attnsparse.core.data import check_context, load_text, tokenize, windows
+from attnsparse.core.models import LoadedModel, load_model, max_context, num_layers, save_atomically
+from attnsparse.core.runs import RUN_MARKER, atomic_write_json, environment, prepare_run_dir
 from attnsparse.errors import AttnsparseError
-from attnsparse.losses import CondensationRegularizer
-from attnsparse.models import LoadedModel, load_model, max_context, num_layers, save_atomically
-from attnsparse.runio import RUN_MARKER, atomic_write_json, environment, prepare_run_dir
 
 KIND = "condense"
 LOG_NAME = "train_log.jsonl"

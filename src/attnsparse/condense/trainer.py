@@ -22,13 +22,13 @@ import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from attnsparse.backend import BackendState
+from attnsparse.attention.backend import BackendState
+from attnsparse.attention.policies import Policy
 from attnsparse.condense.config import CondenseConfig
 from attnsparse.condense.distill import distillation_kl, lm_loss
+from attnsparse.condense.losses import CondensationRegularizer, LossConfig, parse_loss
 from attnsparse.condense.schedules import ConstrainedLambda, k_at, lambda_at
 from attnsparse.errors import AttnsparseError
-from attnsparse.losses import CondensationRegularizer, LossConfig, parse_loss
-from attnsparse.policies import Policy
 
 STATE_FILE = "attnsparse_state.json"
 CHECKPOINT_PREFIX = "checkpoint-"

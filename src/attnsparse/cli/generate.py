@@ -1,0 +1,104 @@
+"""`attnsparse generate MODEL --prompt-file F --policy PLAN`: greedy generation with a sparse KV cache.
+
+The lead registers `generate_command` in cli.py (`app.command("generate")(generate_command)`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from attnsparse.errors import AttnsparseError
+
+
+def generate_command(
+    model: str = typer.Argument("smollm2-135m", help="Embedded name, hub id, local HF directory or .gguf file."),
+    prompt_file: str = typer.Option(..., "--prompt-file", help="UTF-8 text file holding the prompt."),
+    policy: str = typer.Option(
+        "dense", "--policy",
+        help="Plan JSON file, or one policy for every head: dense, topk:K, block:B:BUDGET[:mean|bound] (BUDGET "
+             "in tokens, or a density such as 0.0625), streaming:S:W.",
+    ),
+    profile: Optional[str] = typer.Option(  # noqa: UP045 - typer reads the annotation
+        None, "--profile",
+        help="A measure profile.json: its streaming heads use --streaming, the others --policy.",
+    ),
+    streaming: str = typer.Option("streaming:4:1024", "--streaming", help="Policy for streaming heads with --profile."),
+    save_plan: Optional[str] = typer.Option(None, "--save-plan", help="Write the plan used as JSON."),  # noqa: UP045
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Tokens to generate."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON record instead of text and a summary."),
+) -> None:
+    """Generate a continuation of a prompt with sparse decoding; prints the text and a speed/memory summary."""
+    from attnsparse.cli._common import run_or_exit
+
+    record = run_or_exit(lambda: _generate(
+        model, Path(prompt_file), policy, Path(profile) if profile else None, streaming,
+        Path(save_plan) if save_plan else None, max_new_tokens,
+    ))
+    if as_json:
+        typer.echo(json.dumps(record, indent=2))
+        return
+    typer.echo(record["text"])
+    typer.echo(
+        f"--- {record['new_tokens']} tokens after a {record['prompt_tokens']}-token prompt | plan {record['plan']} | "
+        f"prefill {record['prefill_seconds']:.2f} s | decode {record['decode_tokens_per_second']:.2f} tokens/s | "
+        f"KV held {record['kv_mb_held']:.1f} MB | attention reads {record['attention_mb_per_step']:.2f} MB/step",
+        err=True,
+    )
+
+
+def _generate(model_spec: str, prompt_file: Path, policy: str, profile: Path | None, streaming: str,
+              save_plan: Path | None, max_new_tokens: int) -> dict[str, object]:
+    import torch
+
+    from attnsparse.core.data import check_context, load_text, tokenize
+    from attnsparse.core.models import load_model
+    from attnsparse.decode.backend import generate, model_shape
+    from attnsparse.decode.plan import DecodePlan, plan_from_profile, resolve_plan
+
+    text = load_text(str(prompt_file))
+    loaded = load_model(model_spec)
+    ids = tokenize(loaded.tokenizer, text)
+    if ids.numel() == 0:
+        raise AttnsparseError(f"prompt file {prompt_file} gives no tokens")
+    check_context(int(ids.numel()) + max_new_tokens, loaded.max_context)
+    layers, _, kv_heads = model_shape(loaded.model)
+    if profile is not None:
+        plan: DecodePlan = plan_from_profile(_read_json(profile), retrieval=policy, streaming=streaming)
+        plan.check_model(layers, kv_heads)
+    else:
+        plan = resolve_plan(policy, layers, kv_heads, model_spec)
+    if save_plan is not None:
+        plan.save(save_plan)
+    result = generate(loaded.model, ids[None], plan, max_new_tokens=max_new_tokens,
+                      eos_token_id=loaded.tokenizer.eos_token_id)
+    new_ids = result.sequences[0, result.prompt_tokens:]
+    counts = plan.counts()
+    return {
+        "model": model_spec,
+        "plan": ", ".join(f"{n} x {spec}" for spec, n in counts.items()),
+        "plan_counts": counts,
+        "prompt_tokens": result.prompt_tokens,
+        "new_tokens": result.new_tokens,
+        "text": loaded.tokenizer.decode(new_ids, skip_special_tokens=True),
+        "prefill_seconds": round(result.prefill_seconds, 3),
+        "decode_tokens_per_second": round(result.decode_tokens_per_second, 3),
+        "kv_mb_held": result.kv_bytes_held / 1e6,
+        "attention_mb_per_step": result.attention_bytes_per_step / 1e6,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _read_json(path: Path) -> dict[str, object]:
+    if not path.is_file():
+        raise AttnsparseError(f"profile {path} does not exist; run `attnsparse measure` first")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise AttnsparseError(f"profile {path} is not valid JSON: {error}") from error
+    if not isinstance(data, dict):
+        raise AttnsparseError(f"profile {path} is not a measure profile")
+    return data

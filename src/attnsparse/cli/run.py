@@ -1,0 +1,31 @@
+"""`attnsparse run`: the main job (measure, condense, evaluate, report) as one resumable command."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from attnsparse.cli._common import run_or_exit
+
+
+def run_command(
+    model: str = typer.Argument("smollm2-135m", help="Embedded name, hub id, local HF directory or .gguf file."),
+    out: str = typer.Option("runs/main", help="Run directory; re-running the same command resumes it."),
+    train_data: str = typer.Option("builtin:train", help="Fine-tuning text (file, hf:NAME[:CONFIG[:SPLIT]], builtin:train)."),
+    eval_data: str = typer.Option("builtin:test", help="Measuring and evaluation text; keep it apart from the training text."),
+    preset: str = typer.Option("smollm2-cpu-15min", help="Condense preset (docs/condense.md)."),
+    ctx: int = typer.Option(1024, help="Tokens per window for measure and evaluate."),
+    measure_windows: int = typer.Option(4, help="Evenly spaced windows to measure."),
+    eval_windows: int = typer.Option(4, help="Evenly spaced windows to evaluate."),
+    policies: str = typer.Option("dense,topk:4,topk:8,topk:16,topk:32,topk:64", help="Policies to evaluate."),
+    steps: Optional[int] = typer.Option(None, help="Override the preset's number of training steps."),  # noqa: UP045
+    overwrite: bool = typer.Option(False, help="Start over in an existing run directory with other settings."),
+) -> None:
+    """The main job: measure, condense, evaluate original against condensed, one before/after HTML report."""
+    from attnsparse.pipeline import PipelineConfig, run_pipeline
+
+    config = PipelineConfig(model=model, train_data=train_data, eval_data=eval_data, preset=preset, ctx=ctx,
+                            measure_windows=measure_windows, eval_windows=eval_windows, policies=policies,
+                            steps=steps)
+    run_or_exit(lambda: run_pipeline(config, out, overwrite=overwrite, echo=typer.echo))

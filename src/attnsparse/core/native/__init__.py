@@ -1,0 +1,94 @@
+"""Small C kernels compiled on first use with the system C compiler, with a pure numpy fallback.
+
+A kernel is built once per source version into `$ATTNSPARSE_CACHE/native/` (atomic rename, so concurrent
+processes never load a half-written library) and loaded with ctypes. Without a compiler, or with
+ATTNSPARSE_NATIVE=0, `load` returns None and callers use their numpy path: results are the same, only slower.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+
+from attnsparse.core.runs import cache_root
+
+SOURCES = Path(__file__).resolve().parent
+
+
+def enabled() -> bool:
+    """False when the user switched native kernels off (ATTNSPARSE_NATIVE=0)."""
+    return os.environ.get("ATTNSPARSE_NATIVE", "1").strip() not in ("0", "false", "no", "off")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+@cache
+def load(name: str) -> ctypes.CDLL | None:
+    """The compiled kernel `name` (native/NAME.c) as a ctypes library, or None when it cannot be built."""
+    if not enabled():
+        return None
+    source = SOURCES / f"{name}.c"
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    # built on the machine that runs it (the cache key has the CPU model); no -ffast-math: results stay exact.
+    # -fopenmp links libgomp.so.1, which the loader resolves to the copy torch already has loaded: kernels share
+    # torch's threads. Without OpenMP the same source builds single-threaded.
+    common = ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-fPIC", "-shared"]
+    last_error: Exception | None = None
+    code, machine = source.read_bytes(), [platform.machine(), _cpu_model()]
+    for flags in (common + ["-fopenmp"], common + ["-fopenmp-simd"]):
+        digest = hashlib.sha256(code + " ".join(flags + machine).encode()).hexdigest()[:16]
+        target = cache_root() / "native" / f"{name}-{digest}.so"
+        try:
+            if not target.is_file():
+                _build(compiler, flags, source, target)
+            return ctypes.CDLL(str(target))
+        except (OSError, subprocess.SubprocessError) as error:
+            last_error = error
+    warnings.warn(f"attnsparse: could not compile {source.name} ({last_error}); using the slower numpy path",
+                  stacklevel=2)
+    return None
+
+
+def _build(compiler: str, flags: list[str], source: Path, target: Path) -> None:
+    """Compile into a temporary name and rename: concurrent processes never load a half-written library."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        subprocess.run([compiler, *flags, str(source), "-o", str(built), "-lm"], check=True, capture_output=True,
+                       timeout=120)
+        os.replace(built, target)
+
+
+_CTYPES = {"p": ctypes.c_void_p, "n": ctypes.c_int64, "f": ctypes.c_float}
+
+
+@cache
+def function(library: str, name: str, signature: str) -> Callable[..., int] | None:
+    """Function `name` of kernel `library` returning a C int, its arguments typed from `signature` (one letter
+    each: p pointer, n int64, f float32); None when the kernel cannot be built."""
+    lib = load(library)
+    if lib is None:
+        return None
+    fn = getattr(lib, name)
+    fn.argtypes = [_CTYPES[code] for code in signature]
+    fn.restype = ctypes.c_int
+    return fn

@@ -1,0 +1,56 @@
+"""Perplexity of a causal LM over token windows under an attention policy."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from attnsparse.attention.backend import sparse_attention
+from attnsparse.attention.policies import Policy, parse_policy
+
+
+@dataclass
+class PerplexityResult:
+    policy: str
+    nll_sum: float
+    tokens: int
+    windows: int
+    ctx: int
+    density: float
+
+    @property
+    def mean_nll(self) -> float:
+        return self.nll_sum / self.tokens
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.mean_nll)
+
+
+@torch.inference_mode()
+def perplexity(
+    model: PreTrainedModel,
+    windows: torch.Tensor,
+    policy: str | Policy = "dense",
+    *,
+    batch_size: int = 1,
+    query_chunk: int | None = None,
+    progress: bool = True,
+) -> PerplexityResult:
+    """exp(mean next-token NLL) over every window; each window of n tokens scores its last n - 1 tokens."""
+    policy = parse_policy(policy)
+    count, ctx = windows.shape
+    nll_sum = 0.0
+    with sparse_attention(model, policy, query_chunk=query_chunk):
+        for start in tqdm(range(0, count, batch_size), desc=f"ppl {policy.spec}", disable=not progress, leave=False):
+            batch = windows[start : start + batch_size].to(model.device)
+            logits = model(batch).logits[:, :-1].float()
+            nll_sum += F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+            ).item()
+    return PerplexityResult(policy.spec, nll_sum, count * (ctx - 1), count, ctx, policy.density(ctx))

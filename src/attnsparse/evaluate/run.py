@@ -1,0 +1,256 @@
+"""Quality against density: perplexity of a model under several attention policies, side by side.
+
+For each protocol (the whole text in non-overlapping windows, or M evenly spaced windows) and each policy this
+reports perplexity, density (kept pairs / causal pairs at the evaluation context) and the ratio to the dense
+perplexity, and writes results.json, results.csv, ppl_vs_density.png and config.json into a run directory.
+Perplexity itself comes from `attnsparse.evaluate.perplexity`; this module only organises runs and outputs.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from attnsparse.attention.policies import Policy, parse_policies, parse_policy
+from attnsparse.core.data import check_context, load_text, tokenize
+from attnsparse.core.data import windows as make_windows
+from attnsparse.core.models import LoadedModel, load_model, max_context
+from attnsparse.core.runs import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    prepare_run_dir,
+    write_run_config,
+)
+from attnsparse.decode.eval import decode_perplexity, plan_label
+from attnsparse.decode.plan import DecodePlan
+from attnsparse.errors import AttnsparseError
+from attnsparse.evaluate.perplexity import perplexity
+
+KIND = "evaluate"
+Protocol = int | None  # None = whole text (non-overlapping windows), M = M evenly spaced windows
+
+
+@dataclass
+class EvaluationRow:
+    """One (protocol, policy) measurement."""
+
+    protocol: str  # "all" or "windows:M"
+    policy: str  # a policy spec, or plan:<spec or file> for a decode plan (scored on the decoded tokens only)
+    density: float  # kept pairs / causal pairs; for a plan, the share of dense KV bytes read per decode step
+    perplexity: float
+    mean_nll: float
+    tokens: int
+    windows: int
+    ctx: int
+    ratio_to_dense: float | None
+    seconds: float
+
+
+@dataclass
+class EvaluationResult:
+    """Rows for every protocol and policy, plus what produced them."""
+
+    model: str
+    data: str
+    ctx: int
+    rows: list[EvaluationRow] = field(default_factory=list)
+    out: Path | None = None
+
+    def row(self, policy: str, protocol: str | None = None) -> EvaluationRow:
+        """The row of `policy` (spec) under `protocol` (default: the first protocol evaluated)."""
+        spec = policy if policy.startswith("plan:") else parse_policy(policy).spec
+        protocol = protocol or self.rows[0].protocol
+        for row in self.rows:
+            if row.policy == spec and row.protocol == protocol:
+                return row
+        raise KeyError(f"no result for {spec} under {protocol}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, "data": self.data, "ctx": self.ctx, "rows": [asdict(r) for r in self.rows]}
+
+    def table(self) -> str:
+        """A fixed-width summary table for the terminal."""
+        header = f"{'protocol':<12} {'policy':<22} {'density':>8} {'ppl':>10} {'x dense':>8} {'tokens':>9}"
+        lines = [header, "-" * len(header)]
+        for r in self.rows:
+            ratio = "" if r.ratio_to_dense is None else f"{r.ratio_to_dense:.3f}"
+            lines.append(
+                f"{r.protocol:<12} {r.policy:<22} {r.density:>8.4f} {r.perplexity:>10.3f} {ratio:>8} {r.tokens:>9}"
+            )
+        return "\n".join(lines)
+
+
+def protocol_name(protocol: Protocol) -> str:
+    return "all" if protocol is None else f"windows:{protocol}"
+
+
+def parse_protocol(text: str) -> Protocol:
+    """`all` (the whole text) or a positive window count M."""
+    text = text.strip().lower()
+    if text in ("all", "whole", "0"):
+        return None
+    try:
+        count = int(text)
+    except ValueError:
+        raise AttnsparseError(f"window protocol '{text}': use 'all' or a positive window count") from None
+    if count < 1:
+        raise AttnsparseError(f"window count {count} must be >= 1 (or 'all' for the whole text)")
+    return count
+
+
+def _policies(policies: str | Sequence[str | Policy]) -> list[Policy]:
+    """Parsed policies, de-duplicated, with dense first (every ratio is taken against it)."""
+    parsed = parse_policies(policies) if isinstance(policies, str) else [parse_policy(p) for p in policies]
+    if not parsed:
+        raise AttnsparseError("no policies to evaluate; pass e.g. --policies dense,topk:8,topk:16")
+    unique: dict[str, Policy] = {}
+    for policy in [Policy("dense"), *parsed]:
+        unique.setdefault(policy.spec, policy)
+    return list(unique.values())
+
+
+def _protocols(windows: Protocol | Sequence[Protocol]) -> list[Protocol]:
+    if windows is None or isinstance(windows, int):
+        items: list[Protocol] = [windows]
+    else:
+        items = list(windows) or [None]
+    for item in items:
+        if item is not None and item < 1:
+            raise AttnsparseError(f"window count {item} must be >= 1 (or None for the whole text)")
+    return list(dict.fromkeys(items))
+
+
+def _resolve_model(
+    model_or_spec: str | LoadedModel | PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
+    if isinstance(model_or_spec, str):
+        loaded = load_model(model_or_spec)
+        return loaded.model, loaded.tokenizer, loaded.spec
+    if isinstance(model_or_spec, LoadedModel):
+        return model_or_spec.model, tokenizer or model_or_spec.tokenizer, model_or_spec.spec
+    if tokenizer is None:
+        raise AttnsparseError("evaluating a model object needs its tokenizer; pass tokenizer=")
+    name = getattr(model_or_spec.config, "_name_or_path", "") or type(model_or_spec).__name__
+    return model_or_spec, tokenizer, str(name)
+
+
+def evaluate(
+    model_or_spec: str | LoadedModel | PreTrainedModel,
+    text_spec: str | None,
+    ctx: int,
+    policies: str | Sequence[str | Policy] = "dense,topk:8,topk:16,topk:32,topk:64,topk:128",
+    windows: Protocol | Sequence[Protocol] = None,
+    out: str | Path | None = None,
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    batch_size: int = 1,
+    query_chunk: int | None = None,
+    plans: Sequence[str | Path | DecodePlan] = (),
+    decode_tokens: int = 64,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> EvaluationResult:
+    """Perplexity and density of every policy (dense always included, first) under every window protocol.
+
+    `windows=None` scores the whole text in non-overlapping windows of `ctx`; `windows=M` scores M evenly spaced
+    windows (window i starts at i·⌊len/M⌋); a list runs several protocols on the same tokens. With `out`, writes
+    a run directory (refusing a non-empty directory that is not an earlier evaluate run unless `overwrite`).
+    Decode `plans` (JSON files or specs such as block:16:0.0625) add rows scored by decoding the last
+    `decode_tokens` of each window from a dense prefill (`attnsparse.decode.eval`), with a dense decode row
+    (plan:dense) as their reference.
+    """
+    if batch_size < 1:
+        raise AttnsparseError(f"batch size {batch_size} must be >= 1")
+    plan = _policies(policies)
+    protocols = _protocols(windows)
+    out_dir = prepare_run_dir(out, KIND, overwrite) if out is not None else None
+    model, tok, name = _resolve_model(model_or_spec, tokenizer)
+    check_context(ctx, max_context(model))
+    ids = tokenize(tok, load_text(text_spec))
+    result = EvaluationResult(model=name, data=text_spec or "builtin", ctx=ctx, out=out_dir)
+    for protocol in protocols:
+        batches = make_windows(ids, ctx, count=protocol)
+        dense_ppl: float | None = None
+        for policy in plan:
+            started = time.perf_counter()
+            ppl = perplexity(model, batches, policy, batch_size=batch_size, query_chunk=query_chunk, progress=progress)
+            if policy.is_dense:
+                dense_ppl = ppl.perplexity
+            result.rows.append(EvaluationRow(
+                protocol=protocol_name(protocol), policy=policy.spec, density=ppl.density,
+                perplexity=ppl.perplexity, mean_nll=ppl.mean_nll, tokens=ppl.tokens, windows=ppl.windows, ctx=ctx,
+                ratio_to_dense=None if dense_ppl is None else ppl.perplexity / dense_ppl,
+                seconds=time.perf_counter() - started,
+            ))
+        if plans:
+            started = time.perf_counter()
+            decoded = decode_perplexity(model, batches, list(plans), decode_tokens, progress=progress)
+            seconds = (time.perf_counter() - started) / len(decoded)
+            reference = decoded[0].perplexity
+            for d in decoded:
+                result.rows.append(EvaluationRow(
+                    protocol=protocol_name(protocol), policy=d.plan, density=d.read_fraction,
+                    perplexity=d.perplexity, mean_nll=d.mean_nll, tokens=d.tokens, windows=d.windows, ctx=ctx,
+                    ratio_to_dense=d.perplexity / reference, seconds=seconds,
+                ))
+    if out_dir is not None:
+        config = {
+            "model": name, "data": text_spec or "builtin", "ctx": ctx, "policies": [p.spec for p in plan],
+            "protocols": [protocol_name(p) for p in protocols], "batch_size": batch_size, "query_chunk": query_chunk,
+            "plans": [plan_label(p) for p in plans], "decode_tokens": decode_tokens if plans else None,
+            "text_tokens": int(ids.numel()), "dtype": str(next(model.parameters()).dtype),
+        }
+        write_outputs(result, out_dir, config)
+    return result
+
+
+def write_outputs(result: EvaluationResult, out: Path, config: dict[str, Any]) -> None:
+    """results.json, results.csv, ppl_vs_density.png, then config.json last (it marks a finished run)."""
+    atomic_write_json(out / "results.json", result.to_json())
+    buffer = io.StringIO()
+    fields = list(EvaluationRow.__dataclass_fields__)
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for row in result.rows:
+        writer.writerow(asdict(row))
+    atomic_write_text(out / "results.csv", buffer.getvalue())
+    plot_ppl_vs_density(result, out / "ppl_vs_density.png")
+    write_run_config(out, KIND, config)
+
+
+def plot_ppl_vs_density(result: EvaluationResult, path: Path) -> Path:
+    """Perplexity against density (log x), one line per protocol, dense perplexity as a dashed line."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.4, 4.4), dpi=110)
+    axes = figure.add_subplot()
+    for protocol in dict.fromkeys(r.protocol for r in result.rows):
+        # decode-plan rows score other tokens (the decoded tail); they are in the table, not on this plot
+        rows = sorted((r for r in result.rows if r.protocol == protocol and not r.policy.startswith("plan:")),
+                      key=lambda r: r.density)
+        line = axes.plot([r.density for r in rows], [r.perplexity for r in rows], marker="o", label=protocol)[0]
+        for r in rows:
+            axes.annotate(r.policy, (r.density, r.perplexity), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        dense = [r.perplexity for r in rows if r.policy == "dense"]
+        if dense:
+            axes.axhline(dense[0], color=line.get_color(), linestyle="--", linewidth=0.8)
+    axes.set_xscale("log")
+    axes.set_xlabel("density (kept pairs / causal pairs)")
+    axes.set_ylabel("perplexity")
+    axes.set_title(f"{Path(result.model).name or result.model}, ctx {result.ctx}", fontsize=10)
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+

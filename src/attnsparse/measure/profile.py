@@ -1,0 +1,516 @@
+"""Mergeable streaming accumulators of per-head sparsity metrics, the `Recorder` observer, and profile.json.
+
+Nothing here stores attention matrices: every chunk of rows is reduced at once to per-(layer, head) sums,
+counts, an exact integer histogram of k at coverage (for quantiles) and the sufficient statistics of the
+least-squares fit of log k_{1-δ} against log n_i. Two profiles of the same config merge by adding their
+accumulators, so a run split over windows, processes or machines gives the same numbers as one pass.
+Definitions and the JSON schema: docs/measure.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from attnsparse.errors import AttnsparseError
+from attnsparse.measure.rowstats import MetricSpec, RowMetrics, default_ks, row_metrics
+
+SCHEMA_VERSION = 1
+QUANTILES = (0.1, 0.5, 0.9, 0.99)
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """Everything that defines what a profile measures (recorded in config.json and profile.json)."""
+
+    ctx: int
+    ks: tuple[int, ...] = ()  # empty = 1, 2, 4, ... up to ctx
+    deltas: tuple[float, ...] = (0.01, 0.05, 0.1)
+    eps: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
+    sink_tokens: int = 4
+    local_window: int = 64
+    stream_delta: float = 0.1  # streaming head: mean sink+local mass >= 1 - stream_delta
+    fit_delta: float = 0.05  # C is the slope of log k_{1-fit_delta} against log n_i
+    fit_min_n: int = 16  # rows with n_i < fit_min_n are left out of the C fit
+    bins_per_octave: int = 4  # query-position bins for the k-versus-position curves
+
+    def __post_init__(self) -> None:
+        if self.ctx < 2:
+            raise AttnsparseError(f"context length {self.ctx} is too small; use --ctx 2 or more")
+        ks = tuple(int(k) for k in self.ks) if self.ks else default_ks(self.ctx)
+        object.__setattr__(self, "ks", tuple(sorted(set(ks))))
+        object.__setattr__(self, "deltas", tuple(float(d) for d in self.deltas))
+        object.__setattr__(self, "eps", tuple(float(e) for e in self.eps))
+        if min(self.ks) < 1:
+            raise AttnsparseError(f"every k must be >= 1, got {min(self.ks)}")
+        if not self.deltas or not all(0.0 < d < 1.0 for d in self.deltas):
+            raise AttnsparseError(f"coverage deltas must lie in (0, 1), got {list(self.deltas)}")
+        if self.fit_delta not in self.deltas:
+            raise AttnsparseError(f"fit delta {self.fit_delta} must be one of the deltas {list(self.deltas)}")
+        if not self.eps or not all(0.0 < e < 1.0 for e in self.eps):
+            raise AttnsparseError(f"epsilon grid must lie in (0, 1), got {list(self.eps)}")
+        if self.sink_tokens < 0 or self.local_window < 1:
+            raise AttnsparseError("sink tokens must be >= 0 and the local window >= 1")
+        if not 0.0 < self.stream_delta < 1.0:
+            raise AttnsparseError(f"stream delta must lie in (0, 1), got {self.stream_delta}")
+        if self.fit_min_n < 1 or self.bins_per_octave < 1:
+            raise AttnsparseError("fit_min_n and bins_per_octave must be >= 1")
+
+    @property
+    def spec(self) -> MetricSpec:
+        return MetricSpec(self.ks, self.deltas, self.eps, self.sink_tokens, self.local_window)
+
+    @property
+    def position_bins(self) -> int:
+        return math.floor(math.log2(self.ctx) * self.bins_per_octave) + 1
+
+    @property
+    def fit_index(self) -> int:
+        return self.deltas.index(self.fit_delta)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ProfileConfig:
+        names = set(cls.__dataclass_fields__)
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in names})
+
+
+def coverage_key(delta: float) -> str:
+    """"0.95" for δ = 0.05: profile.json keys k at coverage by the coverage 1 - δ."""
+    return f"{round(1.0 - delta, 10):g}"
+
+
+def _zeros(heads: int, *shape: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    return torch.zeros(heads, *shape, dtype=dtype)
+
+
+class LayerAccumulator:
+    """Sums over rows for every head of one layer; `update` reduces a RowMetrics block, `merge` adds another."""
+
+    def __init__(self, config: ProfileConfig, heads: int) -> None:
+        nk, nd, ne, nb = len(config.ks), len(config.deltas), len(config.eps), config.position_bins
+        self.config = config
+        self.heads = heads
+        i64 = torch.int64
+        self.t: dict[str, torch.Tensor] = {
+            "rows": _zeros(heads, dtype=i64),
+            "topk_sum": _zeros(heads, nk),
+            "long_rows": _zeros(heads, nk, dtype=i64),  # rows with n_i > k
+            "long_tail_sum": _zeros(heads, nk),  # sum of 1 - m_k over those rows
+            "eps_k_sparse": _zeros(heads, ne, nk, dtype=i64),
+            "kcov_sum": _zeros(heads, nd),
+            "kcov_frac_sum": _zeros(heads, nd),  # sum of k_{1-δ} / n_i
+            "kcov_hist": _zeros(heads, nd, config.ctx + 1, dtype=i64),
+            "entropy_sum": _zeros(heads),
+            "support_sum": _zeros(heads),  # sum of exp(H)
+            "sink_sum": _zeros(heads),
+            "local_sum": _zeros(heads),
+            "stream_sum": _zeros(heads),
+            "stream_long_rows": _zeros(heads, dtype=i64),  # rows with n_i > sink + window
+            "stream_long_sum": _zeros(heads),
+            "fit_n": _zeros(heads, dtype=i64),
+            "fit_sx": _zeros(heads),
+            "fit_sxx": _zeros(heads),
+            "fit_sy": _zeros(heads, nd),
+            "fit_syy": _zeros(heads, nd),
+            "fit_sxy": _zeros(heads, nd),
+            "pos_rows": _zeros(heads, nb, dtype=i64),
+            "pos_logn": _zeros(heads, nb),
+            "pos_logk": _zeros(heads, nd, nb),
+        }
+
+    def update(self, m: RowMetrics) -> None:
+        """Add a block of rows shaped (B, H, Qc, ...) to the sums; rows with n_i = 0 (padding) are skipped."""
+        cfg = self.config
+        n = m.n.to("cpu", torch.int64)
+        valid = n > 0
+        heads = n.shape[1]
+        if heads != self.heads:
+            raise ValueError(f"layer accumulator has {self.heads} heads, the block {heads}")
+        v = valid.to(torch.float64)
+        vi = valid.to(torch.int64)
+
+        def hsum(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            """Sum over batch and query axes of x (B, H, Qc, ...) weighted by a (B, H, Qc) mask."""
+            w = weight.reshape(*weight.shape, *([1] * (x.dim() - weight.dim())))
+            return (x * w).sum(dim=(0, 2))
+
+        t = self.t
+        top = m.topk_mass.to("cpu", torch.float64)
+        kcov = m.k_cov.to("cpu", torch.int64)
+        ks = torch.tensor(cfg.ks, dtype=torch.int64)
+        eps_counts = m.count_above.to("cpu", torch.int64)
+        t["rows"] += vi.sum(dim=(0, 2))
+        t["topk_sum"] += hsum(top, v)
+        longer = (n[..., None] > ks) & valid[..., None]
+        t["long_rows"] += longer.sum(dim=(0, 2))
+        t["long_tail_sum"] += ((1.0 - top).clamp_min(0.0) * longer).sum(dim=(0, 2))
+        t["eps_k_sparse"] += ((eps_counts[..., :, None] <= ks) & valid[..., None, None]).sum(dim=(0, 2))
+        t["kcov_sum"] += hsum(kcov.to(torch.float64), v)
+        n_safe = n.clamp_min(1).to(torch.float64)
+        t["kcov_frac_sum"] += hsum(kcov.to(torch.float64) / n_safe[..., None], v)
+        self._add_hist(kcov, valid)
+        ent = m.entropy.to("cpu", torch.float64)
+        t["entropy_sum"] += hsum(ent, v)
+        t["support_sum"] += hsum(torch.exp(ent), v)
+        t["sink_sum"] += hsum(m.sink.to("cpu", torch.float64), v)
+        t["local_sum"] += hsum(m.local.to("cpu", torch.float64), v)
+        stream = m.streaming.to("cpu", torch.float64)
+        t["stream_sum"] += hsum(stream, v)
+        long_stream = valid & (n > cfg.sink_tokens + cfg.local_window)
+        t["stream_long_rows"] += long_stream.sum(dim=(0, 2))
+        t["stream_long_sum"] += hsum(stream, long_stream.to(torch.float64))
+        # C fit on per-row points x = log n_i, y = log k_{1-δ}(row), rows with n_i >= fit_min_n.
+        fit = (valid & (n >= cfg.fit_min_n)).to(torch.float64)
+        x = torch.log(n_safe)
+        y = torch.log(kcov.clamp_min(1).to(torch.float64))
+        t["fit_n"] += (fit > 0).sum(dim=(0, 2))
+        t["fit_sx"] += hsum(x, fit)
+        t["fit_sxx"] += hsum(x * x, fit)
+        t["fit_sy"] += hsum(y, fit)
+        t["fit_syy"] += hsum(y * y, fit)
+        t["fit_sxy"] += hsum(x[..., None] * y, fit)
+        self._add_positions(n, valid, x, y)
+
+    def _add_hist(self, kcov: torch.Tensor, valid: torch.Tensor) -> None:
+        hist = self.t["kcov_hist"]
+        size = hist.shape[-1]
+        top = int(kcov.max()) if kcov.numel() else 0
+        if top >= size:  # cannot happen for rows of length <= ctx; grow rather than lose counts
+            hist = torch.nn.functional.pad(hist, (0, top + 1 - size))
+            self.t["kcov_hist"] = hist
+            size = hist.shape[-1]
+        heads, nd = hist.shape[0], hist.shape[1]
+        head_idx = torch.arange(heads).view(1, heads, 1, 1)
+        d_idx = torch.arange(nd).view(1, 1, 1, nd)
+        flat = (head_idx * nd + d_idx) * size + kcov
+        flat = flat[valid[..., None].expand_as(kcov)]
+        hist += torch.bincount(flat, minlength=heads * nd * size).view(heads, nd, size)
+
+    def _add_positions(self, n: torch.Tensor, valid: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
+        nb = self.config.position_bins
+        bins = torch.floor(x * (self.config.bins_per_octave / math.log(2)) + 1e-9).to(torch.int64).clamp(0, nb - 1)
+        heads = n.shape[1]
+        flat = (torch.arange(heads).view(1, heads, 1) * nb + bins)[valid]
+        size = heads * nb
+        self.t["pos_rows"] += torch.bincount(flat, minlength=size).view(heads, nb)
+        self.t["pos_logn"] += torch.bincount(flat, weights=x[valid], minlength=size).view(heads, nb)
+        for d in range(y.shape[-1]):
+            yd = y[..., d][valid]
+            self.t["pos_logk"][:, d] += torch.bincount(flat, weights=yd, minlength=size).view(heads, nb)
+
+    def merge(self, other: LayerAccumulator) -> None:
+        for name, value in other.t.items():
+            mine = self.t[name]
+            if name == "kcov_hist" and value.shape[-1] != mine.shape[-1]:
+                width = max(value.shape[-1], mine.shape[-1])
+                mine = torch.nn.functional.pad(mine, (0, width - mine.shape[-1]))
+                value = torch.nn.functional.pad(value, (0, width - value.shape[-1]))
+            self.t[name] = mine + value
+
+
+@dataclass
+class Profile:
+    """A model's per-layer, per-head sparsity profile: config, model facts and mergeable accumulators."""
+
+    config: ProfileConfig
+    model: str = ""
+    layers: int = 0
+    heads: int = 0
+    kv_heads: int = 0
+    windows: int = 0
+    accumulators: dict[int, LayerAccumulator] = field(default_factory=dict)
+
+    # --- accumulating -------------------------------------------------------------------------------------
+    def layer(self, layer_idx: int, heads: int) -> LayerAccumulator:
+        acc = self.accumulators.get(layer_idx)
+        if acc is None:
+            acc = self.accumulators[layer_idx] = LayerAccumulator(self.config, heads)
+            self.layers = max(self.layers, layer_idx + 1)
+            self.heads = max(self.heads, heads)
+        return acc
+
+    def merge(self, other: Profile) -> Profile:
+        """Add `other`'s rows to this profile (same config); returns self."""
+        if other.config != self.config:
+            raise AttnsparseError("cannot merge profiles measured with different configs")
+        for layer_idx, acc in other.accumulators.items():
+            mine = self.accumulators.get(layer_idx)
+            if mine is None:
+                mine = self.layer(layer_idx, acc.heads)
+            mine.merge(acc)
+        self.windows += other.windows
+        self.layers = max(self.layers, other.layers)
+        self.heads = max(self.heads, other.heads)
+        self.kv_heads = self.kv_heads or other.kv_heads
+        self.model = self.model or other.model
+        return self
+
+    # --- reading ------------------------------------------------------------------------------------------
+    def stacked(self, name: str) -> torch.Tensor:
+        """Accumulator `name` for all layers stacked: (layers, heads, ...)."""
+        if not self.accumulators:
+            raise AttnsparseError("the profile holds no rows; nothing was measured")
+        return torch.stack([self.accumulators[i].t[name] for i in sorted(self.accumulators)])
+
+    def head_stats(self) -> dict[str, np.ndarray]:
+        """Per (layer, head) summary arrays (numpy, layers x heads [x grid]) that the JSON, CSV and plots share."""
+        cfg = self.config
+        rows = self.stacked("rows").to(torch.float64)
+        denom = rows.clamp_min(1)
+        out: dict[str, np.ndarray] = {"rows": rows.numpy()}
+        out["topk_mass"] = (self.stacked("topk_sum") / denom[..., None]).numpy()
+        long_rows = self.stacked("long_rows").to(torch.float64)
+        tail = self.stacked("long_tail_sum") / long_rows.clamp_min(1)
+        out["tail_mass_long"] = torch.where(long_rows > 0, tail, torch.nan).numpy()
+        out["eps_k_sparse"] = (self.stacked("eps_k_sparse") / denom[..., None, None]).numpy()
+        out["kcov_mean"] = (self.stacked("kcov_sum") / denom[..., None]).numpy()
+        out["kcov_frac_mean"] = (self.stacked("kcov_frac_sum") / denom[..., None]).numpy()
+        out["kcov_quantiles"] = _hist_quantiles(self.stacked("kcov_hist"), QUANTILES)
+        out["kcov_max"] = _hist_max(self.stacked("kcov_hist"))
+        for name in ("entropy", "support", "sink", "local", "stream"):
+            out[name] = (self.stacked(f"{name}_sum") / denom).numpy()
+        long_stream = self.stacked("stream_long_rows").to(torch.float64)
+        stream_long = self.stacked("stream_long_sum") / long_stream.clamp_min(1)
+        out["stream_long"] = torch.where(long_stream > 0, stream_long, self.stacked("stream_sum") / denom).numpy()
+        slope, intercept, r2 = _fit(self)
+        out["C"], out["C_intercept"], out["C_r2"] = slope.numpy(), intercept.numpy(), r2.numpy()
+        out["fit_points"] = self.stacked("fit_n").numpy()
+        out["streaming"] = out["stream_long"] >= 1.0 - cfg.stream_delta
+        return out
+
+    def position_curves(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per-bin mean log n, mean log k_{1-fit_delta} per (layer, head), and row counts (layers, heads, bins)."""
+        rows = self.stacked("pos_rows").to(torch.float64)
+        logn = self.stacked("pos_logn") / rows.clamp_min(1)
+        logk = self.stacked("pos_logk")[:, :, self.config.fit_index] / rows.clamp_min(1)
+        return logn.numpy(), logk.numpy(), rows.numpy()
+
+    def to_dict(self) -> dict[str, Any]:
+        """profile.json: model facts, config, per-head and per-layer summaries (schema in docs/measure.md)."""
+        cfg = self.config
+        st = self.head_stats()
+        fit_i = cfg.fit_index
+        per_head = []
+        for layer in range(st["rows"].shape[0]):
+            for head in range(st["rows"].shape[1]):
+                entry = _head_entry(cfg, st, layer, head)
+                if self.kv_heads and self.heads % self.kv_heads == 0:
+                    entry["kv_head"] = head // (self.heads // self.kv_heads)
+                per_head.append(entry)
+        per_layer = []
+        fit_key = coverage_key(cfg.fit_delta)
+        for layer in range(st["rows"].shape[0]):
+            c = st["C"][layer]
+            per_layer.append({
+                "layer": layer,
+                f"k_{fit_key}_mean": float(np.mean(st["kcov_mean"][layer, :, fit_i])),
+                "C_mean": _nanmean(c),
+                "streaming_share": float(np.mean(st["streaming"][layer])),
+                "entropy_mean": float(np.mean(st["entropy"][layer])),
+            })
+        logn, logk, pos_rows = self.position_curves()
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "model": self.model,
+            "ctx": cfg.ctx,
+            "windows": self.windows,
+            "layers": self.layers,
+            "heads": self.heads,
+            "kv_heads": self.kv_heads,
+            "rows_per_head": int(st["rows"].max()) if st["rows"].size else 0,
+            "config": cfg.to_dict(),
+            "density": {str(k): density(k, cfg.ctx) for k in cfg.ks},
+            "summary": {
+                f"k_{fit_key}_mean": float(np.mean(st["kcov_mean"][..., fit_i])),
+                "C_mean": _nanmean(st["C"]),
+                "C_median": _nanmedian(st["C"]),
+                "streaming_share": float(np.mean(st["streaming"])),
+                "streaming_heads": int(np.sum(st["streaming"])),
+                "heads_total": int(st["streaming"].size),
+            },
+            "per_layer": per_layer,
+            "per_head": per_head,
+            "k_vs_position": _position_summary(logn, logk, pos_rows),
+        }
+
+    def csv_rows(self) -> tuple[list[str], list[list[object]]]:
+        """One CSV row per (layer, head) with the scalar metrics (what a spreadsheet user wants)."""
+        cfg = self.config
+        st = self.head_stats()
+        header = ["layer", "head", "class", "rows", "C", "C_r2"]
+        header += [f"k{coverage_key(d)}_{s}" for d in cfg.deltas for s in ("mean", "p50", "p90")]
+        header += ["entropy", "effective_support", "sink_mass", "local_mass", "sink_local_mass"]
+        header += [f"topk_mass_{k}" for k in cfg.ks]
+        rows: list[list[object]] = []
+        p50, p90 = QUANTILES.index(0.5), QUANTILES.index(0.9)
+        for layer in range(st["rows"].shape[0]):
+            for head in range(st["rows"].shape[1]):
+                row: list[object] = [layer, head, "streaming" if st["streaming"][layer, head] else "retrieval",
+                                     int(st["rows"][layer, head]), _num(st["C"][layer, head]),
+                                     _num(st["C_r2"][layer, head])]
+                for d in range(len(cfg.deltas)):
+                    row += [float(st["kcov_mean"][layer, head, d]), int(st["kcov_quantiles"][layer, head, d, p50]),
+                            int(st["kcov_quantiles"][layer, head, d, p90])]
+                row += [float(st[name][layer, head]) for name in ("entropy", "support", "sink", "local", "stream_long")]
+                row += [float(v) for v in st["topk_mass"][layer, head]]
+                rows.append(row)
+        return header, rows
+
+    # --- persistence of the mergeable state ----------------------------------------------------------------
+    def save_state(self, path: str | Path) -> None:
+        """Write the raw accumulators (npz) so a later run can `merge` more windows into this profile."""
+        arrays = {f"{layer}/{name}": value.numpy() for layer, acc in self.accumulators.items()
+                  for name, value in acc.t.items()}
+        meta = np.array([self.layers, self.heads, self.kv_heads, self.windows], dtype=np.int64)
+        with open(path, "wb") as handle:
+            np.savez_compressed(handle, __meta__=meta, **arrays)
+
+    @classmethod
+    def load_state(cls, path: str | Path, config: ProfileConfig, model: str = "") -> Profile:
+        with np.load(path) as data:
+            layers, heads, kv_heads, windows = (int(v) for v in data["__meta__"])
+            profile = cls(config, model, layers, heads, kv_heads, windows)
+            for key in data.files:
+                if key == "__meta__":
+                    continue
+                layer, name = key.split("/", 1)
+                acc = profile.accumulators.get(int(layer))
+                if acc is None:
+                    acc = profile.accumulators[int(layer)] = LayerAccumulator(config, int(data[key].shape[0]))
+                acc.t[name] = torch.from_numpy(data[key].copy())
+        return profile
+
+
+class Recorder:
+    """Backend observer: reduces every AttentionChunk into the profile's accumulators (no matrices kept)."""
+
+    def __init__(self, profile: Profile) -> None:
+        self.profile = profile
+        self.spec = profile.config.spec
+        self.chunks = 0
+
+    def __call__(self, chunk: Any) -> None:
+        probs = chunk.probs.detach()
+        metrics = row_metrics(probs, chunk.visible, chunk.query_positions, self.spec)
+        self.profile.layer(int(chunk.layer_idx), int(probs.shape[1])).update(metrics)
+        self.chunks += 1
+
+
+def density(k: int, n: int) -> float:
+    """Kept causal pairs of fixed-k top-k attention at length n: Σ_i min(k, i+1) / Σ_i (i+1)."""
+    kept = sum(min(k, i + 1) for i in range(n)) if k < n else n * (n + 1) // 2
+    return kept / (n * (n + 1) / 2)
+
+
+def _fit(profile: Profile) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Least-squares slope, intercept and R² of log k_{1-fit_delta} on log n_i from the sufficient statistics."""
+    d = profile.config.fit_index
+    return fit_from_sums(
+        profile.stacked("fit_n").to(torch.float64), profile.stacked("fit_sx"), profile.stacked("fit_sxx"),
+        profile.stacked("fit_sy")[..., d], profile.stacked("fit_syy")[..., d], profile.stacked("fit_sxy")[..., d],
+    )
+
+
+def fit_from_sums(
+    count: torch.Tensor, sx: torch.Tensor, sxx: torch.Tensor, sy: torch.Tensor, syy: torch.Tensor, sxy: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Slope, intercept and R² of y on x; NaN where x does not vary, R² NaN where y does not vary (slope 0)."""
+    c = count.clamp_min(1)
+    var_x = sxx - sx * sx / c
+    var_y = syy - sy * sy / c
+    cov = sxy - sx * sy / c
+    ok_x = (count >= 2) & (var_x > 1e-12 * c)
+    ok_y = var_y > 1e-12 * c
+    slope = torch.where(ok_x, cov / torch.where(ok_x, var_x, 1.0), torch.nan)
+    slope = torch.where(ok_x & ~ok_y, 0.0, slope)
+    intercept = torch.where(ok_x, (sy - slope * sx) / c, torch.nan)
+    r2 = torch.where(ok_x & ok_y, cov * cov / (torch.where(ok_x, var_x, 1.0) * torch.where(ok_y, var_y, 1.0)), torch.nan)
+    return slope, intercept, r2.clamp(max=1.0)
+
+
+def _hist_quantiles(hist: torch.Tensor, qs: Iterable[float]) -> np.ndarray:
+    """Lower quantiles from integer histograms (..., size): the smallest k whose CDF reaches q (0 if empty)."""
+    cdf = torch.cumsum(hist, dim=-1).to(torch.float64)
+    total = cdf[..., -1:].clamp_min(1)
+    out = [torch.searchsorted(cdf.contiguous(), (q * total).expand(*cdf.shape[:-1], 1).contiguous() - 1e-9)
+           for q in qs]
+    result = torch.cat(out, dim=-1)
+    return torch.where(cdf[..., -1:] > 0, result, 0).numpy()
+
+
+def _hist_max(hist: torch.Tensor) -> np.ndarray:
+    size = hist.shape[-1]
+    index = torch.arange(size).expand_as(hist)
+    return torch.where(hist > 0, index, 0).amax(-1).numpy()
+
+
+def _num(value: float) -> float | None:
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+def _nanmean(values: np.ndarray) -> float | None:
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else None
+
+
+def _nanmedian(values: np.ndarray) -> float | None:
+    finite = values[np.isfinite(values)]
+    return float(np.median(finite)) if finite.size else None
+
+
+def _head_entry(cfg: ProfileConfig, st: dict[str, np.ndarray], layer: int, head: int) -> dict[str, Any]:
+    kcov = {}
+    for d, delta in enumerate(cfg.deltas):
+        entry = {"mean": float(st["kcov_mean"][layer, head, d]),
+                 "mean_fraction": float(st["kcov_frac_mean"][layer, head, d])}
+        for q, value in zip(QUANTILES, st["kcov_quantiles"][layer, head, d]):
+            entry[f"p{round(q * 100):d}"] = int(value)
+        entry["max"] = int(st["kcov_max"][layer, head, d])
+        kcov[coverage_key(delta)] = entry
+    return {
+        "layer": layer,
+        "head": head,
+        "kv_head": None,  # filled by measure when the GQA grouping is known
+        "rows": int(st["rows"][layer, head]),
+        "C": _num(st["C"][layer, head]),
+        "C_r2": _num(st["C_r2"][layer, head]),
+        "C_intercept": _num(st["C_intercept"][layer, head]),
+        "C_points": int(st["fit_points"][layer, head]),
+        "k_at_coverage": kcov,
+        "topk_mass": {str(k): float(v) for k, v in zip(cfg.ks, st["topk_mass"][layer, head])},
+        "tail_mass": {str(k): max(0.0, 1.0 - float(v)) for k, v in zip(cfg.ks, st["topk_mass"][layer, head])},
+        "tail_mass_long_rows": {str(k): _num(v) for k, v in zip(cfg.ks, st["tail_mass_long"][layer, head])},
+        "eps_k_sparse_fraction": {
+            f"{e:g}": {str(k): float(v) for k, v in zip(cfg.ks, st["eps_k_sparse"][layer, head, i])}
+            for i, e in enumerate(cfg.eps)
+        },
+        "entropy": float(st["entropy"][layer, head]),
+        "effective_support": float(st["support"][layer, head]),
+        "sink_mass": float(st["sink"][layer, head]),
+        "local_mass": float(st["local"][layer, head]),
+        "sink_local_mass": float(st["stream_long"][layer, head]),
+        "class": "streaming" if st["streaming"][layer, head] else "retrieval",
+    }
+
+
+def _position_summary(logn: np.ndarray, logk: np.ndarray, rows: np.ndarray) -> dict[str, Any]:
+    """Per layer, the geometric-mean k_{1-fit_delta} (over heads and rows) in each query-position bin."""
+    counts = rows.sum(axis=1)  # (layers, bins)
+    used = counts.sum(axis=0) > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        n_centre = np.exp((logn * rows).sum(axis=(0, 1)) / rows.sum(axis=(0, 1)))
+        k_layer = np.exp((logk * rows).sum(axis=1) / counts)
+    return {
+        "n": [float(v) for v in n_centre[used]],
+        "k_geomean_per_layer": [[_num(v) for v in layer[used]] for layer in k_layer],
+    }

@@ -1,0 +1,238 @@
+"""`measure`: a model's per-layer, per-head attention sparsity profile over windows of a text.
+
+Every window goes through the attnsparse backend under the dense policy with a `Recorder` observer, which
+reduces each chunk of attention rows into streaming accumulators at once, so memory stays at one query
+chunk's rows no matter how many windows are measured. With `out`, the run directory gets config.json,
+profile.json, profile.csv, the mergeable accumulator state, PNG plots and a self-contained report.html.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from attnsparse.errors import AttnsparseError
+from attnsparse.measure.profile import Profile, ProfileConfig, Recorder, coverage_key
+
+KIND = "measure"
+DEFAULT_QUERY_CHUNK = 128
+
+
+def _model_facts(model: torch.nn.Module) -> tuple[int, int, int]:
+    from attnsparse.core.models import num_layers
+
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None) or 0
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return num_layers(model), int(heads), int(kv_heads)
+
+
+def _forward_kwargs(model: torch.nn.Module) -> dict[str, Any]:
+    """Skip what measure does not need: full-vocabulary logits (GBs at long context) and the KV cache."""
+    params = inspect.signature(model.forward).parameters
+    kwargs: dict[str, Any] = {}
+    if "logits_to_keep" in params:
+        kwargs["logits_to_keep"] = 1
+    if "use_cache" in params:
+        kwargs["use_cache"] = False
+    return kwargs
+
+
+def measure(
+    model: Any = "smollm2-135m",
+    data: str | torch.Tensor | None = None,
+    ctx: int = 1024,
+    windows: int = 8,
+    out: str | Path | None = None,
+    *,
+    ks: Sequence[int] | None = None,
+    deltas: Sequence[float] = (0.01, 0.05, 0.1),
+    eps: Sequence[float] = (1e-3, 1e-2, 1e-1),
+    sink_tokens: int = 4,
+    local_window: int = 64,
+    stream_delta: float = 0.1,
+    fit_delta: float = 0.05,
+    fit_min_n: int = 16,
+    batch_size: int = 1,
+    query_chunk: int = DEFAULT_QUERY_CHUNK,
+    overwrite: bool = False,
+    progress: bool = True,
+    echo: Callable[[str], None] | None = print,
+) -> Profile:
+    """Measure `model` (a spec for `load_model`, or a LoadedModel) on `windows` evenly spaced windows of `ctx` tokens.
+
+    `data` is a text spec for `attnsparse.core.data.load_text` (file, hf:NAME, None = built-in), or token ids:
+    a 1-D tensor (windows are cut from it) or a 2-D (M, ctx) tensor used as the windows themselves.
+    `echo` prints the final summary table (None: silent). Returns the Profile; with `out`, writes the run directory.
+    """
+    if ks is not None and len(list(ks)) == 0:
+        raise AttnsparseError("the k list is empty; pass at least one k (e.g. --k 1,8,64)")
+    if windows < 1:
+        raise AttnsparseError(f"window count {windows} must be >= 1")
+    if batch_size < 1:
+        raise AttnsparseError(f"batch size {batch_size} must be >= 1")
+    if query_chunk < 1:
+        raise AttnsparseError(f"query chunk {query_chunk} must be >= 1")
+    config = ProfileConfig(
+        ctx=ctx, ks=tuple(ks or ()), deltas=tuple(deltas), eps=tuple(eps), sink_tokens=sink_tokens,
+        local_window=local_window, stream_delta=stream_delta, fit_delta=fit_delta, fit_min_n=fit_min_n,
+    )
+    if out is not None:
+        from attnsparse.core.runs import prepare_run_dir
+
+        prepare_run_dir(out, KIND, overwrite)  # refuse a foreign directory before the slow model load
+
+    loaded = _load(model)
+    hf_model, spec = loaded.model, loaded.spec
+    if ctx > loaded.max_context:
+        raise AttnsparseError(
+            f"context {ctx} exceeds the model's maximum of {loaded.max_context} tokens; "
+            f"use --ctx {loaded.max_context} or less"
+        )
+    batches = _windows(loaded, data, ctx, windows)
+    layers, heads, kv_heads = _model_facts(hf_model)
+    profile = Profile(config, model=spec, layers=layers, heads=heads, kv_heads=kv_heads)
+    recorder = Recorder(profile)
+    started = time.perf_counter()
+    _run(hf_model, batches, recorder, batch_size, query_chunk, progress)
+    elapsed = time.perf_counter() - started
+    profile.windows = int(batches.shape[0])
+
+    if out is not None:
+        run_config = {
+            "model": spec,
+            "data": data if isinstance(data, str) or data is None else f"<token tensor {tuple(data.shape)}>",
+            "ctx": ctx,
+            "windows": int(batches.shape[0]),
+            "window_placement": "evenly spaced: window i starts at i * (tokens // windows)",
+            "batch_size": batch_size,
+            "query_chunk": query_chunk,
+            "dtype": str(next(hf_model.parameters()).dtype).replace("torch.", ""),
+            "metrics": config.to_dict(),
+        }
+        write_run(out, profile, run_config, elapsed)
+    if echo is not None:
+        echo(summary_table(profile))
+        echo(f"{profile.windows} windows x {ctx} tokens in {elapsed:.1f} s" + (f"; results in {out}" if out else ""))
+    return profile
+
+
+def _load(model: Any) -> Any:
+    if isinstance(model, (str, Path)):
+        from attnsparse.core.models import load_model
+
+        return load_model(str(model))
+    if hasattr(model, "model") and hasattr(model, "max_context"):
+        return model
+    raise AttnsparseError(f"measure needs a model spec or a LoadedModel, got {type(model).__name__}")
+
+
+def _windows(loaded: Any, data: str | torch.Tensor | None, ctx: int, count: int) -> torch.Tensor:
+    from attnsparse.core import data as data_mod
+
+    if isinstance(data, torch.Tensor):
+        if data.dim() == 2:
+            if data.shape[1] != ctx:
+                raise AttnsparseError(f"token windows have length {data.shape[1]}, not ctx {ctx}")
+            return data[:count].long()
+        return data_mod.windows(data.long().reshape(-1), ctx, count=count)
+    return data_mod.load_windows(loaded.tokenizer, data, ctx, max_context=loaded.max_context, count=count)
+
+
+def _run(model: Any, batches: torch.Tensor, recorder: Recorder, batch_size: int, query_chunk: int,
+         progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    from attnsparse.attention.backend import sparse_attention
+
+    device = next(model.parameters()).device
+    kwargs = _forward_kwargs(model)
+    bar = tqdm(total=int(batches.shape[0]), unit="window", desc="measure", disable=not progress)
+    try:
+        with torch.inference_mode(), sparse_attention(model, "dense", observers=[recorder], query_chunk=query_chunk):
+            for start in range(0, batches.shape[0], batch_size):
+                batch = batches[start:start + batch_size].to(device)
+                model(batch, **kwargs)
+                bar.update(int(batch.shape[0]))
+    finally:
+        bar.close()
+
+
+def write_run(out: str | Path, profile: Profile, run_config: dict[str, Any], elapsed: float) -> Path:
+    """Write config.json, profile.json, profile.csv, profile_state.npz, plots/*.png and report.html into `out`."""
+    import csv
+    import io
+
+    from attnsparse.core.runs import atomic_write_json, atomic_write_text, write_run_config
+    from attnsparse.measure.plots import write_plots
+    from attnsparse.measure.report import write_report
+
+    out = Path(out)
+    write_run_config(out, KIND, run_config)
+    data = profile.to_dict()
+    data["elapsed_seconds"] = round(elapsed, 3)
+    atomic_write_json(out / "profile.json", data)
+    header, rows = profile.csv_rows()
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write_text(out / "profile.csv", buffer.getvalue())
+    profile.save_state(out / "profile_state.npz")
+    figures = write_plots(profile, out / "plots")
+    write_report(out / "report.html", profile, data, run_config, figures)
+    return out
+
+
+def summary_rows(profile: Profile) -> tuple[list[str], list[list[object]]]:
+    """Per-layer rows of the final summary: mean k at the fit coverage, mean C (and R²), streaming heads."""
+    st = profile.head_stats()
+    cfg = profile.config
+    d = cfg.fit_index
+    key = coverage_key(cfg.fit_delta)
+    header = ["layer", f"k{key} mean", f"k{key} p90", "C mean", "R² mean", "entropy", "streaming"]
+    rows: list[list[object]] = []
+    p90 = 2  # index of 0.9 in profile.QUANTILES
+    heads = st["rows"].shape[1]
+    for layer in range(st["rows"].shape[0]):
+        c = st["C"][layer]
+        r2 = st["C_r2"][layer]
+        rows.append([
+            layer,
+            round(float(st["kcov_mean"][layer, :, d].mean()), 1),
+            int(st["kcov_quantiles"][layer, :, d, p90].max()),
+            _fmt(c),
+            _fmt(r2),
+            round(float(st["entropy"][layer].mean()), 2),
+            f"{int(st['streaming'][layer].sum())}/{heads}",
+        ])
+    return header, rows
+
+
+def _fmt(values: Any) -> str:
+    import numpy as np
+
+    finite = values[np.isfinite(values)]
+    return f"{float(finite.mean()):.3f}" if finite.size else "-"
+
+
+def summary_table(profile: Profile) -> str:
+    """A plain-text table of `summary_rows` plus one model-wide line."""
+    header, rows = summary_rows(profile)
+    cells = [header] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    s = profile.to_dict()["summary"]
+    c_mean = "-" if s["C_mean"] is None else f"{s['C_mean']:.3f}"
+    key = coverage_key(profile.config.fit_delta)
+    lines.append(
+        f"all layers: k{key} mean {s[f'k_{key}_mean']:.1f}, C mean {c_mean}, "
+        f"streaming heads {s['streaming_heads']}/{s['heads_total']}"
+    )
+    return "\n".join(lines)
