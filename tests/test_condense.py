@@ -168,3 +168,23 @@ def test_cli(tiny_dir: Path, text_file: Path, tmp_path: Path) -> None:
     bad = runner.invoke(app, ["condense", str(tiny_dir), "--data", str(text_file), "--out", str(tmp_path / "x"),
                               "--k", "0", "--no-progress"])
     assert bad.exit_code == 2 and "error:" in bad.output
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--lr-scheduler", "bogus", "unknown learning-rate scheduler (--lr-scheduler) 'bogus'; choose one of linear"),
+    ("--lr-scheduler", "reduce_lr_on_plateau", "unknown learning-rate scheduler"),  # needs an evaluation loop
+    ("--fsdp", "bogus", "unknown FSDP option (--fsdp) 'bogus'; choose one of full_shard"),
+    ("--fsdp", "full_shard bogus", "unknown FSDP option (--fsdp) 'bogus'"),
+])
+def test_cli_bad_trainer_option_is_one_line_before_any_write(tiny_dir: Path, text_file: Path, tmp_path: Path,
+                                                             option: str, value: str, message: str) -> None:
+    """Options passed through to Trainer are checked by CondenseConfig.validate, not by a TrainingArguments crash."""
+    app = typer.Typer()
+    app.command("condense")(condense_command)
+    app.command("noop")(lambda: None)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["condense", str(tiny_dir), "--data", str(text_file), "--out", str(out),
+                                      option, value, "--no-progress"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().count("\n") == 0 and message in result.output
+    assert not out.exists()

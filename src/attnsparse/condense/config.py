@@ -14,6 +14,13 @@ from attnsparse.errors import AttnsparseError
 DISTILL_MODES: tuple[str, ...] = ("none", "add", "only")
 # Settings that may differ between the first run and a resume without changing the result.
 RESUME_FREE: tuple[str, ...] = ("save_steps", "save_total_limit", "query_chunk", "fsdp", "preset")
+# transformers' learning-rate schedulers that need nothing beyond warmup and step counts (the others want an
+# evaluation loop or extra scheduler arguments this command does not take).
+LR_SCHEDULERS: tuple[str, ...] = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
+)
+# Words of Trainer's `fsdp` string under FSDP2, transformers' default (the other sharding modes are FSDP1-only).
+FSDP_OPTIONS: tuple[str, ...] = ("full_shard", "shard_grad_op", "offload", "auto_wrap")
 
 
 @dataclass
@@ -92,6 +99,9 @@ class CondenseConfig:
         _choice("distillation mode", self.distill, DISTILL_MODES)
         _choice("trainable set", self.trainable, TRAINABLE_SETS)
         _choice("LoRA targets", self.lora_targets, ("qk", "attn"))
+        _choice("learning-rate scheduler (--lr-scheduler)", self.lr_scheduler, LR_SCHEDULERS)
+        for word in self.fsdp.split():
+            _choice("FSDP option (--fsdp)", word, FSDP_OPTIONS)
         if self.margin is not None:
             if not (self.margin >= 0 and math.isfinite(self.margin)):
                 raise AttnsparseError(f"--margin must be a number of nats >= 0, got {self.margin}")
