@@ -1,4 +1,5 @@
-"""Row statistics of the theory lab against brute force, the Gaussian prediction, and the exponent fit."""
+"""Row statistics of the theory lab (rowstats on float64 rows, with the lab's coverage slack) against brute force,
+the Gaussian prediction, and the exponent fit."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from attnsparse.measure import rowstats
 from attnsparse.theory import stats as ts
 
 
@@ -25,6 +27,12 @@ def brute_tail(row: list[float], k: int) -> float:
     return 1.0 - sum(sorted(row, reverse=True)[:k]) if k > 0 else 1.0
 
 
+def lab_k(probs: torch.Tensor, eps: float) -> torch.Tensor:
+    """k at coverage 1 - eps per row, as the lab computes it (float64 rows, COVER_SLACK)."""
+    n = (probs > 0).sum(-1).clamp_min(1)
+    return rowstats.k_at_coverage_from_sorted(rowstats.sort_rows(probs), [eps], n, slack=ts.COVER_SLACK)[:, 0]
+
+
 rows_strategy = st.lists(st.floats(0.0, 1.0, allow_nan=False), min_size=1, max_size=40).filter(
     lambda r: sum(r) > 1e-3).map(lambda r: [x / sum(r) for x in r])
 
@@ -32,8 +40,7 @@ rows_strategy = st.lists(st.floats(0.0, 1.0, allow_nan=False), min_size=1, max_s
 @settings(max_examples=150, deadline=None)
 @given(rows_strategy, st.floats(0.001, 0.999))
 def test_k_at_coverage_is_the_smallest_k_reaching_coverage(row: list[float], eps: float) -> None:
-    cum = ts.sorted_cumulative(torch.tensor([row], dtype=torch.float64))
-    k = int(ts.k_at_coverage(cum, eps)[0])
+    k = int(lab_k(torch.tensor([row], dtype=torch.float64), eps)[0])
     top = sorted(row, reverse=True)
     assert sum(top[:k]) >= 1 - eps - 1e-9
     assert k == 1 or sum(top[:k - 1]) < 1 - eps + 1e-9
@@ -43,15 +50,18 @@ def test_k_at_coverage_is_the_smallest_k_reaching_coverage(row: list[float], eps
 @settings(max_examples=150, deadline=None)
 @given(rows_strategy, st.integers(-2, 50))
 def test_tail_mass_matches_brute_force(row: list[float], k: int) -> None:
-    cum = ts.sorted_cumulative(torch.tensor([row], dtype=torch.float64))
-    assert float(ts.tail_mass(cum, k)[0]) == pytest.approx(brute_tail(row, k), abs=1e-12)
+    rows = rowstats.sort_rows(torch.tensor([row], dtype=torch.float64))
+    assert float(rowstats.tail_mass_from_sorted(rows, torch.tensor([k]))[0, 0]) == pytest.approx(brute_tail(row, k),
+                                                                                                abs=1e-12)
 
 
 @settings(max_examples=100, deadline=None)
 @given(rows_strategy, st.floats(0.0, 0.5), st.integers(0, 10))
 def test_eps_k_sparse_matches_counting(row: list[float], eps: float, k: int) -> None:
     probs = torch.tensor([row], dtype=torch.float64)
-    assert bool(ts.is_eps_k_sparse(probs, eps, k)[0]) == (sum(p > eps for p in row) <= k)
+    if k >= 1:
+        assert bool(rowstats.eps_k_sparse(probs, [eps], [k])[0, 0, 0]) == (sum(p > eps for p in row) <= k)
+    assert int(rowstats.count_above(probs, [eps])[0, 0]) == sum(p > eps for p in row)
 
 
 def test_chunk_with_rows_of_different_lengths_matches_per_row_brute_force() -> None:
@@ -60,9 +70,8 @@ def test_chunk_with_rows_of_different_lengths_matches_per_row_brute_force() -> N
     lengths = torch.tensor([1, 2, 7, 20, 49, 50])
     visible = torch.arange(50).unsqueeze(0) < lengths.unsqueeze(-1)
     probs = torch.softmax(scores.masked_fill(~visible, -math.inf), dim=-1)
-    cum = ts.sorted_cumulative(probs)
-    ks = ts.k_at_coverage(cum, 0.1)
-    tails = ts.tail_mass(cum, torch.tensor([1, 5, 5, 5, 60, 3]))
+    ks = lab_k(probs, 0.1)
+    tails = rowstats.tail_mass_from_sorted(rowstats.sort_rows(probs), torch.tensor([1, 5, 5, 5, 60, 3]))[:, 0]
     sigma = ts.row_std(scores, visible)
     for i, n in enumerate(lengths.tolist()):
         row = torch.softmax(scores[i, :n], dim=-1).tolist()
@@ -81,9 +90,8 @@ def test_planted_exponent_is_recovered() -> None:
             m = round(16 * (n / 256) ** c)
             row = torch.full((n,), math.log(0.01 / 0.99 * m / (n - m)), dtype=torch.float64)
             row[:m] = 0.0  # m equal entries carry 99% of the mass, n − m equal ones the remaining 1%
-            cum = ts.sorted_cumulative(torch.softmax(row, dim=-1).unsqueeze(0))
             ns.append(n)
-            ks.append(float(ts.k_at_coverage(cum, eps)[0]))
+            ks.append(float(lab_k(torch.softmax(row, dim=-1).unsqueeze(0), eps)[0]))
         fit = ts.fit_exponent(ns, ks)
         assert fit.C == pytest.approx(c, abs=0.02)
         assert fit.r2 > 0.998
@@ -101,8 +109,7 @@ def test_fit_exponent_exact_power_law_and_bad_input() -> None:
 def _gaussian_fraction(sigma: float, n: int, eps: float, rows: int, seed: int) -> tuple[float, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     scores = torch.randn((rows, n), generator=gen, dtype=torch.float64) * sigma
-    cum = ts.sorted_cumulative(torch.softmax(scores, dim=-1))
-    frac = float((ts.k_at_coverage(cum, eps).double() / n).mean())
+    frac = float((lab_k(torch.softmax(scores, dim=-1), eps).double() / n).mean())
     return frac, ts.row_std(scores, torch.ones_like(scores, dtype=torch.bool))
 
 
@@ -151,3 +158,12 @@ def test_quantile_row_handles_mixed_lengths() -> None:
     assert float(got[0]) == pytest.approx(float(alone[0]))
     assert float(got[2]) == pytest.approx(math.ceil(0.95 * 50) / 50)  # σ = 0: uniform row
     assert torch.isfinite(got).all()
+
+
+def test_float64_rows_are_measured_in_float64() -> None:
+    """The lab's rows are float64: a float32 sort would round 0.1 - 1e-12 up past ε = 0.1 and lose 1e-12 tails."""
+    probs = torch.tensor([[0.1 - 1e-12, 0.9 + 1e-12]], dtype=torch.float64)
+    assert int(rowstats.count_above(probs, [0.1])[0, 0]) == 1
+    rows = rowstats.sort_rows(probs)
+    assert rows.ascending.dtype == torch.float64
+    assert float(rowstats.tail_mass_from_sorted(rows, [1])[0, 0]) == pytest.approx(0.1 - 1e-12, abs=1e-15)

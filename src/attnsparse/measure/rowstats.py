@@ -1,11 +1,12 @@
-"""Per-row attention sparsity metrics: pure tensor functions on softmax rows (docs/measure.md, DESIGN.md §1).
+"""Per-row attention sparsity metrics: pure tensor functions on softmax rows (docs/measure.md).
 
-Every function takes attention rows `probs (..., K)` whose entries are exactly 0 on keys the query cannot see
-(the backend's convention), so a row "shorter than k" simply has fewer than k non-zero entries. The single-metric
-functions sort each row (`sort_rows`: one sort and one float64 cumsum serve every metric). `row_metrics`, what
-the profile recorder uses, avoids the full sort on CPU for rows of 512+ keys (`_select_block`: a 16-bit radix
-order plus exact fix-ups) and gives the same integers and masses within float rounding; `sort_rows` stays the
-reference and the path for other devices.
+The one implementation of top-k mass, tail mass, k at coverage, ε counts and (ε,k)-sparsity: `measure` profiles
+and the theory lab both use it. Every function takes attention rows `probs (..., K)` whose entries are exactly 0
+on keys the query cannot see (the backend's convention), so a row "shorter than k" simply has fewer than k
+non-zero entries. The single-metric functions sort each row (`sort_rows`: one sort and one float64 cumsum serve
+every metric). `row_metrics`, what the profile recorder uses, avoids the full sort on CPU for rows of 512+ keys
+(`_select_block`: a 16-bit radix order plus exact fix-ups) and gives the same integers and masses within float
+rounding; `sort_rows` stays the reference and the path for other devices.
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ def _parallel_rows(fn, rows: int, total_elements: int) -> None:  # type: ignore[
 
 @dataclass
 class SortedRows:
-    """Rows sorted ascending (`ascending`, float32), their descending cumulative mass (`top_mass`, float64:
-    `top_mass[r, j]` is the top-(j+1) mass m_{j+1} of row r) and each row's entropy (float64, nats)."""
+    """Rows sorted ascending (`ascending`: float32, or float64 for float64 rows), their descending cumulative mass
+    (`top_mass`, float64: `top_mass[r, j]` is the top-(j+1) mass m_{j+1} of row r) and each row's entropy
+    (float64, nats)."""
 
     ascending: torch.Tensor
     top_mass: torch.Tensor
@@ -58,28 +60,30 @@ _TINY = np.float32(np.finfo(np.float32).tiny)
 def sort_rows(rows: torch.Tensor) -> SortedRows:
     """One sort + one cumsum of a 2-D (R, K) block of attention rows (a strided view is fine; it is not changed).
 
-    The entropy rides along on the sorted copy while it is in cache: -Σ p log p with 0 log 0 = 0.
+    float64 rows stay float64 (the theory lab's exact rows); anything else is sorted as float32, which is what the
+    backend records. The entropy rides along on the sorted copy while it is in cache: -Σ p log p with 0 log 0 = 0.
     """
     if rows.dim() != 2:
         raise ValueError(f"sort_rows expects (rows, keys), got shape {tuple(rows.shape)}")
     rows = rows.detach()
+    dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
     if rows.device.type != "cpu":
-        ascending = torch.sort(rows.float(), dim=-1).values
+        ascending = torch.sort(rows.to(dtype), dim=-1).values
         top_mass = torch.cumsum(ascending.flip(-1), dim=-1, dtype=torch.float64)
         ent = torch.special.entr(ascending).sum(-1, dtype=torch.float64)
         return SortedRows(ascending, top_mass, ent)
-    source = rows if rows.dtype == torch.float32 else rows.float()
-    view = source.numpy()  # no copy, possibly strided
-    array = np.empty(view.shape, dtype=np.float32)
+    view = rows.to(dtype).numpy()  # no copy when already of that dtype, possibly strided
+    array = np.empty(view.shape, dtype=view.dtype)
     top = np.empty(view.shape, dtype=np.float64)
     ent = np.empty(view.shape[0], dtype=np.float64)
+    tiny = np.finfo(view.dtype).tiny
 
     def work(start: int, stop: int) -> None:
         block = array[start:stop]
         block[...] = view[start:stop]
         block.sort(axis=-1)
         np.cumsum(block[:, ::-1], axis=-1, dtype=np.float64, out=top[start:stop])
-        logs = np.log(np.maximum(block, _TINY))
+        logs = np.log(np.maximum(block, tiny))
         np.multiply(logs, block, out=logs)
         ent[start:stop] = -logs.sum(axis=-1, dtype=np.float64)
 
@@ -101,22 +105,48 @@ def _as_long(values: Sequence[int], name: str) -> list[int]:
     return out
 
 
-def topk_mass_from_sorted(sorted_rows: SortedRows, ks: Sequence[int]) -> torch.Tensor:
-    """m_k for each k in ks: (R, len(ks)) float64; k beyond the row length gives the whole row's mass."""
-    width = sorted_rows.top_mass.shape[-1]
-    if width == 0:
-        return torch.zeros(sorted_rows.top_mass.shape[0], len(ks), dtype=torch.float64)
-    index = torch.tensor([min(k, width) - 1 for k in ks], dtype=torch.long, device=sorted_rows.top_mass.device)
-    return sorted_rows.top_mass.index_select(-1, index)
-
-
-def k_at_coverage_from_sorted(sorted_rows: SortedRows, deltas: Sequence[float], n: torch.Tensor) -> torch.Tensor:
-    """Smallest k with m_k >= 1 - δ, per δ: (R, len(deltas)) long, clamped to the row length n (rounding)."""
+def topk_mass_from_sorted(sorted_rows: SortedRows, ks: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """m_k per row, float64: `ks` a list (the same ks for every row: (R, len(ks))) or a long tensor of per-row ks,
+    (R,) or (R, G) (→ (R, 1) or (R, G)). k beyond the row length gives the whole row's mass; k <= 0 gives 0."""
     top = sorted_rows.top_mass
-    targets = torch.tensor([1.0 - d for d in deltas], dtype=torch.float64, device=top.device)
-    targets = targets.expand(top.shape[0], len(deltas)).contiguous()
-    k = torch.searchsorted(top.contiguous(), targets, side="left") + 1
+    rows, width = top.shape
+    if isinstance(ks, torch.Tensor):
+        k = ks.to(top.device, torch.long)
+        k = k.reshape(rows, -1) if k.dim() else k.expand(rows, 1)
+    else:
+        k = torch.tensor(list(ks), dtype=torch.long, device=top.device).expand(rows, len(ks))
+    if width == 0:
+        return torch.zeros(k.shape, dtype=torch.float64, device=top.device)
+    kept = top.gather(-1, (k.clamp(1, width) - 1).contiguous())
+    return torch.where(k > 0, kept, torch.zeros_like(kept))
+
+
+def tail_mass_from_sorted(sorted_rows: SortedRows, ks: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """Tail mass 1 - m_k (the TV distance to the top-k renormalisation), floored at 0 against rounding; `ks` as
+    in `topk_mass_from_sorted` (k <= 0 leaves the whole mass, 1)."""
+    return (1.0 - topk_mass_from_sorted(sorted_rows, ks)).clamp_min(0.0)
+
+
+def k_at_coverage_from_top_mass(
+    top_mass: torch.Tensor, deltas: Sequence[float], n: torch.Tensor, slack: float = 0.0
+) -> torch.Tensor:
+    """Smallest k with m_k >= 1 - δ - slack, per δ: (R, len(deltas)) long, clamped to the row length n.
+
+    `top_mass` (R, K) is any non-decreasing cumulative mass (`SortedRows.top_mass`, or a row built in descending
+    order). `slack` 0 is the exact rule `measure` records; the theory lab passes a tolerance for its float64 rows,
+    whose planted masses sit exactly on 1 - δ.
+    """
+    targets = torch.tensor([(1.0 - d) - slack for d in deltas], dtype=top_mass.dtype, device=top_mass.device)
+    targets = targets.expand(top_mass.shape[0], len(deltas)).contiguous()
+    k = torch.searchsorted(top_mass.contiguous(), targets, side="left") + 1
     return torch.minimum(k, n.reshape(-1, 1).to(k.device, k.dtype)).clamp_min(1)
+
+
+def k_at_coverage_from_sorted(
+    sorted_rows: SortedRows, deltas: Sequence[float], n: torch.Tensor, slack: float = 0.0
+) -> torch.Tensor:
+    """Smallest k with m_k >= 1 - δ (- slack), per δ: (R, len(deltas)) long, clamped to the row length n."""
+    return k_at_coverage_from_top_mass(sorted_rows.top_mass, deltas, n, slack)
 
 
 def count_above_from_sorted(sorted_rows: SortedRows, eps: Sequence[float]) -> torch.Tensor:
@@ -141,7 +171,9 @@ def topk_mass(probs: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
 
 def tail_mass(probs: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
     """Tail mass 1 - m_k(p_i) (the TV distance to the top-k renormalisation), floored at 0 against rounding."""
-    return (1.0 - topk_mass(probs, ks)).clamp_min(0.0)
+    ks = _as_long(ks, "k list")
+    rows, lead = _flatten(probs)
+    return tail_mass_from_sorted(sort_rows(rows), ks).reshape(*lead, len(ks))
 
 
 def k_at_coverage(probs: torch.Tensor, deltas: Sequence[float], visible: torch.Tensor | None = None) -> torch.Tensor:

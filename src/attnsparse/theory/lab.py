@@ -27,6 +27,7 @@ import torch
 
 from attnsparse.core.runs import atomic_write_json, atomic_write_text, prepare_run_dir, write_run_config
 from attnsparse.errors import AttnsparseError
+from attnsparse.measure import rowstats
 from attnsparse.theory import stats as ts
 
 KIND = "theory"
@@ -225,19 +226,18 @@ def rule_ks(cfg: TheoryConfig, n: torch.Tensor) -> dict[str, torch.Tensor]:
 def measure_chunk(scores: torch.Tensor, visible: torch.Tensor, cfg: TheoryConfig) -> dict[str, torch.Tensor]:
     """Per-row measurements of one chunk: length, k at coverage, σ̂, predictions, rule tails, (ε,k)-sparsity."""
     n = visible.sum(dim=-1)
-    probs = torch.softmax(scores, dim=-1)
-    cum = ts.sorted_cumulative(probs)
+    rows = rowstats.sort_rows(torch.softmax(scores, dim=-1))  # float64 rows stay float64
     sigma_hat = ts.row_std(scores, visible)
     out = {
         "n": n,
-        "k": ts.k_at_coverage(cum, cfg.eps),
+        "k": rowstats.k_at_coverage_from_sorted(rows, [cfg.eps], n, slack=ts.COVER_SLACK)[:, 0],
         "sigma_hat": sigma_hat,
         "pred": ts.predicted_fraction(sigma_hat, cfg.eps),
         "pred_finite": ts.quantile_row_fraction(sigma_hat, n, cfg.eps, width=scores.shape[-1]),
-        "above": ts.count_above(probs, cfg.entry_threshold),
+        "above": rowstats.count_above_from_sorted(rows, [cfg.entry_threshold])[:, 0],
     }
     for name, k in rule_ks(cfg, n).items():
-        out[f"tail:{name}"] = ts.tail_mass(cum, k)
+        out[f"tail:{name}"] = rowstats.tail_mass_from_sorted(rows, k)[:, 0]
         out[f"sparse:{name}"] = out["above"] <= k
     return out
 

@@ -1,8 +1,8 @@
-"""Pure row statistics for the theory lab: coverage, tail mass, (ε,k)-sparsity, Gaussian predictions, exponent fits.
+"""The theory lab's own statistics: row σ, Gaussian predictions of k at coverage, exponent fits, quantiles.
 
-Every function works on a chunk of rows at once (last axis = keys). Rows may have different lengths: keys a row
-cannot see carry probability exactly 0 (score -inf), which sorts to the end and leaves the cumulative mass at 1.
-These helpers are deliberately tiny so tests can check them against brute force (sort, cumsum).
+Coverage, tail mass, ε counts and (ε,k)-sparsity of the rows themselves come from `attnsparse.measure.rowstats`,
+the one implementation `measure` uses too. Every function works on a chunk of rows at once (last axis = keys).
+Rows may have different lengths: keys a row cannot see carry probability exactly 0 (score -inf).
 """
 
 from __future__ import annotations
@@ -12,8 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-# Tolerance for "top-k mass >= 1 - eps": cumulative sums in float64 carry ~1e-15 error per term.
-_COVER_TOL = 1e-12
+from attnsparse.measure.rowstats import k_at_coverage_from_top_mass
+
+# Slack of "top-k mass >= 1 - eps" on float64 rows: cumulative sums carry ~1e-15 error per term, and planted or
+# quantile rows put the mass exactly on 1 - eps.
+COVER_SLACK = 1e-12
 
 
 def norm_sf(x: torch.Tensor) -> torch.Tensor:
@@ -24,35 +27,6 @@ def norm_sf(x: torch.Tensor) -> torch.Tensor:
 def norm_ppf(p: float | torch.Tensor) -> torch.Tensor:
     """Φ⁻¹(p), the standard normal quantile."""
     return torch.special.ndtri(torch.as_tensor(p, dtype=torch.float64))
-
-
-def sorted_cumulative(probs: torch.Tensor) -> torch.Tensor:
-    """Cumulative top-k mass: entry k−1 of the result is the sum of the k largest probabilities of the row."""
-    return probs.sort(dim=-1, descending=True).values.cumsum(dim=-1)
-
-
-def k_at_coverage(cum: torch.Tensor, eps: float) -> torch.Tensor:
-    """Smallest k whose top-k mass reaches 1 − eps (long, per row), from `sorted_cumulative` output."""
-    short = (cum < (1.0 - eps) - _COVER_TOL).sum(dim=-1)
-    return (short + 1).clamp(max=cum.shape[-1])
-
-
-def tail_mass(cum: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
-    """1 − (top-k mass) per row; k may be a scalar or one value per row. k ≤ 0 leaves the whole mass (1)."""
-    k = torch.as_tensor(k, device=cum.device).long().expand(cum.shape[:-1])
-    idx = (k.clamp(min=1, max=cum.shape[-1]) - 1).unsqueeze(-1)
-    kept = cum.gather(-1, idx).squeeze(-1)
-    return torch.where(k > 0, (1.0 - kept).clamp(min=0.0), torch.ones_like(kept))
-
-
-def count_above(probs: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Number of entries of each row strictly above `threshold`."""
-    return (probs > threshold).sum(dim=-1)
-
-
-def is_eps_k_sparse(probs: torch.Tensor, eps: float, k: torch.Tensor | int) -> torch.Tensor:
-    """(ε,k)-sparsity (DESIGN §1): a row is (ε,k)-sparse if at most k of its entries exceed ε."""
-    return count_above(probs, eps) <= torch.as_tensor(k, device=probs.device)
 
 
 def row_std(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
@@ -87,8 +61,9 @@ def quantile_row_fraction(sigma: torch.Tensor, n: torch.Tensor, eps: float, widt
     inside = (j.unsqueeze(0) < lengths.unsqueeze(-1))[inverse]
     scores = sigma.unsqueeze(-1) * norm_ppf(u)[inverse]
     scores = torch.where(inside, scores, torch.full_like(scores, -math.inf))
-    cum = torch.softmax(scores, dim=-1).cumsum(dim=-1)
-    return k_at_coverage(cum, eps).to(torch.float64) / n.to(torch.float64)
+    cum = torch.softmax(scores, dim=-1).cumsum(dim=-1)  # descending row: already the top-k mass curve
+    k = k_at_coverage_from_top_mass(cum, [eps], n, slack=COVER_SLACK)[:, 0]
+    return k.to(torch.float64) / n.to(torch.float64)
 
 
 def formula_local_exponent(sigma: float, dsigma_dlogn: float, eps: float) -> float:
