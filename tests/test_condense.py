@@ -188,3 +188,16 @@ def test_cli_bad_trainer_option_is_one_line_before_any_write(tiny_dir: Path, tex
     assert result.exit_code == 2, result.output
     assert result.output.strip().count("\n") == 0 and message in result.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("seq_len, text, message", [
+    (100_000, TEXT, "use --seq-len 512 or less"),  # longer than the model holds
+    (64, "too short a text", "use a longer text or a smaller --seq-len"),  # longer than the text
+])
+def test_seq_len_errors_name_seq_len(tiny_dir: Path, tmp_path: Path, seq_len: int, text: str, message: str) -> None:
+    """condense's window length is --seq-len; its errors must not advise measure's --ctx."""
+    data = tmp_path / "text.txt"
+    data.write_text(text, encoding="utf-8")
+    with pytest.raises(AttnsparseError, match=message) as caught:
+        condense(_config(tiny_dir, data, seq_len=seq_len), tmp_path / "run", progress=False)
+    assert "--ctx" not in str(caught.value)

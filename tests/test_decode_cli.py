@@ -52,14 +52,28 @@ def test_generate_command_prints_text_and_json(tiny_dir, tmp_path):
     (["--prompt-file", "missing.txt"], "does not exist"),
     (["--policy", "block:0:1"], "block size"),
     (["--max-new-tokens", "600"], "exceeds the model's maximum"),
+    # generate has no --ctx: the advice names its own options
+    (["--max-new-tokens", "600"], "lower --max-new-tokens to 501 or shorten the prompt file"),
+    (["--save-plan", "."], "--save-plan . is a directory; give a file path such as plan.json"),
+    (["--save-plan", "no/such/dir/plan.json"], "directory no/such/dir does not exist"),
 ])
 def test_generate_command_bad_input_is_one_line(tiny_dir, tmp_path, args, message):
     prompt = tmp_path / "p.txt"
     prompt.write_text("hello world")
     base = ["generate", tiny_dir, "--prompt-file", str(prompt)]
     result = CliRunner().invoke(cli(), base + args)
-    assert result.exit_code == 2
-    assert message in result.output and "Traceback" not in result.output
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output and "--ctx" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]  # beside loading bars
+    assert len(errors) == 1 and message in errors[0]
+
+
+def test_generate_prompt_longer_than_the_model_names_the_prompt(tiny_dir, tmp_path):
+    prompt = tmp_path / "long.txt"
+    prompt.write_text("x" * 600)  # the character tokenizer: 600 tokens, the model holds 512
+    result = CliRunner().invoke(cli(), ["generate", tiny_dir, "--prompt-file", str(prompt)])
+    assert result.exit_code == 2, result.output
+    assert "shorten the prompt file to fewer than 512 tokens" in result.output and "--ctx" not in result.output
 
 
 def test_passkey_prompt_places_needle():

@@ -15,6 +15,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain click help: option help is full of spec grammar (`block:B:BUDGET[:mean|bound]`) that rich markup would
+    # rewrite (`:B:` is an emoji code, `[...]` a style tag); printed as written, it reads as typed.
+    rich_markup_mode=None,
 )
 
 def _version(value: bool) -> None:

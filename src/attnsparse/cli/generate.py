@@ -54,17 +54,19 @@ def _generate(model_spec: str, prompt_file: Path, policy: str, profile: Path | N
               save_plan: Path | None, max_new_tokens: int) -> dict[str, object]:
     import torch
 
-    from attnsparse.core.data import check_context, load_text, tokenize
+    from attnsparse.core.data import load_text, tokenize
     from attnsparse.core.models import load_model
     from attnsparse.decode.backend import generate, model_shape
     from attnsparse.decode.plan import DecodePlan, plan_from_profile, resolve_plan
 
+    if save_plan is not None:
+        _check_plan_path(save_plan)
     text = load_text(str(prompt_file))
     loaded = load_model(model_spec)
     ids = tokenize(loaded.tokenizer, text)
     if ids.numel() == 0:
         raise AttnsparseError(f"prompt file {prompt_file} gives no tokens")
-    check_context(int(ids.numel()) + max_new_tokens, loaded.max_context)
+    _check_length(int(ids.numel()), max_new_tokens, loaded.max_context)
     layers, _, kv_heads = model_shape(loaded.model)
     if profile is not None:
         plan: DecodePlan = plan_from_profile(_read_json(profile), retrieval=policy, streaming=streaming)
@@ -90,6 +92,27 @@ def _generate(model_spec: str, prompt_file: Path, policy: str, profile: Path | N
         "attention_mb_per_step": result.attention_bytes_per_step / 1e6,
         "threads": torch.get_num_threads(),
     }
+
+
+def _check_plan_path(path: Path) -> None:
+    """--save-plan must name a file in an existing directory; checked before the model is loaded."""
+    if path.is_dir():
+        raise AttnsparseError(f"--save-plan {path} is a directory; give a file path such as {path / 'plan.json'}")
+    if not path.parent.is_dir():
+        raise AttnsparseError(f"--save-plan {path}: directory {path.parent} does not exist; create it first")
+
+
+def _check_length(prompt_tokens: int, max_new_tokens: int, max_context: int) -> None:
+    """Prompt plus generated tokens must fit the model's context; the advice names generate's own options."""
+    if prompt_tokens + max_new_tokens <= max_context:
+        return
+    if prompt_tokens >= max_context:
+        raise AttnsparseError(f"the prompt has {prompt_tokens} tokens and the model's maximum is {max_context}; "
+                              f"shorten the prompt file to fewer than {max_context} tokens")
+    raise AttnsparseError(
+        f"a {prompt_tokens}-token prompt plus --max-new-tokens {max_new_tokens} exceeds the model's maximum of "
+        f"{max_context} tokens; lower --max-new-tokens to {max_context - prompt_tokens} or shorten the prompt file"
+    )
 
 
 def _read_json(path: Path) -> dict[str, object]:

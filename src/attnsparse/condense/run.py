@@ -201,8 +201,8 @@ def condense(
     set_seed(config.seed)
     loaded = model if model is not None else load_model(config.model)
     net, tokenizer = loaded.model, loaded.tokenizer
-    check_context(config.seq_len, max_context(net))
-    token_windows = windows(tokenize(tokenizer, load_text(config.data)), config.seq_len)
+    check_context(config.seq_len, max_context(net), option="--seq-len")
+    token_windows = windows(tokenize(tokenizer, load_text(config.data)), config.seq_len, option="--seq-len")
     layers = None if config.layers is None else set(config.layers)
     if layers is not None and max(layers) >= num_layers(net):
         raise AttnsparseError(f"--layers {sorted(layers)}: the model has {num_layers(net)} layers (0-based)")

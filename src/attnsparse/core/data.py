@@ -92,18 +92,20 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def windows(ids: torch.Tensor, ctx: int, *, stride: int | None = None, count: int | None = None) -> torch.Tensor:
+def windows(ids: torch.Tensor, ctx: int, *, stride: int | None = None, count: int | None = None,
+            option: str = "--ctx") -> torch.Tensor:
     """Fixed-length windows (M, ctx) of a token sequence.
 
     `count=None`: windows at 0, stride, 2*stride, ... (stride defaults to ctx: non-overlapping; a final partial
-    window is dropped). `count=M`: M evenly spaced windows, window i starting at i * (len // M).
+    window is dropped). `count=M`: M evenly spaced windows, window i starting at i * (len // M). `option` is the
+    command's name for the window length, used in the advice of its errors.
     """
     if ctx < 2:
-        raise AttnsparseError(f"context length {ctx} is too small; use --ctx 2 or more")
+        raise AttnsparseError(f"context length {ctx} is too small; use {option} 2 or more")
     total = int(ids.numel())
     if total < ctx:
         raise AttnsparseError(
-            f"the text has {total} tokens, fewer than one window of {ctx}; use a longer text or a smaller --ctx"
+            f"the text has {total} tokens, fewer than one window of {ctx}; use a longer text or a smaller {option}"
         )
     if count is not None:
         if count < 1:
@@ -113,7 +115,7 @@ def windows(ids: torch.Tensor, ctx: int, *, stride: int | None = None, count: in
         if starts[-1] + ctx > total:
             raise AttnsparseError(
                 f"{count} evenly spaced windows of {ctx} tokens do not fit in {total} tokens; "
-                "use fewer windows or a smaller --ctx"
+                f"use fewer windows or a smaller {option}"
             )
     else:
         step = ctx if stride is None else stride
@@ -123,11 +125,11 @@ def windows(ids: torch.Tensor, ctx: int, *, stride: int | None = None, count: in
     return torch.stack([ids[start : start + ctx] for start in starts])
 
 
-def check_context(ctx: int, max_context: int) -> None:
-    """Refuse a context longer than the model was built for."""
+def check_context(ctx: int, max_context: int, option: str = "--ctx") -> None:
+    """Refuse a context longer than the model was built for; `option` names the command's length option."""
     if ctx > max_context:
         raise AttnsparseError(
-            f"context {ctx} exceeds the model's maximum of {max_context} tokens; use --ctx {max_context} or less"
+            f"context {ctx} exceeds the model's maximum of {max_context} tokens; use {option} {max_context} or less"
         )
 
 
