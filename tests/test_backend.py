@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from transformers import MistralConfig, MistralForCausalLM
 
 from attnsparse.attention.backend import BACKEND_NAME, AttentionChunk, chunked_attention, sparse_attention
-from attnsparse.attention.policies import Policy
+from attnsparse.attention.policies import SinkWindow, TopK, parse_policy
 from attnsparse.core.tiny import tiny_gpt2, tiny_llama
 
 MODELS = {"llama_gqa": lambda: tiny_llama(heads=6, kv_heads=2), "gpt2": tiny_gpt2}
@@ -68,6 +68,20 @@ def test_cached_generation_matches_sdpa():
     assert torch.equal(generated, reference)
 
 
+def test_sparse_attention_takes_a_policy_or_a_spec_and_always_restores():
+    """A typed policy reaches the state unchanged; a spec is parsed at the entry; the implementation comes back."""
+    model = tiny_llama()
+    policy = TopK(4)
+    with sparse_attention(model, policy) as state:
+        assert state.policy is policy
+    with sparse_attention(model, "streaming:1:3") as state:
+        assert state.policy == SinkWindow(1, 3)
+    with pytest.raises(RuntimeError), sparse_attention(model, "dense"):
+        assert model.config._attn_implementation == BACKEND_NAME
+        raise RuntimeError("inside the block")
+    assert model.config._attn_implementation == "sdpa"
+
+
 def reference_attention(q, k, v, visible, scaling, keep_fn):
     """Brute force: repeat kv heads, full score matrix, mask outside the kept keys, softmax, weighted sum."""
     groups = q.shape[1] // k.shape[1]
@@ -110,7 +124,7 @@ def random_inputs(seed, batch, heads, kv_heads, queries, keys, dim, pad, quantiz
 def test_topk_matches_brute_force(seed, kv_heads, groups, queries, extra_keys, k, pad, chunk, quantize):
     keys = queries + extra_keys
     q, k_, v, visible = random_inputs(seed, 2, kv_heads * groups, kv_heads, queries, keys, 4, pad, quantize)
-    out = chunked_attention(q, k_, v, visible, scaling=0.5, policy=Policy("topk", k=k), query_chunk=chunk)
+    out = chunked_attention(q, k_, v, visible, scaling=0.5, policy=TopK(k), query_chunk=chunk)
     expected = reference_attention(q, k_, v, visible, 0.5, lambda s, vis: brute_topk(s, vis, k))
     assert torch.allclose(out, expected, atol=1e-5)
 
@@ -128,7 +142,7 @@ def test_gathered_topk_matches_brute_force(seed, kv_heads, groups, queries, extr
     keys = queries + extra_keys
     q, k_, v, visible = random_inputs(seed, 2, kv_heads * groups, kv_heads, queries, keys, 4, pad, quantize)
     with mock.patch.object(backend, "GATHER_MIN_RATIO", 1):
-        out = chunked_attention(q, k_, v, visible, scaling=0.5, policy=Policy("topk", k=k), query_chunk=chunk)
+        out = chunked_attention(q, k_, v, visible, scaling=0.5, policy=TopK(k), query_chunk=chunk)
     expected = reference_attention(q, k_, v, visible, 0.5, lambda s, vis: brute_topk(s, vis, k))
     assert torch.allclose(out, expected, atol=1e-5)
 
@@ -144,7 +158,7 @@ def test_gathered_topk_gradient_equals_mask_path():
         for t in (q, k, v):
             t.requires_grad_(True)
         with mock.patch.object(backend, "GATHER_MIN_RATIO", ratio):
-            out = chunked_attention(q, k, v, visible, scaling=0.4, policy=Policy("topk", k=3), query_chunk=16)
+            out = chunked_attention(q, k, v, visible, scaling=0.4, policy=TopK(3), query_chunk=16)
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         return out.detach(), [t.grad for t in (q, k, v)]
 
@@ -159,7 +173,7 @@ def test_gathered_topk_gradient_equals_mask_path():
 @given(seed=st.integers(0, 9999), queries=st.integers(1, 20), chunk=st.integers(1, 25),
        policy=st.sampled_from(["dense", "topk:3", "sink+window:2:4"]), softcap=st.sampled_from([None, 5.0]))
 def test_chunking_never_changes_results(seed, queries, chunk, policy, softcap):
-    from attnsparse.attention.policies import parse_policy
+
 
     q, k, v, visible = random_inputs(seed, 2, 4, 2, queries, queries + 3, 8, pad=2)
     seen: dict[int, list[torch.Tensor]] = {}

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from attnsparse.attention.backend import chunked_attention
-from attnsparse.attention.policies import Policy
+from attnsparse.attention.policies import SinkWindow
 from attnsparse.decode import kernels as K
 from attnsparse.decode.cache import PENDING, FullStore, SparseLayer, StreamStore
 from attnsparse.decode.plan import HeadPolicy
@@ -103,7 +103,7 @@ def test_streaming_decode_equals_backend_sink_window():
     layer = SparseLayer([HeadPolicy("streaming", sink=4, window=9)] * kv)
     feed(layer, keys, values, prompt=30)
     out = layer.attend(q, 0.3)
-    ref = chunked_attention(q, keys, values, None, scaling=0.3, policy=Policy("sink+window", sink=4, window=9),
+    ref = chunked_attention(q, keys, values, None, scaling=0.3, policy=SinkWindow(4, 9),
                             query_chunk=1)
     assert torch.allclose(out, ref, atol=1e-5)
 

@@ -11,6 +11,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from attnsparse.attention.policies import parse_policy
 from attnsparse.cli.evaluate import evaluate_command
 from attnsparse.core.models import load_model
 from attnsparse.errors import AttnsparseError
@@ -50,9 +51,25 @@ def test_rows_match_perplexity_and_density(loaded, text_file: Path, tmp_path: Pa
     from attnsparse.core.data import tokenize, windows
 
     ids = tokenize(loaded.tokenizer, TEXT)
-    direct = perplexity(loaded.model, windows(ids, 64, count=5), "topk:4", progress=False)
+    direct = perplexity(loaded.model, windows(ids, 64, count=5), parse_policy("topk:4"), progress=False)
     assert result.row("topk:4", "windows:5").perplexity == pytest.approx(direct.perplexity, rel=1e-6)
     assert result.row("topk:4", "windows:5").windows == 5
+
+
+def test_policies_are_parsed_once_at_the_edge(loaded, text_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """evaluate parses each spec once; perplexity and the backend get the typed Policy, never the string."""
+    from attnsparse.attention.policies import POLICIES
+
+    parsed: list[str] = []
+    original = POLICIES.parse
+
+    def counting_parse(text: str):
+        parsed.append(text)
+        return original(text)
+
+    monkeypatch.setattr(POLICIES, "parse", counting_parse)
+    evaluate(loaded, str(text_file), 32, "topk:4,streaming:1:4", windows=2, progress=False)
+    assert parsed == ["topk:4", "streaming:1:4"]
 
 
 def test_outputs_written(loaded, text_file: Path, tmp_path: Path) -> None:

@@ -3,7 +3,7 @@
 A spec is `name` followed by `:`-separated fields; a field is positional (`topk:16`, `block:16:0.0625:channels32`)
 or a keyword (`tail:k=16`, `adaptive:alpha=2,C=0.5` — keywords may also be separated by `,`). Each method is a
 frozen dataclass registered by name in its role's `Registry` (attention policies, decode policies, block scorers,
-losses); the registry parses a spec into an instance, renders it back (`spec_of`), and lists every method with
+losses); the registry parses a spec into an instance, renders it back (`instance.spec`), and lists every method with
 its help text, so error messages and `--help` always name what exists. Adding a method touches its own file only.
 """
 
@@ -135,6 +135,8 @@ class Registry(Generic[M]):
 
     def parse(self, text: str) -> M:
         """An instance from its spec; a one-line error naming the spec and every valid form otherwise."""
+        if not text.strip():
+            raise AttnsparseError(f"empty {self.role} spec; {self.usage()}")
         parsed = parse_spec(text)
         name = self._aliases.get(parsed.name, parsed.name)
         entry = self._entries.get(name)

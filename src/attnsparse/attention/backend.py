@@ -14,6 +14,7 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -21,13 +22,12 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from attnsparse.attention.policies import Policy, parse_policy
+from attnsparse.attention.policies import DENSE, Policy, TopK, parse_policy
 from attnsparse.errors import AttnsparseError
 
 BACKEND_NAME = "attnsparse"
 # Bytes of float32 score-sized buffers one query chunk may use (scores, probabilities, masks).
 DEFAULT_CHUNK_BUDGET = 256 * 2**20
-DENSE = Policy("dense")
 # Gathered top-k is used when the row has at least this many keys per kept key.
 GATHER_MIN_RATIO = 32
 # Queries per chunk at most: small chunks skip more causally invisible keys (measured fastest at ctx 1024).
@@ -53,7 +53,7 @@ Observer = Callable[[AttentionChunk], None]
 class BackendState:
     """Settings the attention function reads for one model."""
 
-    policy: Policy = field(default_factory=lambda: Policy("dense"))
+    policy: Policy = DENSE
     observers: list[Observer] = field(default_factory=list)
     query_chunk: int | None = None
     fast_dense: bool = True  # dense with no observers delegates to torch SDPA (same result, faster)
@@ -167,7 +167,7 @@ def chunked_attention(
             scores = scores + bias
         _hide_invisible_(scores, visible, start + 1 if plain_causal else None)
         if not observers and dropout == 0.0 and _gather_pays(policy, width):
-            out = _topk_gathered(scores, visible, v[:, :, :width], policy.k)  # type: ignore[arg-type]
+            out = _topk_gathered(scores, visible, v[:, :, :width], policy.k)
             if out is not None:
                 outputs.append(out.transpose(1, 2))
                 continue
@@ -250,9 +250,9 @@ def _softmax_visible(scores: torch.Tensor, visible: torch.Tensor | None) -> torc
     return torch.nan_to_num(probs, nan=0.0)
 
 
-def _gather_pays(policy: Policy, width: int) -> bool:
+def _gather_pays(policy: Policy, width: int) -> TypeGuard[TopK]:
     """Top-k from gathered keys beats a masked softmax over the whole row when k is a small share of it."""
-    return policy.name == "topk" and policy.k * GATHER_MIN_RATIO <= width
+    return isinstance(policy, TopK) and policy.k * GATHER_MIN_RATIO <= width
 
 
 def _topk_gathered(scores: torch.Tensor, visible: torch.Tensor, value: torch.Tensor, k: int) -> torch.Tensor | None:
@@ -319,11 +319,7 @@ def detach(model: PreTrainedModel, restore: BackendState | None = None) -> None:
             _bind(config, restore)
 
 
-def current_implementation(model: PreTrainedModel) -> str:
-    return str(model.config._attn_implementation)
-
-
-def use_backend(model: PreTrainedModel) -> None:
+def _switch_to_backend(model: PreTrainedModel) -> None:
     """Switch the model's attention to attnsparse, with a clear error where the architecture refuses it."""
     register_backend()
     try:
@@ -338,17 +334,22 @@ def use_backend(model: PreTrainedModel) -> None:
 @contextmanager
 def sparse_attention(
     model: PreTrainedModel,
-    policy: str | Policy = "dense",
+    policy: str | Policy = DENSE,
     observers: Sequence[Observer] = (),
     query_chunk: int | None = None,
     fast_dense: bool = True,
 ) -> Iterator[BackendState]:
-    """Run `model` with the attnsparse backend, a policy and observers inside the block; restore it afterwards."""
+    """Run `model` with the attnsparse backend, a policy and observers inside the block; restore it afterwards.
+
+    The one place the model's attention implementation is switched (measure, evaluate and condense all come
+    here). A policy given as a spec string is parsed here, once; the yielded state may be changed in the block
+    (sparse-aware training sets its policy per step).
+    """
     if query_chunk is not None and query_chunk < 1:
         raise AttnsparseError(f"query chunk {query_chunk} must be >= 1")
     state = BackendState(parse_policy(policy), list(observers), query_chunk, fast_dense)
-    previous_impl = current_implementation(model)
-    use_backend(model)
+    previous_impl = str(model.config._attn_implementation)
+    _switch_to_backend(model)
     previous_state = attach(model, state)
     try:
         yield state
@@ -356,22 +357,6 @@ def sparse_attention(
         detach(model, previous_state)
         if previous_impl != BACKEND_NAME:
             model.set_attn_implementation(previous_impl)
-
-
-def apply_policy(
-    model: PreTrainedModel, policy: str | Policy = "dense", query_chunk: int | None = None
-) -> BackendState:
-    """Switch the model to the backend with a policy until `remove_policy` (for generate, serving, training)."""
-    state = BackendState(parse_policy(policy), [], query_chunk)
-    use_backend(model)
-    attach(model, state)
-    return state
-
-
-def remove_policy(model: PreTrainedModel, implementation: str = "sdpa") -> None:
-    """Detach any attnsparse state and switch the model back to `implementation`."""
-    detach(model)
-    model.set_attn_implementation(implementation)
 
 
 register_backend()

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, TrainerCallback, TrainingArguments, default_data_collator, set_seed
 
-from attnsparse.attention.backend import BackendState, attach, current_implementation, detach, use_backend
+from attnsparse.attention.backend import sparse_attention
 from attnsparse.condense.config import CondenseConfig
 from attnsparse.condense.distill import lm_loss
 from attnsparse.condense.losses import CondensationRegularizer
@@ -214,12 +214,9 @@ def condense(
         teacher = copy.deepcopy(net).eval().to(args.device)
         teacher.requires_grad_(False)
 
-    original_impl = current_implementation(net)
     regularizer = CondensationRegularizer(config.loss_spec(), layers)
-    state = BackendState(observers=[regularizer], query_chunk=config.query_chunk, fast_dense=False)
-    use_backend(net)
-    attach(net, state)
-    try:
+    # peft wraps `net` in place and merging hands `net` back, so restoring `net` on exit restores the final model
+    with sparse_attention(net, observers=[regularizer], query_chunk=config.query_chunk, fast_dense=False) as state:
         if config.trainable == "lora":
             train_model = add_lora(net, config.lora_targets, config.lora_rank, config.lora_alpha, layers)
         else:
@@ -238,12 +235,6 @@ def condense(
             trainer.add_callback(callback)
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
         final_model = merged(trainer.model)
-    finally:
-        detach(net)
-        net.set_attn_implementation(original_impl)
-    if final_model is not net:
-        detach(final_model)
-        final_model.set_attn_implementation(original_impl)
     final_model.requires_grad_(False)
     final_model.eval()
 

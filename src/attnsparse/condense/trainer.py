@@ -23,7 +23,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from attnsparse.attention.backend import BackendState
-from attnsparse.attention.policies import Policy
+from attnsparse.attention.policies import DENSE, TopK
 from attnsparse.condense.config import CondenseConfig
 from attnsparse.condense.distill import distillation_kl, lm_loss
 from attnsparse.condense.losses import CondensationRegularizer, LossConfig, parse_loss
@@ -100,7 +100,7 @@ class CondenseTrainer(Trainer):
         c = self.condense
         k, lam = self.current_k(), self.current_lambda()
         self.regularizer.config = self._loss_config(k)
-        self.backend_state.policy = Policy("topk", k=k) if c.sparse_aware else Policy("dense")
+        self.backend_state.policy = TopK(k) if c.sparse_aware else DENSE
         self.regularizer.reset()
         ids, mask = inputs["input_ids"], inputs.get("attention_mask")
         outputs = model(input_ids=ids, attention_mask=mask, use_cache=False)

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from attnsparse.attention.backend import sparse_attention
-from attnsparse.attention.policies import Policy, parse_policy
+from attnsparse.attention.policies import DENSE, Policy
 
 
 @dataclass
@@ -36,14 +36,16 @@ class PerplexityResult:
 def perplexity(
     model: PreTrainedModel,
     windows: torch.Tensor,
-    policy: str | Policy = "dense",
+    policy: Policy = DENSE,
     *,
     batch_size: int = 1,
     query_chunk: int | None = None,
     progress: bool = True,
 ) -> PerplexityResult:
-    """exp(mean next-token NLL) over every window; each window of n tokens scores its last n - 1 tokens."""
-    policy = parse_policy(policy)
+    """exp(mean next-token NLL) over every window; each window of n tokens scores its last n - 1 tokens.
+
+    `policy` is already parsed (`attnsparse.attention.policies.parse_policy`): specs are parsed once, at the edge.
+    """
     count, ctx = windows.shape
     nll_sum = 0.0
     with sparse_attention(model, policy, query_chunk=query_chunk):

@@ -18,7 +18,7 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from attnsparse.attention.policies import Policy, parse_policies, parse_policy
+from attnsparse.attention.policies import DENSE, Policy, parse_policies, parse_policy
 from attnsparse.core.data import check_context, load_text, tokenize
 from attnsparse.core.data import windows as make_windows
 from attnsparse.core.models import LoadedModel, load_model, max_context
@@ -112,7 +112,7 @@ def _policies(policies: str | Sequence[str | Policy]) -> list[Policy]:
     if not parsed:
         raise AttnsparseError("no policies to evaluate; pass e.g. --policies dense,topk:8,topk:16")
     unique: dict[str, Policy] = {}
-    for policy in [Policy("dense"), *parsed]:
+    for policy in [DENSE, *parsed]:
         unique.setdefault(policy.spec, policy)
     return list(unique.values())
 

@@ -1,0 +1,46 @@
+"""What every prefill attention policy is, and the registry that names them."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from attnsparse.specs import Registry
+
+POLICIES: Registry[Policy] = Registry("attention policy")
+
+
+class Policy:
+    """A key-selection rule applied to every query row; subclasses are frozen dataclasses of its parameters."""
+
+    name: ClassVar[str]
+
+    @property
+    def spec(self) -> str:
+        """The canonical spec (`parse_policy(p.spec) == p`), as written in results and logs."""
+        raise NotImplementedError
+
+    @property
+    def is_dense(self) -> bool:
+        """True when the policy keeps every visible key (the backend then skips the selection)."""
+        return False
+
+    def keep_mask(self, scores: torch.Tensor, visible: torch.Tensor, query_positions: torch.Tensor) -> torch.Tensor:
+        """Bool mask (same shape as `scores`) of the keys this policy keeps; always a subset of `visible`.
+
+        `visible` broadcasts to `scores`; `query_positions` (Q,) is each query's index on the key axis.
+        """
+        raise NotImplementedError
+
+    def kept_per_row(self, rows: torch.Tensor) -> torch.Tensor:
+        """Keys kept by a query that sees `rows` keys (elementwise), in an unpadded causal sequence."""
+        raise NotImplementedError
+
+    def kept_pairs(self, n: int) -> int:
+        """Kept (query, key) pairs for one causal sequence of n tokens with no padding."""
+        return int(self.kept_per_row(torch.arange(1, n + 1)).sum())
+
+    def density(self, n: int) -> float:
+        """Kept pairs over causal pairs, n(n+1)/2, for a causal sequence of n tokens."""
+        return self.kept_pairs(n) / (n * (n + 1) / 2)
