@@ -4,7 +4,7 @@
 import pytest
 from transformers import MambaConfig, MambaForCausalLM
 
-from attnsparse.core.models import check_backend_support, describe, embedded_gguf, load_model
+from attnsparse.core.models import ModelShape, check_backend_support, describe, embedded_gguf, load_model
 from attnsparse.core.tiny import save_tiny, tiny_gpt2, tiny_llama
 from attnsparse.errors import AttnsparseError
 
@@ -15,6 +15,19 @@ def test_local_directory_loads_and_is_supported(tmp_path):
     assert loaded.source == "directory" and loaded.max_context == 512
     facts = describe(loaded.model)
     assert (facts["layers"], facts["query_heads"], facts["kv_heads"], facts["head_dim"]) == (2, 6, 2, 8)
+
+
+def test_model_shape_reads_every_architecture_naming():
+    """Llama names (GQA, explicit head_dim), GPT-2 names (n_layer, n_head, n_embd), and a config without heads."""
+    llama = ModelShape.of(tiny_llama(layers=3, heads=6, kv_heads=2, head_dim=8, max_positions=256))
+    assert (llama.layers, llama.heads, llama.kv_heads, llama.head_dim, llama.max_context) == (3, 6, 2, 8, 256)
+    gpt2 = tiny_gpt2(layers=2, heads=4, hidden=32, max_positions=128)
+    for shape in (ModelShape.of(gpt2), ModelShape.of(gpt2.config)):
+        assert (shape.layers, shape.heads, shape.kv_heads, shape.head_dim, shape.max_context) == (2, 4, 4, 8, 128)
+    mamba = ModelShape.of(MambaConfig(vocab_size=97, hidden_size=16, num_hidden_layers=2, state_size=4))
+    assert mamba.layers == 2 and mamba.heads is None and mamba.kv_heads is None
+    with pytest.raises(AttnsparseError, match="^MambaConfig config states no attention head count$"):
+        mamba.need("heads")
 
 
 def test_missing_path_is_named():

@@ -55,8 +55,8 @@ def _generate(model_spec: str, prompt_file: Path, policy: str, profile: Path | N
     import torch
 
     from attnsparse.core.data import load_text, tokenize
-    from attnsparse.core.models import load_model
-    from attnsparse.decode.backend import generate, model_shape
+    from attnsparse.core.models import ModelShape, load_model
+    from attnsparse.decode.backend import generate
     from attnsparse.decode.plan import DecodePlan, plan_from_profile, resolve_plan
 
     if save_plan is not None:
@@ -67,7 +67,8 @@ def _generate(model_spec: str, prompt_file: Path, policy: str, profile: Path | N
     if ids.numel() == 0:
         raise AttnsparseError(f"prompt file {prompt_file} gives no tokens")
     _check_length(int(ids.numel()), max_new_tokens, loaded.max_context)
-    layers, _, kv_heads = model_shape(loaded.model)
+    shape = ModelShape.of(loaded.model)
+    layers, kv_heads = shape.need("layers"), shape.need("kv_heads")
     if profile is not None:
         plan: DecodePlan = plan_from_profile(_read_json(profile), retrieval=policy, streaming=streaming)
         plan.check_model(layers, kv_heads)

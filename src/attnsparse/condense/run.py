@@ -41,7 +41,7 @@ from attnsparse.condense.trainer import (
     load_state,
 )
 from attnsparse.core.data import check_context, load_text, tokenize, windows
-from attnsparse.core.models import LoadedModel, load_model, max_context, num_layers, save_atomically
+from attnsparse.core.models import LoadedModel, ModelShape, load_model, save_atomically
 from attnsparse.core.runs import RUN_MARKER, atomic_write_json, environment, prepare_run_dir
 from attnsparse.errors import AttnsparseError
 
@@ -201,11 +201,12 @@ def condense(
     set_seed(config.seed)
     loaded = model if model is not None else load_model(config.model)
     net, tokenizer = loaded.model, loaded.tokenizer
-    check_context(config.seq_len, max_context(net), option="--seq-len")
+    shape = ModelShape.of(net)
+    check_context(config.seq_len, shape.need("max_context"), option="--seq-len")
     token_windows = windows(tokenize(tokenizer, load_text(config.data)), config.seq_len, option="--seq-len")
     layers = None if config.layers is None else set(config.layers)
-    if layers is not None and max(layers) >= num_layers(net):
-        raise AttnsparseError(f"--layers {sorted(layers)}: the model has {num_layers(net)} layers (0-based)")
+    if layers is not None and max(layers) >= shape.need("layers"):
+        raise AttnsparseError(f"--layers {sorted(layers)}: the model has {shape.layers} layers (0-based)")
 
     saved = load_state(checkpoint) if checkpoint is not None else {}
     controller = _controller(config, net, token_windows, saved)

@@ -37,16 +37,68 @@ class LoadedModel:
 
     @property
     def max_context(self) -> int:
-        return max_context(self.model)
+        return ModelShape.of(self.model).need("max_context")
 
 
-def max_context(model: PreTrainedModel) -> int:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+_NEEDS = {"layers": "layer count", "heads": "attention head count", "kv_heads": "key/value head count",
+          "head_dim": "head dimension", "max_context": "maximum context; pass a model that does"}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What attnsparse reads from a model's config, and the only place that reads those HF fields.
+
+    Names differ by architecture (Llama `num_hidden_layers`, GPT-2 `n_layer`, ...); a field the config does not
+    state is None, and `need` turns a missing one into a one-line error. kv_heads defaults to heads (no GQA),
+    head_dim to hidden size / heads.
+    """
+
+    architecture: str
+    model_type: str
+    layers: int | None
+    heads: int | None
+    kv_heads: int | None
+    head_dim: int | None
+    max_context: int | None
+    sliding_window: int | None
+
+    @classmethod
+    def of(cls, model_or_config: object) -> ModelShape:
+        """The shape of a model (or of its config); multimodal configs are read through their text config."""
+        config = getattr(model_or_config, "config", model_or_config)
+        if hasattr(config, "get_text_config"):
+            config = config.get_text_config()
+        layers = _first_int(config, "num_hidden_layers", "n_layer", "num_layers")
+        heads = _first_int(config, "num_attention_heads", "n_head")
+        hidden = _first_int(config, "hidden_size", "n_embd")
+        head_dim = _first_int(config, "head_dim") or (hidden // heads if hidden and heads else None)
+        return cls(
+            architecture=type(model_or_config).__name__,
+            model_type=str(getattr(config, "model_type", "")),
+            layers=layers,
+            heads=heads,
+            kv_heads=_first_int(config, "num_key_value_heads") or heads,
+            head_dim=head_dim,
+            max_context=_first_int(config, "max_position_embeddings", "n_positions", "max_sequence_length",
+                                   "seq_length"),
+            sliding_window=_first_int(config, "sliding_window"),
+        )
+
+    def need(self, name: str) -> int:
+        """Field `name`, or an AttnsparseError saying the config does not state it."""
+        value = getattr(self, name)
+        if value is None:
+            raise AttnsparseError(f"{self.architecture} config states no {_NEEDS[name]}")
+        return int(value)
+
+
+def _first_int(config: object, *names: str) -> int | None:
+    """The first of `names` the config sets to a positive int."""
+    for name in names:
         value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
-    raise AttnsparseError(f"{type(model).__name__} config states no maximum context; pass a model that does")
+    return None
 
 
 def embedded_gguf(name: str = DEFAULT_MODEL) -> Path:
@@ -188,7 +240,7 @@ def check_backend_support(model: PreTrainedModel) -> None:
     def count(chunk: AttentionChunk) -> None:
         layers_seen.add(chunk.layer_idx)
 
-    expected = num_layers(model)
+    expected = ModelShape.of(model).need("layers")
     name = type(model).__name__
     try:
         with sparse_attention(model, "dense", observers=[count]), torch.no_grad():
@@ -208,30 +260,17 @@ def check_backend_support(model: PreTrainedModel) -> None:
         )
 
 
-def num_layers(model: PreTrainedModel) -> int:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    for name in ("num_hidden_layers", "n_layer", "num_layers"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    raise AttnsparseError(f"{type(model).__name__} config states no layer count")
-
-
 def describe(model: PreTrainedModel) -> dict[str, object]:
     """Architecture facts for `attnsparse info`."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
-    head_dim = getattr(config, "head_dim", None) or (hidden // heads if hidden and heads else None)
+    shape = ModelShape.of(model)
     return {
-        "architecture": type(model).__name__,
-        "model_type": config.model_type,
-        "layers": num_layers(model),
-        "query_heads": heads,
-        "kv_heads": kv_heads,
-        "head_dim": head_dim,
-        "max_context": max_context(model),
+        "architecture": shape.architecture,
+        "model_type": shape.model_type,
+        "layers": shape.need("layers"),
+        "query_heads": shape.heads,
+        "kv_heads": shape.kv_heads,
+        "head_dim": shape.head_dim,
+        "max_context": shape.need("max_context"),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "sliding_window": getattr(config, "sliding_window", None),
+        "sliding_window": shape.sliding_window,
     }

@@ -26,6 +26,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from attnsparse.attention.backend import attnsparse_attention
+from attnsparse.core.models import ModelShape
 from attnsparse.decode.cache import DECODE_BACKEND, PENDING, SparseCache
 from attnsparse.decode.plan import DecodePlan, resolve_plan
 from attnsparse.errors import AttnsparseError
@@ -72,20 +73,10 @@ def register_decode_backend() -> None:
     AttentionMaskInterface.register(DECODE_BACKEND, sdpa_mask)
 
 
-def model_shape(model: PreTrainedModel) -> tuple[int, int, int]:
-    """(layers, query heads, kv heads) of a decoder-only model."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
-    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    if not (layers and heads and kv_heads):
-        raise AttnsparseError(f"{type(model).__name__} config does not state layers and heads")
-    return int(layers), int(heads), int(kv_heads)
-
-
 def make_plan(model: PreTrainedModel, plan: str | Path | DecodePlan) -> DecodePlan:
-    layers, _, kv_heads = model_shape(model)
-    return resolve_plan(plan, layers, kv_heads, getattr(model.config, "_name_or_path", ""))
+    """`plan` resolved for this model's layers and kv heads."""
+    shape = ModelShape.of(model)
+    return resolve_plan(plan, shape.need("layers"), shape.need("kv_heads"), getattr(model.config, "_name_or_path", ""))
 
 
 @contextmanager

@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from attnsparse.core.models import ModelShape
 from attnsparse.decode import kernels as K
 from attnsparse.decode.plan import DecodePlan, HeadPolicy
 from attnsparse.errors import AttnsparseError
@@ -398,7 +399,6 @@ class SparseCache(Cache):
         return sum(layer.held_bytes() for layer in self.sparse_layers)
 
     def _groups(self) -> int:
-        config = self._config
-        heads = getattr(config, "num_attention_heads", None) if config is not None else None
+        heads = ModelShape.of(self._config).heads if self._config is not None else None
         kv = self.plan.kv_heads
         return heads // kv if heads else 1

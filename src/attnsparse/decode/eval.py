@@ -8,7 +8,6 @@ perplexity. "dense" decodes the same way (with full KV), so ratios compare like 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,25 +18,7 @@ from transformers import PreTrainedModel
 from attnsparse.decode.backend import cache_from_kv, decode_backend, decode_step, make_plan, prefill
 from attnsparse.decode.plan import DecodePlan
 from attnsparse.errors import AttnsparseError
-
-
-@dataclass
-class DecodePerplexity:
-    """One plan's decode NLL over every window, and the share of dense KV bytes it read per step."""
-
-    plan: str
-    nll_sum: float
-    tokens: int
-    windows: int
-    read_fraction: float
-
-    @property
-    def mean_nll(self) -> float:
-        return self.nll_sum / max(self.tokens, 1)
-
-    @property
-    def perplexity(self) -> float:
-        return float(torch.tensor(self.mean_nll).exp())
+from attnsparse.evaluate.perplexity import PerplexityResult
 
 
 def plan_label(plan: str | Path | DecodePlan) -> str:
@@ -56,8 +37,11 @@ def decode_perplexity(
     new_tokens: int,
     *,
     progress: bool = True,
-) -> list[DecodePerplexity]:
-    """Decode the last `new_tokens` of every (M, ctx) window under each plan (plus dense, first); NLL per plan."""
+) -> list[PerplexityResult]:
+    """Decode the last `new_tokens` of every (M, ctx) window under each plan (plus dense, first); NLL per plan.
+
+    Each result's `density` is the plan's share of dense KV bytes read per decode step.
+    """
     count, ctx = windows.shape
     if not 1 <= new_tokens < ctx:
         raise AttnsparseError(f"decode tokens {new_tokens} must be between 1 and ctx - 1 = {ctx - 1}")
@@ -84,6 +68,6 @@ def decode_perplexity(
                 nll[label] += float(F.cross_entropy(torch.stack(logits), targets, reduction="sum"))
     dense_read = max(read["plan:dense"], 1.0)
     return [
-        DecodePerplexity(label, nll[label], count * new_tokens, count, read[label] / dense_read)
+        PerplexityResult(label, nll[label], count * new_tokens, count, ctx, read[label] / dense_read)
         for label in resolved
     ]

@@ -1,4 +1,4 @@
-"""Perplexity of a causal LM over token windows under an attention policy."""
+"""Perplexity of a causal LM over token windows under an attention policy, and the one perplexity record."""
 
 from __future__ import annotations
 
@@ -16,6 +16,12 @@ from attnsparse.attention.policies import DENSE, Policy
 
 @dataclass
 class PerplexityResult:
+    """One policy's NLL over every window: what prefill (`perplexity`) and decode (`decode.eval`) both return.
+
+    `policy` is the policy spec, or `plan:<spec or file>` for a decode plan; `density` is the share of causal
+    pairs the policy keeps, or for a decode plan the share of dense KV bytes it reads per decode step.
+    """
+
     policy: str
     nll_sum: float
     tokens: int
@@ -25,7 +31,7 @@ class PerplexityResult:
 
     @property
     def mean_nll(self) -> float:
-        return self.nll_sum / self.tokens
+        return self.nll_sum / max(self.tokens, 1)
 
     @property
     def perplexity(self) -> float:

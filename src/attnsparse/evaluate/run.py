@@ -21,7 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from attnsparse.attention.policies import DENSE, Policy, parse_policies, parse_policy
 from attnsparse.core.data import check_context, load_text, tokenize
 from attnsparse.core.data import windows as make_windows
-from attnsparse.core.models import LoadedModel, load_model, max_context
+from attnsparse.core.models import LoadedModel, ModelShape, load_model
 from attnsparse.core.runs import (
     atomic_write_bytes,
     atomic_write_json,
@@ -32,7 +32,7 @@ from attnsparse.core.runs import (
 from attnsparse.decode.eval import decode_perplexity, plan_label
 from attnsparse.decode.plan import DecodePlan
 from attnsparse.errors import AttnsparseError
-from attnsparse.evaluate.perplexity import perplexity
+from attnsparse.evaluate.perplexity import PerplexityResult, perplexity
 
 KIND = "evaluate"
 Protocol = int | None  # None = whole text (non-overlapping windows), M = M evenly spaced windows
@@ -52,6 +52,13 @@ class EvaluationRow:
     ctx: int
     ratio_to_dense: float | None
     seconds: float
+
+    @classmethod
+    def of(cls, protocol: str, ppl: PerplexityResult, ratio_to_dense: float | None, seconds: float) -> EvaluationRow:
+        """The row of one prefill or decode perplexity under `protocol`."""
+        return cls(protocol=protocol, policy=ppl.policy, density=ppl.density, perplexity=ppl.perplexity,
+                   mean_nll=ppl.mean_nll, tokens=ppl.tokens, windows=ppl.windows, ctx=ppl.ctx,
+                   ratio_to_dense=ratio_to_dense, seconds=seconds)
 
 
 @dataclass
@@ -173,7 +180,7 @@ def evaluate(
     protocols = _protocols(windows)
     out_dir = prepare_run_dir(out, KIND, overwrite) if out is not None else None
     model, tok, name = _resolve_model(model_or_spec, tokenizer)
-    check_context(ctx, max_context(model))
+    check_context(ctx, ModelShape.of(model).need("max_context"))
     ids = tokenize(tok, load_text(text_spec))
     result = EvaluationResult(model=name, data=text_spec or "builtin", ctx=ctx, out=out_dir)
     for protocol in protocols:
@@ -184,11 +191,9 @@ def evaluate(
             ppl = perplexity(model, batches, policy, batch_size=batch_size, query_chunk=query_chunk, progress=progress)
             if policy.is_dense:
                 dense_ppl = ppl.perplexity
-            result.rows.append(EvaluationRow(
-                protocol=protocol_name(protocol), policy=policy.spec, density=ppl.density,
-                perplexity=ppl.perplexity, mean_nll=ppl.mean_nll, tokens=ppl.tokens, windows=ppl.windows, ctx=ctx,
-                ratio_to_dense=None if dense_ppl is None else ppl.perplexity / dense_ppl,
-                seconds=time.perf_counter() - started,
+            result.rows.append(EvaluationRow.of(
+                protocol_name(protocol), ppl, None if dense_ppl is None else ppl.perplexity / dense_ppl,
+                time.perf_counter() - started,
             ))
         if plans:
             started = time.perf_counter()
@@ -196,11 +201,7 @@ def evaluate(
             seconds = (time.perf_counter() - started) / len(decoded)
             reference = decoded[0].perplexity
             for d in decoded:
-                result.rows.append(EvaluationRow(
-                    protocol=protocol_name(protocol), policy=d.plan, density=d.read_fraction,
-                    perplexity=d.perplexity, mean_nll=d.mean_nll, tokens=d.tokens, windows=d.windows, ctx=ctx,
-                    ratio_to_dense=d.perplexity / reference, seconds=seconds,
-                ))
+                result.rows.append(EvaluationRow.of(protocol_name(protocol), d, d.perplexity / reference, seconds))
     if out_dir is not None:
         config = {
             "model": name, "data": text_spec or "builtin", "ctx": ctx, "policies": [p.spec for p in plan],

@@ -24,12 +24,11 @@ DEFAULT_QUERY_CHUNK = 128
 
 
 def _model_facts(model: torch.nn.Module) -> tuple[int, int, int]:
-    from attnsparse.core.models import num_layers
+    """(layers, query heads, kv heads) recorded in the profile."""
+    from attnsparse.core.models import ModelShape
 
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None) or 0
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    return num_layers(model), int(heads), int(kv_heads)
+    shape = ModelShape.of(model)
+    return shape.need("layers"), shape.need("heads"), shape.need("kv_heads")
 
 
 def _forward_kwargs(model: torch.nn.Module) -> dict[str, Any]:
