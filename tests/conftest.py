@@ -60,3 +60,45 @@ def block_kv():
         q = torch.randn(1, 3, groups, 64, generator=gen)
         return q, keys, keys.view(1, 3, capacity // size, size, 64), values.view(1, 3, capacity // size, size, 64)
     return make
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """The hub at a closed local port, online mode: counts HTTP requests and retry sleeps of huggingface_hub.
+
+    Deterministic whatever the machine's network: connecting to a port nobody listens on is refused at once.
+    """
+    import socket
+    import time
+
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    try:
+        import datasets.config
+
+        monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(datasets.config, "HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    except ImportError:
+        pass
+    counts = {"requests": 0, "sleeps": 0}
+    client_class = type(huggingface_hub.get_session())  # every client: the libraries may open fresh ones
+    send = client_class.send
+
+    def counted_send(self, *args, **kwargs):
+        counts["requests"] += 1
+        return send(self, *args, **kwargs)
+
+    def counted_sleep(seconds: float) -> None:  # the libraries' retry loops sleep between attempts
+        counts["sleeps"] += 1
+
+    monkeypatch.setattr(client_class, "send", counted_send)
+    monkeypatch.setattr(time, "sleep", counted_sleep)
+    return counts

@@ -56,3 +56,11 @@ def test_hub_data_set_unreachable_is_clear(monkeypatch):
     monkeypatch.setattr("datasets.config.HF_DATASETS_OFFLINE", True)
     with pytest.raises(AttnsparseError, match="cannot load hub data set 'no-such/dataset'"):
         load_text("hf:no-such/dataset:cfg:test")
+
+
+def test_unreachable_hub_data_set_fails_fast_with_one_request(unreachable_hub):
+    with pytest.raises(AttnsparseError) as caught:
+        load_text("hf:missing")
+    assert unreachable_hub == {"requests": 1, "sleeps": 0}
+    message = str(caught.value)
+    assert "\n" not in message and "cannot load hub data set 'missing'" in message and "HF_HUB_OFFLINE=1" in message

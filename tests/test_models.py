@@ -71,6 +71,16 @@ def test_unreachable_hub_suggests_a_local_path(monkeypatch):
         load_model("some-org/some-model-that-is-not-cached")
 
 
+def test_unreachable_hub_fails_fast_with_one_request(unreachable_hub):
+    """Hub down, online mode: one probe request, then the cache only; no retry loop, and HF_HUB_OFFLINE named."""
+    with pytest.raises(AttnsparseError) as caught:
+        load_model("nope/model")
+    assert unreachable_hub == {"requests": 1, "sleeps": 0}
+    message = str(caught.value)
+    assert "\n" not in message and "unreachable" in message and "HF_HUB_OFFLINE=1" in message
+    assert "pass a local model directory" in message
+
+
 def test_architecture_without_attention_interface_is_detected():
     """A state-space model has no attention calls at all; the probe forward notices."""
     config = MambaConfig(vocab_size=97, hidden_size=16, num_hidden_layers=2, state_size=4)

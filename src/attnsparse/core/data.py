@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from attnsparse.core.hub import OFFLINE_HINT, hub_endpoint, hub_offline, hub_unreachable
 from attnsparse.errors import AttnsparseError
 
 BUILTIN = "builtin"
@@ -64,6 +65,12 @@ def _hub_text(spec: str) -> str:
     split = parts[2] if len(parts) > 2 and parts[2] else "test"
     if not name:
         raise AttnsparseError(f"empty data set name in 'hf:{spec}'; {TEXT_HELP}")
+    if not hub_offline() and (unreachable := hub_unreachable()) is not None:
+        raise AttnsparseError(
+            f"cannot load hub data set '{name}': the Hugging Face hub at {hub_endpoint()} is unreachable "
+            f"({unreachable}); pass a local text file, fix the network, or {OFFLINE_HINT} (a cached copy of "
+            f"'{name}' then loads)"
+        )
     try:
         import datasets
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from attnsparse.core.hub import OFFLINE_HINT, hub_endpoint, hub_offline, hub_unreachable
 from attnsparse.core.runs import cache_root
 from attnsparse.errors import AttnsparseError
 
@@ -213,10 +214,21 @@ def _forget_gguf_quantization(model: PreTrainedModel) -> None:
 
 
 def _load_hub(repo_id: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A hub id, from the hub or its local cache; with the hub unreachable, only the cache is tried (no retries)."""
+    unreachable = None if hub_offline() else hub_unreachable()
+    cache_only = unreachable is not None
     try:
-        model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(repo_id)
+        # adapter_kwargs: transformers' PEFT adapter lookup does not inherit local_files_only, and would retry
+        model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype, local_files_only=cache_only,
+                                                     adapter_kwargs={"local_files_only": cache_only})
+        tokenizer = AutoTokenizer.from_pretrained(repo_id, local_files_only=cache_only)
     except OSError as error:
+        if unreachable is not None:
+            raise AttnsparseError(
+                f"cannot load '{repo_id}': the Hugging Face hub at {hub_endpoint()} is unreachable ({unreachable}) "
+                f"and the model is not in the local cache; pass a local model directory or .gguf file, fix the "
+                f"network, or {OFFLINE_HINT}"
+            ) from error
         raise AttnsparseError(
             f"cannot load '{repo_id}' from the Hugging Face hub (unreachable or unknown id: {_first_line(error)}); "
             "pass a local model directory or .gguf file instead"
