@@ -61,10 +61,11 @@ def per_layer_k95(spec: str, out: Path, ctx: int) -> list[float] | None:
     profile_path = out / "profile.json"
     if not profile_path.is_file():
         measure(spec, str(DATA / "test.txt"), ctx, 8, out, overwrite=True, echo=None)
-    profile = json.loads(profile_path.read_text())
+    from attnsparse.measure.profile import ProfileView
+
     by_layer: dict[int, list[float]] = {}
-    for head in profile["per_head"]:
-        by_layer.setdefault(int(head["layer"]), []).append(float(head["k_at_coverage"]["0.95"]["mean"]))
+    for head in ProfileView.read_json(profile_path).per_head:
+        by_layer.setdefault(head.layer, []).append(float(head.k_at_coverage["0.95"]["mean"]))
     return [sum(v) / len(v) for _, v in sorted(by_layer.items())]
 
 

@@ -29,6 +29,7 @@ def main() -> None:
     import torch
 
     from attnsparse.core.models import load_model
+    from attnsparse.measure.profile import ProfileView
     from attnsparse.measure.run import measure
 
     loaded = load_model("smollm2-135m", probe=False)
@@ -54,7 +55,7 @@ def main() -> None:
         if args.no_keep:
             shutil.rmtree(out)
     for run_dir in args.from_run:
-        data = json.loads((Path(run_dir) / "profile.json").read_text())
+        data = ProfileView.read_json(Path(run_dir) / "profile.json").data
         record["runs"].append({
             "ctx": data["ctx"],
             "windows": data["windows"],

@@ -98,3 +98,31 @@ def test_run_passkey_same_answer_for_covering_policies():
     by_policy = {(r.trial, r.policy): r.answer for r in results}
     assert by_policy[(0, "dense")] == by_policy[(0, "block")] and by_policy[(1, "dense")] == by_policy[(1, "block")]
     assert set(accuracy_table(results)) == {"dense", "block"}
+
+
+def synthetic_profile(layers: int = 2, heads: int = 6, kv_heads: int = 2) -> dict:
+    """The fields of a measure profile.json that readers rely on (every head retrieval but layer 0, group 0)."""
+    per_head = [{"layer": layer, "head": head, "class": "streaming" if layer == 0 and head < 3 else "retrieval",
+                 "C": 0.5, "k_at_coverage": {"0.95": {"mean": 4.0}}}
+                for layer in range(layers) for head in range(heads)]
+    return {"model": "tiny", "ctx": 64, "layers": layers, "heads": heads, "kv_heads": kv_heads, "per_head": per_head}
+
+
+@pytest.mark.parametrize("field", ["layer", "head", "class", "C", "k_at_coverage"])
+def test_generate_profile_with_a_head_row_lacking_a_field_is_one_line(tiny_dir, tmp_path, field):
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("hello world")
+    profile = synthetic_profile()
+    base = ["generate", tiny_dir, "--prompt-file", str(prompt), "--max-new-tokens", "2", "--profile"]
+    good = tmp_path / "profile.json"
+    good.write_text(json.dumps(profile))
+    result = CliRunner().invoke(cli(), base + [str(good), "--json"])
+    assert result.exit_code == 0, result.output
+    assert "streaming" in json.loads(result.output[result.output.index("{"):])["plan"]
+    del profile["per_head"][3][field]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(profile))
+    result = CliRunner().invoke(cli(), base + [str(bad)])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"per_head[3] lacks '{field}'" in errors[0] and "Traceback" not in result.output

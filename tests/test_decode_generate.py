@@ -10,6 +10,7 @@ from attnsparse.decode.backend import generate, generate_hf, sparse_decoding
 from attnsparse.decode.cache import SparseCache
 from attnsparse.decode.plan import DecodePlan, HeadPolicy, parse_head_policy, plan_from_profile, resolve_plan
 from attnsparse.errors import AttnsparseError
+from attnsparse.measure.profile import ProfileView
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -104,10 +105,11 @@ def test_plan_json_roundtrip_and_validation(tmp_path):
 
 
 def test_plan_from_profile_marks_whole_groups():
-    per_head = [{"layer": layer, "head": head, "class": "streaming" if (layer, head) != (1, 4) else "retrieval"}
-                for layer in range(2) for head in range(6)]
-    plan = plan_from_profile({"model": "m", "layers": 2, "heads": 6, "kv_heads": 2, "per_head": per_head},
-                             retrieval="dense", streaming="streaming:4:64")
+    per_head = [{"layer": layer, "head": head, "class": "streaming" if (layer, head) != (1, 4) else "retrieval",
+                 "C": None, "k_at_coverage": {"0.95": {"mean": 1.0}}} for layer in range(2) for head in range(6)]
+    profile = ProfileView.from_dict({"model": "m", "ctx": 64, "layers": 2, "heads": 6, "kv_heads": 2,
+                                     "per_head": per_head})
+    plan = plan_from_profile(profile, retrieval="dense", streaming="streaming:4:64")
     kinds = [[head.kind for head in row] for row in plan.heads]
     assert kinds == [["streaming", "streaming"], ["streaming", "dense"]]
 

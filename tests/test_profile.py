@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -10,7 +11,15 @@ import torch
 
 from attnsparse.attention.backend import sparse_attention
 from attnsparse.core.tiny import tiny_llama
-from attnsparse.measure.profile import Profile, ProfileConfig, Recorder, coverage_key, density, fit_from_sums
+from attnsparse.measure.profile import (
+    Profile,
+    ProfileConfig,
+    ProfileView,
+    Recorder,
+    coverage_key,
+    density,
+    fit_from_sums,
+)
 
 CTX = 48
 CONFIG = ProfileConfig(ctx=CTX, ks=(1, 2, 4, 8, 32, 64), deltas=(0.01, 0.05, 0.1), eps=(1e-2, 1e-1),
@@ -143,6 +152,18 @@ def test_results_do_not_depend_on_query_chunk_or_window_batching(model, ids) -> 
     base = run_profile(model, ids, query_chunk=None, batch=3).to_dict()
     for chunk, batch in [(3, 1), (16, 2)]:
         _close(base, run_profile(model, ids, query_chunk=chunk, batch=batch).to_dict())
+
+
+def test_profile_view_reads_back_what_the_profile_writes(model, ids, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    data = run_profile(model, ids, query_chunk=8).to_dict()
+    view = ProfileView.from_dict(data)
+    assert (view.layers, view.heads, view.kv_heads, view.ctx) == (data["layers"], data["heads"], data["kv_heads"],
+                                                                  data["ctx"])
+    assert [(h.layer, h.head, h.kind, h.C) for h in view.per_head] == [
+        (e["layer"], e["head"], e["class"], e["C"]) for e in data["per_head"]]
+    assert view.coverage_keys == [coverage_key(d) for d in CONFIG.deltas]
+    again = ProfileView.read_json(view.to_json(tmp_path / "profile.json"))
+    assert again.data == json.loads(json.dumps(data)) and again.per_head[5].k_at_coverage == view.per_head[5].k_at_coverage
 
 
 def test_merging_halves_equals_one_pass(model, ids, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -143,7 +143,7 @@ def test_bad_profile_is_one_line_error(tmp_path: Path) -> None:
     with pytest.raises(AttnsparseError, match="not readable JSON"):
         load_profile_overlay(bad, 0.05)
     bad.write_text(json.dumps({"ctx": 8, "per_head": [{"layer": 0}]}))
-    with pytest.raises(AttnsparseError, match="lacks ctx or per_head"):
+    with pytest.raises(AttnsparseError, match=r"per_head\[0\] lacks 'head'"):
         load_profile_overlay(bad, 0.05)
     with pytest.raises(AttnsparseError):  # a bad profile fails before the out dir is created
         run_theory(small_config(profile=str(bad)), tmp_path / "never")

@@ -144,17 +144,19 @@ def _remove_tree(path: Path) -> None:
 
 
 def _summary(measure_dir: Path, evaluate_dir: Path) -> dict[str, Any]:
-    profile = json.loads((measure_dir / "profile.json").read_text())
+    from attnsparse.measure.profile import ProfileView
+
+    profile = ProfileView.read_json(measure_dir / "profile.json")
     results = json.loads((evaluate_dir / "results.json").read_text())
-    key = next(k for k in profile["summary"] if k.startswith("k_") and k.endswith("_mean"))
+    key = next(k for k in profile.summary if k.startswith("k_") and k.endswith("_mean"))
     return {
         "perplexity": {row["policy"]: row["perplexity"] for row in results["rows"]},
         "density": {row["policy"]: row["density"] for row in results["rows"]},
-        "k_mean": profile["summary"][key],
+        "k_mean": profile.summary[key],
         "k_key": key,
-        "k_per_layer": [layer[key] for layer in profile["per_layer"]],
-        "C_mean": profile["summary"]["C_mean"],
-        "streaming_share": profile["summary"]["streaming_share"],
+        "k_per_layer": [layer[key] for layer in profile.per_layer],
+        "C_mean": profile.summary["C_mean"],
+        "streaming_share": profile.summary["streaming_share"],
     }
 
 

@@ -58,9 +58,11 @@ def _generate(model_spec: str, prompt_file: Path, policy: str, profile: Path | N
     from attnsparse.core.models import ModelShape, load_model
     from attnsparse.decode.backend import generate
     from attnsparse.decode.plan import DecodePlan, plan_from_profile, resolve_plan
+    from attnsparse.measure.profile import ProfileView
 
     if save_plan is not None:
         _check_plan_path(save_plan)
+    measured = ProfileView.read_json(profile) if profile is not None else None  # a bad profile fails before loading
     text = load_text(str(prompt_file))
     loaded = load_model(model_spec)
     ids = tokenize(loaded.tokenizer, text)
@@ -69,8 +71,8 @@ def _generate(model_spec: str, prompt_file: Path, policy: str, profile: Path | N
     _check_length(int(ids.numel()), max_new_tokens, loaded.max_context)
     shape = ModelShape.of(loaded.model)
     layers, kv_heads = shape.need("layers"), shape.need("kv_heads")
-    if profile is not None:
-        plan: DecodePlan = plan_from_profile(_read_json(profile), retrieval=policy, streaming=streaming)
+    if measured is not None:
+        plan: DecodePlan = plan_from_profile(measured, retrieval=policy, streaming=streaming)
         plan.check_model(layers, kv_heads)
     else:
         plan = resolve_plan(policy, layers, kv_heads, model_spec)
@@ -114,15 +116,3 @@ def _check_length(prompt_tokens: int, max_new_tokens: int, max_context: int) -> 
         f"a {prompt_tokens}-token prompt plus --max-new-tokens {max_new_tokens} exceeds the model's maximum of "
         f"{max_context} tokens; lower --max-new-tokens to {max_context - prompt_tokens} or shorten the prompt file"
     )
-
-
-def _read_json(path: Path) -> dict[str, object]:
-    if not path.is_file():
-        raise AttnsparseError(f"profile {path} does not exist; run `attnsparse measure` first")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise AttnsparseError(f"profile {path} is not valid JSON: {error}") from error
-    if not isinstance(data, dict):
-        raise AttnsparseError(f"profile {path} is not a measure profile")
-    return data

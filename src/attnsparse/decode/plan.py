@@ -20,9 +20,12 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from attnsparse.errors import AttnsparseError
+
+if TYPE_CHECKING:
+    from attnsparse.measure.profile import ProfileView
 
 PLAN_FORMAT = "attnsparse-decode-plan"
 PLAN_VERSION = 1
@@ -227,7 +230,7 @@ class DecodePlan:
 
 
 def plan_from_profile(
-    profile: dict[str, Any],
+    profile: ProfileView,
     retrieval: HeadPolicy | str = "block:16:0.0625",
     streaming: HeadPolicy | str = "streaming:4:1024",
 ) -> DecodePlan:
@@ -237,29 +240,24 @@ def plan_from_profile(
     """
     retrieval = parse_head_policy(retrieval) if isinstance(retrieval, str) else retrieval
     streaming = parse_head_policy(streaming) if isinstance(streaming, str) else streaming
-    try:
-        layers, heads, kv_heads = int(profile["layers"]), int(profile["heads"]), int(profile["kv_heads"])
-        entries = profile["per_head"]
-    except (KeyError, TypeError, ValueError) as error:
-        raise AttnsparseError("profile needs 'layers', 'heads', 'kv_heads' and 'per_head' (a measure profile.json)") from error
+    layers, heads, kv_heads = profile.layers, profile.heads, profile.kv_heads
     if kv_heads < 1 or heads % kv_heads:
         raise AttnsparseError(f"profile has {heads} heads and {kv_heads} kv heads; heads must be a multiple")
+    if len(profile.per_head) != layers * heads:
+        raise AttnsparseError(f"profile lists {len(profile.per_head)} heads, expected {layers} x {heads}")
     groups = heads // kv_heads
     is_streaming = [[True] * kv_heads for _ in range(layers)]
-    seen = 0
-    for entry in entries:
-        layer, head = int(entry["layer"]), int(entry["head"])
-        if entry.get("class") != "streaming":
-            is_streaming[layer][head // groups] = False
-        seen += 1
-    if seen != layers * heads:
-        raise AttnsparseError(f"profile lists {seen} heads, expected {layers} x {heads}")
-    plan = DecodePlan(
+    for entry in profile.per_head:
+        if not (0 <= entry.layer < layers and 0 <= entry.head < heads):
+            raise AttnsparseError(f"profile lists layer {entry.layer} head {entry.head}, outside its {layers} layers "
+                                  f"x {heads} heads; pass the profile.json written by `attnsparse measure`")
+        if not entry.streaming:
+            is_streaming[entry.layer][entry.head // groups] = False
+    return DecodePlan(
         [[streaming if flag else retrieval for flag in row] for row in is_streaming],
-        str(profile.get("model", "")),
+        profile.model,
         {"source": "profile", "retrieval": retrieval.spec, "streaming": streaming.spec},
     )
-    return plan
 
 
 def resolve_plan(spec: str | Path | DecodePlan, layers: int, kv_heads: int, model: str = "") -> DecodePlan:

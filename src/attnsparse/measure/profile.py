@@ -9,6 +9,7 @@ Definitions and the JSON schema: docs/measure.md.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -388,6 +389,138 @@ class Profile:
                     acc = profile.accumulators[int(layer)] = LayerAccumulator(config, int(data[key].shape[0]))
                 acc.t[name] = torch.from_numpy(data[key].copy())
         return profile
+
+
+PROFILE_HELP = "pass the profile.json written by `attnsparse measure`"
+
+
+@dataclass(frozen=True)
+class HeadSummary:
+    """One `per_head` row of profile.json: the fields readers rely on, typed; `data` is the whole row."""
+
+    layer: int
+    head: int
+    kind: str  # "streaming" or "retrieval" (the JSON's "class")
+    C: float | None  # None: too few rows to fit the exponent
+    k_at_coverage: dict[str, dict[str, Any]]  # coverage "0.95" -> {"mean", "p50", ...}
+    data: dict[str, Any]
+
+    @property
+    def streaming(self) -> bool:
+        return self.kind == "streaming"
+
+
+@dataclass(frozen=True)
+class ProfileView:
+    """profile.json read back, typed and checked: every reader (decode plans, the theory overlay, the pipeline,
+    benchmarks) goes through `read_json`, so a profile missing a field fails in one line naming it.
+
+    `data` is the whole document, written back unchanged by `to_json`.
+    """
+
+    model: str
+    ctx: int
+    layers: int
+    heads: int
+    kv_heads: int
+    summary: dict[str, Any]
+    per_layer: list[dict[str, Any]]
+    per_head: list[HeadSummary]
+    data: dict[str, Any]
+
+    @property
+    def coverage_keys(self) -> list[str]:
+        """The coverages every head reports k at ("0.99", "0.95", ...)."""
+        return list(self.per_head[0].k_at_coverage)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "profile") -> ProfileView:
+        """Check and type a profile document; `source` names it in errors (its path)."""
+        if not isinstance(data, dict):
+            raise AttnsparseError(f"{source} is not a measure profile (a JSON object); {PROFILE_HELP}")
+        rows = data.get("per_head")
+        if not isinstance(rows, list) or not rows:
+            raise AttnsparseError(f"{source} has no per_head list; {PROFILE_HELP}")
+        heads = [_head_summary(row, f"{source}: per_head[{i}]") for i, row in enumerate(rows)]
+        keys = list(heads[0].k_at_coverage)
+        for i, head in enumerate(heads):
+            if list(head.k_at_coverage) != keys:
+                raise AttnsparseError(f"{source}: per_head[{i}] gives k at coverages {list(head.k_at_coverage)}, "
+                                      f"per_head[0] at {keys}; {PROFILE_HELP}")
+        summary, per_layer = data.get("summary", {}), data.get("per_layer", [])
+        if not isinstance(summary, dict) or not isinstance(per_layer, list):
+            raise AttnsparseError(f"{source}: summary must be an object and per_layer a list; {PROFILE_HELP}")
+        return cls(
+            model=str(data.get("model") or ""),
+            ctx=_int_field(data, "ctx", source),
+            layers=_int_field(data, "layers", source),
+            heads=_int_field(data, "heads", source),
+            kv_heads=_int_field(data, "kv_heads", source),
+            summary=summary,
+            per_layer=per_layer,
+            per_head=heads,
+            data=data,
+        )
+
+    @classmethod
+    def read_json(cls, path: str | Path) -> ProfileView:
+        """Read and check a profile.json; a missing, unreadable or incomplete file is a one-line error."""
+        path = Path(path)
+        if not path.is_file():
+            raise AttnsparseError(f"profile {path} does not exist; {PROFILE_HELP}")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise AttnsparseError(f"profile {path} is not readable JSON ({error.__class__.__name__}); "
+                                  f"{PROFILE_HELP}") from None
+        return cls.from_dict(data, f"profile {path}")
+
+    def to_json(self, path: str | Path) -> Path:
+        """Write the document atomically (what `read_json` reads back)."""
+        from attnsparse.core.runs import atomic_write_json
+
+        path = Path(path)
+        atomic_write_json(path, self.data)
+        return path
+
+
+def _int_field(data: dict[str, Any], name: str, where: str) -> int:
+    if name not in data:
+        raise AttnsparseError(f"{where} lacks '{name}'; {PROFILE_HELP}")
+    value = data[name]
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+        raise AttnsparseError(f"{where}: '{name}' is {value!r}, not an integer; {PROFILE_HELP}")
+    return int(value)
+
+
+def _head_summary(row: Any, where: str) -> HeadSummary:
+    """Type one per_head row; names the first missing or malformed field."""
+    if not isinstance(row, dict):
+        raise AttnsparseError(f"{where} is not an object; {PROFILE_HELP}")
+    for name in ("layer", "head", "class", "C", "k_at_coverage"):
+        if name not in row:
+            raise AttnsparseError(f"{where} lacks '{name}'; {PROFILE_HELP}")
+    c = row["C"]
+    if c is not None and (isinstance(c, bool) or not isinstance(c, int | float)):
+        raise AttnsparseError(f"{where}: 'C' is {c!r}, not a number or null; {PROFILE_HELP}")
+    coverage = row["k_at_coverage"]
+    if not isinstance(coverage, dict) or not coverage or not all(
+            isinstance(v, dict) and "mean" in v for v in coverage.values()):
+        raise AttnsparseError(f"{where}: 'k_at_coverage' must map coverages to objects with a 'mean'; "
+                              f"{PROFILE_HELP}")
+    for key in coverage:
+        try:
+            float(key)
+        except ValueError:
+            raise AttnsparseError(f"{where}: k_at_coverage key {key!r} is not a coverage such as '0.95'; "
+                                  f"{PROFILE_HELP}") from None
+    if row["class"] not in ("streaming", "retrieval"):
+        raise AttnsparseError(f"{where}: 'class' is {row['class']!r}, not 'streaming' or 'retrieval'; "
+                              f"{PROFILE_HELP}")
+    return HeadSummary(
+        layer=_int_field(row, "layer", where), head=_int_field(row, "head", where), kind=row["class"],
+        C=None if c is None else float(c), k_at_coverage=coverage, data=row,
+    )
 
 
 class Recorder:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from attnsparse.errors import AttnsparseError
-from attnsparse.measure.profile import Profile, ProfileConfig, Recorder, coverage_key
+from attnsparse.measure.profile import Profile, ProfileConfig, ProfileView, Recorder, coverage_key
 
 KIND = "measure"
 DEFAULT_QUERY_CHUNK = 128
@@ -167,7 +167,7 @@ def write_run(out: str | Path, profile: Profile, run_config: dict[str, Any], ela
     import csv
     import io
 
-    from attnsparse.core.runs import atomic_write_json, atomic_write_text, write_run_config
+    from attnsparse.core.runs import atomic_write_text, write_run_config
     from attnsparse.measure.plots import write_plots
     from attnsparse.measure.report import write_report
 
@@ -175,7 +175,7 @@ def write_run(out: str | Path, profile: Profile, run_config: dict[str, Any], ela
     write_run_config(out, KIND, run_config)
     data = profile.to_dict()
     data["elapsed_seconds"] = round(elapsed, 3)
-    atomic_write_json(out / "profile.json", data)
+    ProfileView.from_dict(data).to_json(out / "profile.json")
     header, rows = profile.csv_rows()
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")

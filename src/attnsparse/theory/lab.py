@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -28,6 +27,7 @@ import torch
 from attnsparse.core.runs import atomic_write_json, atomic_write_text, prepare_run_dir, write_run_config
 from attnsparse.errors import AttnsparseError
 from attnsparse.measure import rowstats
+from attnsparse.measure.profile import ProfileView
 from attnsparse.theory import stats as ts
 
 KIND = "theory"
@@ -467,39 +467,25 @@ def load_profile_overlay(path: str | Path, eps: float) -> dict[str, Any]:
     Each head is drawn as k(n) = A·n^C on 1..ctx with A set so the mean over query positions equals the
     profile's mean k (that mean is taken over n_i = 1..ctx, not at n = ctx).
     """
-    path = Path(path)
-    try:
-        prof = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise AttnsparseError(f"profile {path} does not exist; pass the profile.json written by `attnsparse measure`")
-    except (OSError, json.JSONDecodeError) as exc:
-        raise AttnsparseError(f"profile {path} is not readable JSON ({exc.__class__.__name__}); "
-                              "pass the profile.json written by `attnsparse measure`") from None
-    if not isinstance(prof, dict) or not isinstance(prof.get("per_head"), list) or not prof["per_head"]:
-        raise AttnsparseError(f"profile {path} has no per_head list; pass the profile.json written by `attnsparse measure`")
-    try:
-        ctx = int(prof["ctx"])
-        keys = list(prof["per_head"][0]["k_at_coverage"].keys())
-        key = min(keys, key=lambda k: abs(float(k) - (1 - eps)))
-        heads = []
-        for h in prof["per_head"]:
-            if h.get("C") is None or h["k_at_coverage"][key].get("mean") is None:
-                continue  # a head with too few rows to fit C is written with C = null
-            c, k_mean = float(h["C"]), float(h["k_at_coverage"][key]["mean"])
-            if not (math.isfinite(c) and math.isfinite(k_mean) and k_mean > 0):
-                continue
-            norm = float(torch.arange(1, ctx + 1, dtype=torch.float64).pow(c).mean())
-            heads.append({"layer": h.get("layer"), "head": h.get("head"), "C": c, "k_mean": k_mean,
-                          "A": k_mean / norm, "class": h.get("class")})
-    except (KeyError, TypeError, ValueError) as exc:
-        raise AttnsparseError(f"profile {path} lacks ctx or per_head[*].C / k_at_coverage ({exc}); "
-                              "pass the profile.json written by `attnsparse measure`") from None
+    profile = ProfileView.read_json(path)
+    ctx = profile.ctx
+    key = min(profile.coverage_keys, key=lambda k: abs(float(k) - (1 - eps)))
+    heads = []
+    for h in profile.per_head:
+        k_mean = h.k_at_coverage[key]["mean"]
+        if h.C is None or not isinstance(k_mean, int | float):
+            continue  # a head with too few rows to fit C is written with C = null
+        if not (math.isfinite(h.C) and math.isfinite(k_mean) and k_mean > 0):
+            continue
+        norm = float(torch.arange(1, ctx + 1, dtype=torch.float64).pow(h.C).mean())
+        heads.append({"layer": h.layer, "head": h.head, "C": h.C, "k_mean": float(k_mean),
+                      "A": float(k_mean) / norm, "class": h.kind})
     if not heads:
         raise AttnsparseError(f"profile {path} has no head with a finite C and k; re-run `attnsparse measure`")
     cs = torch.tensor([h["C"] for h in heads], dtype=torch.float64)
-    config = prof.get("config") if isinstance(prof.get("config"), dict) else {}
+    config = profile.data.get("config") if isinstance(profile.data.get("config"), dict) else {}
     fit_min_n = int(config.get("fit_min_n", 16)) if str(config.get("fit_min_n", 16)).isdigit() else 16
-    return {"path": str(path), "model": prof.get("model"), "ctx": ctx, "coverage_key": key, "heads": heads,
+    return {"path": str(path), "model": profile.data.get("model"), "ctx": ctx, "coverage_key": key, "heads": heads,
             "fit_min_n": max(1, min(fit_min_n, ctx)), "C_summary": ts.quantiles(cs)}
 
 
