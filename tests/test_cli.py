@@ -34,6 +34,22 @@ def test_info_on_a_local_directory(tmp_path):
     assert facts["max_context"] == 512 and facts["parameters"] > 0
 
 
+def test_info_on_a_model_without_attention_reports_it_unsupported(tmp_path):
+    """A state-space model states no heads or context: info shows what it can and says the backend cannot serve it."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    from attnsparse.core.tiny import tiny_tokenizer
+
+    MambaForCausalLM(MambaConfig(vocab_size=97, hidden_size=16, num_hidden_layers=2, state_size=4)).save_pretrained(
+        tmp_path / "mamba")
+    tiny_tokenizer().save_pretrained(tmp_path / "mamba")
+    result = runner.invoke(app, ["info", str(tmp_path / "mamba"), "--json"])
+    assert result.exit_code == 0, result.output
+    facts = json.loads(result.output[result.output.index("{"):])
+    assert facts["architecture"] == "MambaForCausalLM" and facts["layers"] == 2 and facts["max_context"] is None
+    assert facts["backend_supported"] is False and "only 0 of 2 layers route attention" in facts["backend_error"]
+
+
 def test_info_bad_path_is_one_line_and_status_2(tmp_path):
     result = runner.invoke(app, ["info", str(tmp_path / "missing")])
     assert result.exit_code == 2

@@ -273,16 +273,16 @@ def check_backend_support(model: PreTrainedModel) -> None:
 
 
 def describe(model: PreTrainedModel) -> dict[str, object]:
-    """Architecture facts for `attnsparse info`."""
+    """Architecture facts for `attnsparse info`; a fact the config does not state is None (e.g. Mamba's context)."""
     shape = ModelShape.of(model)
     return {
         "architecture": shape.architecture,
         "model_type": shape.model_type,
-        "layers": shape.need("layers"),
+        "layers": shape.layers,
         "query_heads": shape.heads,
         "kv_heads": shape.kv_heads,
         "head_dim": shape.head_dim,
-        "max_context": shape.need("max_context"),
+        "max_context": shape.max_context,
         "parameters": sum(p.numel() for p in model.parameters()),
         "sliding_window": shape.sliding_window,
     }
