@@ -46,6 +46,26 @@ def two_threads():
     yield from _torch_threads(2)
 
 
+KERNEL_BUILDS = ("native", "portable")  # "off" (no compiled kernels) is asked for explicitly where it adds a path
+
+
+@pytest.fixture(params=KERNEL_BUILDS)
+def kernel_build(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """Run a test under each build of the compiled kernels: -march=native (AVX2/FMA/F16C where the CPU has them),
+    portable (ATTNSPARSE_NATIVE_PORTABLE=1: the architecture's baseline), or "off" (ATTNSPARSE_NATIVE=0)."""
+    from attnsparse.core import native
+
+    build = request.param
+    monkeypatch.setenv("ATTNSPARSE_NATIVE", "0" if build == "off" else "1")
+    if build == "portable":
+        monkeypatch.setenv("ATTNSPARSE_NATIVE_PORTABLE", "1")
+    else:
+        monkeypatch.delenv("ATTNSPARSE_NATIVE_PORTABLE", raising=False)
+    native.forget()
+    yield build
+    native.forget()  # the environment is restored right after; kernels load again lazily under it
+
+
 @pytest.fixture
 def block_kv():
     """Factory: random decode-step inputs in block layout, seeded: (q, keys, key_blocks, value_blocks).

@@ -205,6 +205,7 @@ def test_reset_empties_the_layer_and_keeps_its_plan():
 
 
 @pytest.mark.parametrize("n", [64, 61, 5])
+@pytest.mark.usefixtures("kernel_build")
 def test_native_block_kernel_equals_gather_and_sdpa(n):
     """The compiled kernel (blocks read in place) equals the torch path (gathered copy + SDPA), partial block too."""
     gen = torch.Generator().manual_seed(n)
@@ -229,6 +230,7 @@ def test_native_block_kernel_equals_gather_and_sdpa(n):
 
 @pytest.mark.parametrize(("dim", "size", "groups", "n"), [(64, 16, 3, 1000), (128, 8, 1, 997), (24, 5, 4, 401),
                                                          (12, 16, 2, 520), (72, 4, 3, 333)])
+@pytest.mark.usefixtures("kernel_build")
 def test_native_block_kernel_any_shape_equals_gather_and_sdpa(dim, size, groups, n):
     """Head dims with and without a vector tail, blocks walked eight at a time or alone, the partial last block."""
     if K._native_block_attend() is None:
@@ -251,6 +253,7 @@ def test_native_block_kernel_any_shape_equals_gather_and_sdpa(dim, size, groups,
 
 @pytest.mark.parametrize(("n", "count", "threads"), [(1000, 8, 1), (997, 8, 1), (40, 8, 1), (8190, 100, 2),
                                                      (8190, 100, 3)])
+@pytest.mark.usefixtures("kernel_build")
 def test_native_mean_block_decode_equals_torch_selection_and_attention(n, count, threads, block_kv):
     """One compiled call (mean-key selection + attention, split over threads for large steps and merged) equals
     block_means + select_blocks + block_decode."""
@@ -276,6 +279,7 @@ def test_native_mean_block_decode_equals_torch_selection_and_attention(n, count,
 
 
 @pytest.mark.parametrize(("batch", "groups", "dim", "n"), [(1, 3, 64, 1000), (2, 1, 128, 77), (3, 4, 12, 5)])
+@pytest.mark.usefixtures("kernel_build")
 def test_dense_decode_on_buffer_prefix_equals_sdpa(batch, groups, dim, n):
     """The compiled dense kernel reads the first n tokens of larger buffers in place; SDPA is the reference."""
     gen = torch.Generator().manual_seed(n)
@@ -301,6 +305,7 @@ def _picks_lower_index_first(scores: torch.Tensor, count: int, sink: int, recent
 
 
 @pytest.mark.parametrize("case", ["ties", "best_off_sample", "best_on_sample"])
+@pytest.mark.usefixtures("kernel_build")
 def test_native_picks_are_exact_when_the_sampled_threshold_is_off(case, block_kv):
     """2048 blocks: the kernel pre-filters with a threshold from a 1-in-8 sample. Integer keys and queries make the
     scores exact (many ties); the best blocks are placed off or on the sampled positions to mislead the sample."""

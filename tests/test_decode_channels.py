@@ -95,6 +95,7 @@ def test_covering_channel_policy_equals_dense(native, monkeypatch):
 @pytest.mark.parametrize(("n", "count", "r", "threads", "groups"),
                          [(1000, 8, 16, 1, 3), (997, 8, 5, 1, 3), (40, 8, 64, 1, 3), (8190, 100, 16, 2, 3),
                           (8190, 100, 24, 3, 3), (997, 8, 7, 1, 10), (333, 4, 9, 1, 1)])
+@pytest.mark.usefixtures("kernel_build")
 def test_native_channel_decode_equals_torch_selection_and_attention(n, count, r, threads, groups, block_kv):
     """Rows scored four at a time in registers (and the remainder one by one), any group size, threads merged."""
     q, keys, kb, vb = block_kv(n, groups, seed=n + r)
@@ -130,6 +131,7 @@ def test_channel_spec_round_trips_and_bytes_count_the_sketch(tmp_path):
         HeadPolicy("block", block_size=16, budget=64, score="channels", channels=0)
 
 
+@pytest.mark.usefixtures("kernel_build")
 def test_portable_half_conversion_matches_torch_on_every_bit_pattern():
     from attnsparse.core import native
 

@@ -232,6 +232,7 @@ HAVE_CC = shutil.which("cc") is not None or shutil.which("gcc") is not None
 
 
 @pytest.mark.skipif(not HAVE_CC, reason="no C compiler: the numpy paths are used (and tested)")
+@pytest.mark.usefixtures("kernel_build")
 def test_native_kernel_builds_here() -> None:
     """With a C compiler the bucket kernel builds, so the tests below exercise it; the numpy paths stay tested."""
     assert M._native_rowstats() is not None
@@ -253,6 +254,7 @@ def test_selection_path_equals_sort_path(case, ks, native) -> None:  # type: ign
 
 
 @pytest.mark.parametrize("native", [True, False])
+@pytest.mark.usefixtures("kernel_build")
 def test_selection_path_on_realistic_chunks_and_fallbacks(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
     """Long causal chunks (sink column, flat and peaked heads), uniform rows, and values outside [0, 2)."""
     if not native:

@@ -55,3 +55,36 @@ def test_kernels_share_torchs_openmp_runtime() -> None:
     maps = Path("/proc/self/maps").read_text().splitlines()
     runtimes = {line.split()[-1] for line in maps if "libgomp" in line}
     assert len(runtimes) <= 1, runtimes
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags"))
+    except (OSError, StopIteration):
+        return set()
+    return set(line.split(":", 1)[1].split())
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+def test_portable_build_has_its_own_cache_entry_and_no_vector_paths(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """ATTNSPARSE_NATIVE_PORTABLE=1 builds without the CPU's extensions, so `kernel_build` tests run both paths."""
+    monkeypatch.setenv("ATTNSPARSE_CACHE", str(tmp_path))
+    monkeypatch.delenv("CC", raising=False)
+    paths = {}
+    for build in ("0", "1"):
+        monkeypatch.setenv("ATTNSPARSE_NATIVE_PORTABLE", build)
+        native.forget()
+        paths[build] = native.function("blockattn", "vector_paths", "")()
+    native.forget()
+    assert len(list((tmp_path / "native").glob("blockattn-*.so"))) == 2
+    assert paths["1"] == 0
+    if {"avx2", "fma", "f16c"} <= _cpu_flags():
+        assert paths["0"] == 7  # this machine's build takes the AVX2/FMA/F16C paths
+
+
+def test_kernel_build_fixture_switches_the_build(kernel_build: str) -> None:
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    vector = native.function("blockattn", "vector_paths", "")()
+    assert vector == 0 if kernel_build == "portable" else vector == 7 or not {"avx2", "fma", "f16c"} <= _cpu_flags()

@@ -20,6 +20,7 @@ def _inputs(block_kv, seed: int):  # type: ignore[no-untyped-def]
     return q, kb, vb, K.block_sums(kb, n).contiguous(), n
 
 
+@pytest.mark.usefixtures("kernel_build")
 def test_concurrent_callers_equal_one_call_each(block_kv, two_threads):
     """Each caller gets its own OpenMP team; every result equals its sequential one, bit for bit."""
     cases = [_inputs(block_kv, seed) for seed in range(6)]

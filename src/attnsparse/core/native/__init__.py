@@ -3,6 +3,10 @@
 A kernel is built once per source version into `$ATTNSPARSE_CACHE/native/` (atomic rename, so concurrent
 processes never load a half-written library) and loaded with ctypes. Without a compiler, or with
 ATTNSPARSE_NATIVE=0, `load` returns None and callers use their numpy path: results are the same, only slower.
+
+Kernels are built for the CPU they run on (-march=native: AVX2/FMA/F16C paths where it has them).
+ATTNSPARSE_NATIVE_PORTABLE=1 builds for the baseline of the architecture instead (x86-64: no AVX2, FMA or F16C),
+under its own cache key, so the portable paths can be run and tested on any machine.
 """
 
 from __future__ import annotations
@@ -29,6 +33,18 @@ def enabled() -> bool:
     return os.environ.get("ATTNSPARSE_NATIVE", "1").strip() not in ("0", "false", "no", "off")
 
 
+def portable() -> bool:
+    """True when kernels are to be built without the CPU's own extensions (ATTNSPARSE_NATIVE_PORTABLE=1)."""
+    return os.environ.get("ATTNSPARSE_NATIVE_PORTABLE", "0").strip() in ("1", "true", "yes", "on")
+
+
+def _target_flags() -> list[str]:
+    """-march=native, or the architecture's baseline for a portable build."""
+    if not portable():
+        return ["-march=native"]
+    return ["-march=x86-64"] if platform.machine().lower() in ("x86_64", "amd64") else []
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -51,7 +67,7 @@ def load(name: str) -> ctypes.CDLL | None:
     # built on the machine that runs it (the cache key has the CPU model); no -ffast-math: results stay exact.
     # -fopenmp links libgomp.so.1, which the loader resolves to the copy torch already has loaded: kernels share
     # torch's threads. Without OpenMP the same source builds single-threaded.
-    common = ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-fPIC", "-shared"]
+    common = ["-O3", *_target_flags(), "-fno-trapping-math", "-fno-math-errno", "-fPIC", "-shared"]
     last_error: Exception | None = None
     code, machine = source.read_bytes(), [platform.machine(), _cpu_model()]
     for flags in (common + ["-fopenmp"], common + ["-fopenmp-simd"]):
@@ -92,3 +108,9 @@ def function(library: str, name: str, signature: str) -> Callable[..., int] | No
     fn.argtypes = [_CTYPES[code] for code in signature]
     fn.restype = ctypes.c_int
     return fn
+
+
+def forget() -> None:
+    """Drop loaded kernels, so the next `load` follows the current ATTNSPARSE_NATIVE* settings (tests switch them)."""
+    function.cache_clear()
+    load.cache_clear()

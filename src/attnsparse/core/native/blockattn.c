@@ -630,3 +630,19 @@ int block_decode_channels(const float *q, const float *keys, const float *values
     return block_decode(q, keys, values, sketch, heads, groups, dim, cap, sketch_cap, block, count, sink, recent, n,
                         channels, scaling, threads, out);
 }
+
+/* The explicit vector paths this build compiled, as bits: 1 AVX2+FMA kernels, 2 F16C conversion, 4 F16C+FMA
+ * channel scoring (0 for a portable build; tests check that both builds were exercised). */
+int vector_paths(void) {
+    int paths = 0;
+#ifdef VECTOR_KERNELS
+    paths |= 1;
+#endif
+#if defined(__F16C__) || defined(__AVX2__)
+    paths |= 2;
+#endif
+#if defined(__F16C__) && defined(__FMA__)
+    paths |= 4;
+#endif
+    return paths;
+}
