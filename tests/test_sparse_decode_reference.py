@@ -81,7 +81,7 @@ def test_decode_perplexity_equals_nll_by_hand(sharp, twin, one_thread):
     ctx, new = 48, 10
     windows = torch.randint(1, 97, (2, ctx), generator=torch.Generator().manual_seed(9))
     specs = ["streaming:2:6", "block:4:16"]
-    results = {r.plan: r for r in decode_perplexity(sharp, windows, specs, new, progress=False)}
+    results = {r.policy: r for r in decode_perplexity(sharp, windows, specs, new, progress=False)}
     assert list(results) == ["plan:dense", "plan:streaming:2:6", "plan:block:4:16"]
     prompt = ctx - new
     nlls = {}
@@ -94,4 +94,4 @@ def test_decode_perplexity_equals_nll_by_hand(sharp, twin, one_thread):
         assert got.nll_sum == pytest.approx(nll, rel=1e-5)
         assert got.mean_nll == pytest.approx(nll / tokens, rel=1e-5)
     assert abs(nlls["plan:streaming:2:6"] - nlls["plan:dense"]) > 1e-3 * nlls["plan:dense"]
-    assert results["plan:streaming:2:6"].read_fraction < 1.0 and results["plan:dense"].read_fraction == 1.0
+    assert results["plan:streaming:2:6"].density < 1.0 and results["plan:dense"].density == 1.0  # KV bytes read
