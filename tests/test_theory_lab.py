@@ -20,9 +20,9 @@ from attnsparse.theory.lab import (
     load_profile_overlay,
     measure_chunk,
     pipeline_rows,
-    run_theory,
     simulate,
 )
+from attnsparse.theory.run import run_theory
 
 
 def small_config(**kw: object) -> TheoryConfig:

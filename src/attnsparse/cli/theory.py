@@ -58,7 +58,8 @@ def theory_command(
 ) -> None:
     """Simulate attention on Gaussian inputs and test the sparsity theory's statements."""
     from attnsparse.cli._common import run_or_exit
-    from attnsparse.theory.lab import TheoryConfig, run_theory
+    from attnsparse.theory.lab import TheoryConfig
+    from attnsparse.theory.run import run_theory
 
     def body() -> object:
         cfg = TheoryConfig(

@@ -1,4 +1,4 @@
-"""The measure run's self-contained HTML report (attnsparse.core.report with the profile's tables and plots)."""
+"""The measure run's summaries: the per-layer table (printed and in the report) and the self-contained HTML report."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from attnsparse.core.report import Section, write_html_report
 from attnsparse.measure.profile import Profile, coverage_key
 
@@ -14,8 +16,6 @@ from attnsparse.measure.profile import Profile, coverage_key
 def write_report(path: str | Path, profile: Profile, data: dict[str, Any], run_config: dict[str, Any],
                  figures: dict[str, tuple[Path, str]]) -> Path:
     """report.html: summary, per-layer table, heatmaps, curves, head classes, the per-head table and the config."""
-    from attnsparse.measure.run import summary_rows
-
     cfg = profile.config
     key = coverage_key(cfg.fit_delta)
     s = data["summary"]
@@ -50,3 +50,50 @@ def write_report(path: str | Path, profile: Profile, data: dict[str, Any], run_c
         Section("Configuration", f"<pre>{html.escape(json.dumps(run_config, indent=2))}</pre>"),
     ]
     return write_html_report(path, f"Attention sparsity profile: {data['model']}", sections)
+
+
+def summary_rows(profile: Profile) -> tuple[list[str], list[list[object]]]:
+    """Per-layer rows of the final summary: mean k at the fit coverage, mean C (and R²), streaming heads."""
+    st = profile.head_stats()
+    cfg = profile.config
+    d = cfg.fit_index
+    key = coverage_key(cfg.fit_delta)
+    header = ["layer", f"k{key} mean", f"k{key} p90", "C mean", "R² mean", "entropy", "streaming"]
+    rows: list[list[object]] = []
+    p90 = 2  # index of 0.9 in profile.QUANTILES
+    heads = st["rows"].shape[1]
+    for layer in range(st["rows"].shape[0]):
+        c = st["C"][layer]
+        r2 = st["C_r2"][layer]
+        rows.append([
+            layer,
+            round(float(st["kcov_mean"][layer, :, d].mean()), 1),
+            int(st["kcov_quantiles"][layer, :, d, p90].max()),
+            _fmt(c),
+            _fmt(r2),
+            round(float(st["entropy"][layer].mean()), 2),
+            f"{int(st['streaming'][layer].sum())}/{heads}",
+        ])
+    return header, rows
+
+
+def _fmt(values: Any) -> str:
+    finite = values[np.isfinite(values)]
+    return f"{float(finite.mean()):.3f}" if finite.size else "-"
+
+
+def summary_table(profile: Profile) -> str:
+    """A plain-text table of `summary_rows` plus one model-wide line."""
+    header, rows = summary_rows(profile)
+    cells = [header] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    s = profile.to_dict()["summary"]
+    c_mean = "-" if s["C_mean"] is None else f"{s['C_mean']:.3f}"
+    key = coverage_key(profile.config.fit_delta)
+    lines.append(
+        f"all layers: k{key} mean {s[f'k_{key}_mean']:.1f}, C mean {c_mean}, "
+        f"streaming heads {s['streaming_heads']}/{s['heads_total']}"
+    )
+    return "\n".join(lines)

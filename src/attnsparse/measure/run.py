@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from attnsparse.errors import AttnsparseError
-from attnsparse.measure.profile import Profile, ProfileConfig, ProfileView, Recorder, coverage_key
+from attnsparse.measure.profile import Profile, ProfileConfig, ProfileView, Recorder
+from attnsparse.measure.report import summary_table, write_report
 
 KIND = "measure"
 DEFAULT_QUERY_CHUNK = 128
@@ -169,7 +170,6 @@ def write_run(out: str | Path, profile: Profile, run_config: dict[str, Any], ela
 
     from attnsparse.core.runs import atomic_write_text, write_run_config
     from attnsparse.measure.plots import write_plots
-    from attnsparse.measure.report import write_report
 
     out = Path(out)
     write_run_config(out, KIND, run_config)
@@ -186,52 +186,3 @@ def write_run(out: str | Path, profile: Profile, run_config: dict[str, Any], ela
     figures = write_plots(profile, out / "plots")
     write_report(out / "report.html", profile, data, run_config, figures)
     return out
-
-
-def summary_rows(profile: Profile) -> tuple[list[str], list[list[object]]]:
-    """Per-layer rows of the final summary: mean k at the fit coverage, mean C (and R²), streaming heads."""
-    st = profile.head_stats()
-    cfg = profile.config
-    d = cfg.fit_index
-    key = coverage_key(cfg.fit_delta)
-    header = ["layer", f"k{key} mean", f"k{key} p90", "C mean", "R² mean", "entropy", "streaming"]
-    rows: list[list[object]] = []
-    p90 = 2  # index of 0.9 in profile.QUANTILES
-    heads = st["rows"].shape[1]
-    for layer in range(st["rows"].shape[0]):
-        c = st["C"][layer]
-        r2 = st["C_r2"][layer]
-        rows.append([
-            layer,
-            round(float(st["kcov_mean"][layer, :, d].mean()), 1),
-            int(st["kcov_quantiles"][layer, :, d, p90].max()),
-            _fmt(c),
-            _fmt(r2),
-            round(float(st["entropy"][layer].mean()), 2),
-            f"{int(st['streaming'][layer].sum())}/{heads}",
-        ])
-    return header, rows
-
-
-def _fmt(values: Any) -> str:
-    import numpy as np
-
-    finite = values[np.isfinite(values)]
-    return f"{float(finite.mean()):.3f}" if finite.size else "-"
-
-
-def summary_table(profile: Profile) -> str:
-    """A plain-text table of `summary_rows` plus one model-wide line."""
-    header, rows = summary_rows(profile)
-    cells = [header] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    s = profile.to_dict()["summary"]
-    c_mean = "-" if s["C_mean"] is None else f"{s['C_mean']:.3f}"
-    key = coverage_key(profile.config.fit_delta)
-    lines.append(
-        f"all layers: k{key} mean {s[f'k_{key}_mean']:.1f}, C mean {c_mean}, "
-        f"streaming heads {s['streaming_heads']}/{s['heads_total']}"
-    )
-    return "\n".join(lines)

@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt
 
 from attnsparse.core.report import Section, write_html_report
 from attnsparse.theory import stats as ts
+from attnsparse.theory.lab import Scenario, TheoryResult, formula_local_C
 
 DPI = 80
 FIGURES = ("fraction", "prediction_error", "k_vs_n", "exponents", "tails", "heads")
@@ -49,7 +50,7 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def plot_fraction(result: Any, path: Path) -> Path:
+def plot_fraction(result: TheoryResult, path: Path) -> Path:
     """k/n at coverage 1−ε vs n for the fixed-scale scenarios, with the asymptotic and finite-n predictions."""
     fixed = [s for s in result.scenarios if s["scale"] == "fixed"]
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -69,7 +70,7 @@ def plot_fraction(result: Any, path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_prediction_error(result: Any, path: Path) -> Path:
+def plot_prediction_error(result: TheoryResult, path: Path) -> Path:
     """Relative error of the predictions vs n for every scenario (solid: large-n formula, dotted: finite-n)."""
     fig, ax = plt.subplots(figsize=(9.5, 4.2))
     for sc, color in zip(result.scenarios, _colors(len(result.scenarios))):
@@ -88,7 +89,7 @@ def plot_prediction_error(result: Any, path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_k_vs_n(result: Any, path: Path) -> Path:
+def plot_k_vs_n(result: TheoryResult, path: Path) -> Path:
     """k at coverage vs n (log-log) for every scenario, n^(1−c) guides, and real heads if a profile was given."""
     fig, ax = plt.subplots(figsize=(9.5, 5))
     for sc, color in zip(result.scenarios, _colors(len(result.scenarios))):
@@ -117,10 +118,8 @@ def plot_k_vs_n(result: Any, path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_exponents(result: Any, path: Path) -> Path:
+def plot_exponents(result: TheoryResult, path: Path) -> Path:
     """Local exponent d log k / d log n: measured (markers) and the formula's own exponent out to n = 10^24."""
-    from attnsparse.theory.lab import Scenario, formula_local_C
-
     fig, ax = plt.subplots(figsize=(9.5, 4.5))
     far = [10.0 ** (e / 4) for e in range(8, 97)]
     for sc, color in zip(result.scenarios, _colors(len(result.scenarios))):
@@ -145,7 +144,7 @@ def plot_exponents(result: Any, path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_tails(result: Any, path: Path) -> Path:
+def plot_tails(result: TheoryResult, path: Path) -> Path:
     """Mean tail mass of each fixed rule vs n, one panel per scenario of Gaussian rows."""
     panels = [s for s in result.scenarios if s["source"] == "gaussian"] or result.scenarios
     cols = min(4, len(panels))
@@ -178,7 +177,7 @@ def gaussian_C_in_range(sc: dict[str, Any], n_max: int) -> float:
     return ts.fit_exponent([p[0] for p in pts], [p[1] for p in pts]).C
 
 
-def plot_heads(result: Any, path: Path) -> Path:
+def plot_heads(result: TheoryResult, path: Path) -> Path:
     """Histogram of the real heads' C next to the Gaussian scenarios' C over the same length range."""
     overlay = result.overlay
     fig, ax = plt.subplots(figsize=(9.5, 4))
@@ -194,7 +193,7 @@ def plot_heads(result: Any, path: Path) -> Path:
     return _save(fig, path)
 
 
-def make_figures(result: Any, out: Path) -> dict[str, Path]:
+def make_figures(result: TheoryResult, out: Path) -> dict[str, Path]:
     """Write every figure into `out` and return {name: path}."""
     makers = {"fraction": plot_fraction, "prediction_error": plot_prediction_error, "k_vs_n": plot_k_vs_n,
               "exponents": plot_exponents, "tails": plot_tails}
@@ -210,7 +209,7 @@ def _pct(x: float) -> str:
     return f"{x:+.1%}"
 
 
-def theory_sections(result: Any, figures: dict[str, Path]) -> list[Section]:
+def theory_sections(result: TheoryResult, figures: dict[str, Path]) -> list[Section]:
     """Report sections for the lab; usable on their own or inside a larger report."""
     cfg = result.config
     intro = (f"<p>Rows of length n = {html.escape(', '.join(map(str, cfg.n)))}; {cfg.rows} rows per n; "
@@ -273,6 +272,6 @@ def theory_sections(result: Any, figures: dict[str, Path]) -> list[Section]:
     return sections
 
 
-def write_report(result: Any, path: Path, figures: dict[str, Path]) -> Path:
+def write_report(result: TheoryResult, path: Path, figures: dict[str, Path]) -> Path:
     """theory.html: a self-contained page with the lab's tables and figures."""
     return write_html_report(path, "attnsparse theory lab", theory_sections(result, figures))
