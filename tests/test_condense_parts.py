@@ -113,7 +113,7 @@ def test_lm_loss_matches_brute_force() -> None:
 def test_config_validation_and_presets() -> None:
     CondenseConfig().validate()
     assert CondenseConfig(k=8).loss_spec() == "tail:k=8"
-    assert CondenseConfig(loss="softcount:eps=0.02").loss_spec(4) == "softcount:k=4,eps=0.02"
+    assert CondenseConfig(loss="softcount:eps=0.02").loss_spec(4) == "softcount:k=4,eps=0.02,tau=0.002,normalize=true"
     assert CondenseConfig(loss="adaptive:alpha=2.0,C=0.4").loss_spec() == "adaptive:alpha=2.0,C=0.4"
     bad = [{"k": 0}, {"loss": "tail:k=3"}, {"loss": "nope"}, {"k_start": 4, "k": 8}, {"distill": "kl"},
            {"trainable": "mlp"}, {"margin": -1.0}, {"margin": 0.1, "lambda_schedule": "warmup"}, {"steps": 0},

@@ -12,9 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attnsparse.condense.losses import (
+    LOSSES,
+    Adaptive,
+    CondensationLoss,
     CondensationRegularizer,
-    LossConfig,
+    Entropy,
     RowLoss,
+    SoftCount,
+    Tail,
     adaptive_topk_tail_mass,
     entropy,
     parse_loss,
@@ -207,7 +212,7 @@ def test_float32_gqa_inputs_match_reference(spec):
     probs = masked_softmax(torch.randn(2, 6, 7, 9, generator=gen), visible)
     config = parse_loss(spec)
     row_fn = {"tail": ref_tail(3), "adaptive": ref_adaptive(1.0, 0.5),
-              "softcount": ref_softcount(2, 0.05, 0.01, True), "entropy": ref_entropy(True)}[config.variant]
+              "softcount": ref_softcount(2, 0.05, 0.01, True), "entropy": ref_entropy(True)}[config.name]
     result = config(probs, visible)
     assert result.values.dtype == torch.float32
     check_against(result, probs, visible, row_fn, atol=2e-6)
@@ -426,21 +431,64 @@ def test_regularizer_diagnostics_for_entropy_use_diag_k():
 
 
 @pytest.mark.parametrize(("spec", "expected"), [
-    ("tail", LossConfig("tail", k=16)),
-    ("tail:k=16", LossConfig("tail", k=16)),
-    (" TAIL : k = 4 ", LossConfig("tail", k=4)),
-    ("adaptive:alpha=1.0,C=0.5", LossConfig("adaptive", alpha=1.0, C=0.5)),
-    ("adaptive:C=0.3", LossConfig("adaptive", C=0.3)),
-    ("softcount:k=16,eps=0.01,tau=0.002", LossConfig("softcount", k=16, eps=0.01, tau=0.002)),
-    ("softcount:k=8,normalize=false", LossConfig("softcount", k=8, normalize=False)),
-    ("entropy", LossConfig("entropy")),
-    ("entropy:normalize=0", LossConfig("entropy", normalize=False)),
+    ("tail", Tail(k=16)),
+    ("tail:k=16", Tail(k=16)),
+    (" TAIL : k = 4 ", Tail(k=4)),
+    ("adaptive:alpha=1.0,C=0.5", Adaptive(alpha=1.0, C=0.5)),
+    ("adaptive:C=0.3", Adaptive(C=0.3)),
+    ("adaptive:alpha=2:C=0.3", Adaptive(alpha=2.0, C=0.3)),  # keywords may also be separated by ':'
+    ("softcount:k=16,eps=0.01,tau=0.002", SoftCount(k=16, eps=0.01, tau=0.002)),
+    ("softcount:k=8,normalize=false", SoftCount(k=8, normalize=False)),
+    ("entropy", Entropy()),
+    ("entropy:normalize=0", Entropy(normalize=False)),
 ])
 def test_parse_loss(spec, expected):
-    config = parse_loss(spec)
-    assert config == expected
-    assert parse_loss(config.spec()) == config
-    assert parse_loss(config) is config
+    loss = parse_loss(spec)
+    assert loss == expected
+    assert parse_loss(loss.spec) == loss
+    assert parse_loss(loss) is loss
+
+
+def test_canonical_specs_are_unchanged():
+    """The spec text is what config.json and the training log record; old runs must read the same."""
+    assert [parse_loss(name).spec for name in ("tail", "adaptive", "softcount", "entropy")] == [
+        "tail:k=16", "adaptive:alpha=1.0,C=0.5", "softcount:k=16,eps=0.01,tau=0.002,normalize=true",
+        "entropy:normalize=true",
+    ]
+
+
+losses = st.one_of(
+    st.builds(Tail, st.integers(1, 10_000)),
+    st.builds(Adaptive, st.floats(1e-3, 1e3), st.floats(1e-3, 1.0)),
+    st.builds(SoftCount, st.integers(1, 10_000), st.floats(1e-6, 0.999), st.floats(1e-6, 10.0), st.booleans()),
+    st.builds(Entropy, st.booleans()),
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(loss=losses)
+def test_every_loss_round_trips_through_its_spec(loss):
+    assert isinstance(loss, CondensationLoss)
+    assert parse_loss(loss.spec) == loss
+    assert parse_loss(loss.with_budget(7).spec) == loss.with_budget(7)
+
+
+def test_registry_lists_every_loss_in_its_errors():
+    assert sorted(LOSSES.names()) == ["adaptive", "entropy", "softcount", "tail"]
+    for bad in ("bogus", "", "tail:k=x"):
+        with pytest.raises(AttnsparseError) as error:
+            parse_loss(bad)
+        message = str(error.value)
+        assert "\n" not in message
+        for usage, _ in LOSSES.help_table():
+            assert usage in message
+
+
+def test_budget_applies_to_the_losses_that_have_one():
+    assert Tail(k=16).with_budget(4) == Tail(k=4)
+    assert SoftCount(k=16, eps=0.05).with_budget(4) == SoftCount(k=4, eps=0.05)
+    assert Adaptive(C=0.3).with_budget(4) == Adaptive(C=0.3)
+    assert Entropy().with_budget(4) == Entropy()
 
 
 @pytest.mark.parametrize(("spec", "message"), [
@@ -450,7 +498,7 @@ def test_parse_loss(spec, expected):
     ("tail:k=-2", "positive integer"),
     ("tail:k=2.5", "not a valid int"),
     ("tail:k", "key=value"),
-    ("tail:k=3,k=4", "given twice"),
+    ("tail:k=3,k=4", "twice"),
     ("tail:eps=0.1", "no parameter 'eps'"),
     ("entropy:k=3", "no parameter 'k'"),
     ("softcount:eps=0", "eps must lie in"),

@@ -113,12 +113,9 @@ class CondenseConfig:
             raise AttnsparseError(f"--layers must be non-negative layer indices, got {self.layers}")
 
     def loss_spec(self, k: int | None = None) -> str:
-        """The full loss spec at budget `k` (default: the target k), e.g. `tail:k=16`."""
-        k = self.k if k is None else k
-        variant, _, rest = self.loss.partition(":")
-        if variant.strip() in ("tail", "softcount"):
-            rest = ",".join(filter(None, [f"k={k}", rest]))
-        return f"{variant}:{rest}" if rest else variant
+        """The canonical loss spec at budget `k` (default: the target k), e.g. `tail:k=16`; losses without a
+        budget (adaptive, entropy) ignore k."""
+        return parse_loss(self.loss).with_budget(self.k if k is None else k).spec
 
     def result_fields(self) -> dict[str, Any]:
         """Settings that decide the result (compared on resume)."""

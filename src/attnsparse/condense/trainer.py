@@ -26,7 +26,7 @@ from attnsparse.attention.backend import BackendState
 from attnsparse.attention.policies import DENSE, TopK
 from attnsparse.condense.config import CondenseConfig
 from attnsparse.condense.distill import distillation_kl, lm_loss
-from attnsparse.condense.losses import CondensationRegularizer, LossConfig, parse_loss
+from attnsparse.condense.losses import CondensationLoss, CondensationRegularizer, parse_loss
 from attnsparse.condense.schedules import ConstrainedLambda, k_at, lambda_at
 from attnsparse.errors import AttnsparseError
 
@@ -72,7 +72,7 @@ class CondenseTrainer(Trainer):
         self._micro: list[dict[str, float]] = []
         self._grad_norm: float | None = None
         self._staging_root: Path | None = None
-        self._loss_configs: dict[int, LossConfig] = {}
+        self._losses: dict[int, CondensationLoss] = {}
         self._started = time.perf_counter()
 
     # ---- schedules ------------------------------------------------------------------------------
@@ -87,10 +87,10 @@ class CondenseTrainer(Trainer):
         c = self.condense
         return lambda_at(self.state.global_step, c.lam, c.lambda_schedule, c.lambda_ramp_steps, c.steps)  # type: ignore[arg-type]
 
-    def _loss_config(self, k: int) -> LossConfig:
-        if k not in self._loss_configs:
-            self._loss_configs[k] = parse_loss(self.condense.loss_spec(k))
-        return self._loss_configs[k]
+    def _loss_at(self, k: int) -> CondensationLoss:
+        if k not in self._losses:
+            self._losses[k] = parse_loss(self.condense.loss_spec(k))
+        return self._losses[k]
 
     # ---- the loss -------------------------------------------------------------------------------
 
@@ -99,7 +99,7 @@ class CondenseTrainer(Trainer):
         """Forward inside the backend with the regularizer attached; returns the combined loss."""
         c = self.condense
         k, lam = self.current_k(), self.current_lambda()
-        self.regularizer.config = self._loss_config(k)
+        self.regularizer.loss = self._loss_at(k)
         self.backend_state.policy = TopK(k) if c.sparse_aware else DENSE
         self.regularizer.reset()
         ids, mask = inputs["input_ids"], inputs.get("attention_mask")

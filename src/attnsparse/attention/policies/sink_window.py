@@ -15,7 +15,7 @@ from attnsparse.errors import AttnsparseError
 from attnsparse.specs import ParsedSpec, expect_fields
 
 
-@POLICIES.register("sink+window", usage="sink+window:S:W or streaming:S:W (S >= 0, W >= 1)",
+@POLICIES.register("sink+window", usage="sink+window:S:W (alias streaming:S:W; S >= 0, W >= 1)",
                    help="the first S visible keys and the last W keys up to the query", aliases=("streaming",))
 @dataclass(frozen=True)
 class SinkWindow(Policy):
