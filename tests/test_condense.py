@@ -111,11 +111,25 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_dir: Path, te
     loaded.model.model.embed_tokens.register_forward_hook(
         lambda module, inputs, output: output * float("nan") if poison["on"] else output)
     out = tmp_path / "run"
-    with pytest.raises(AttnsparseError, match=r"non-finite loss at step 3.*checkpoint-2"):
+    with pytest.raises(AttnsparseError, match=r"non-finite loss at step 3.*checkpoint-2") as caught:
         condense(_config(tiny_dir, text_file), out, model=loaded, progress=False, callbacks=[PoisonAt()])
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-2"]
     assert all(torch.isfinite(t).all() for t in _weights(out / "checkpoints" / "checkpoint-2").values())
     assert loaded.model.config._attn_implementation == "sdpa"  # the backend was removed on the way out
+    # the message shows the bad values and advice that works; config.json records the stop
+    message = str(caught.value)
+    assert "lm=nan" in message and "cond=nan" in message and "\n" not in message
+    assert "new run with a lower --lr" in message and "resume from it" not in message
+    stored = json.loads((out / "config.json").read_text())["config"]
+    assert stored["status"] == "stopped"
+    assert stored["stopped"]["reason"] == "non-finite loss" and stored["stopped"]["step"] == 3
+    assert stored["stopped"]["values"] == {"lm": "nan", "cond": "nan"}
+    assert stored["stopped"]["last_checkpoint"].endswith("checkpoint-2")
+    poison["on"] = False
+    with pytest.raises(AttnsparseError, match="with different settings"):  # why the advice is not --resume
+        condense(_config(tiny_dir, text_file, lr=1e-3), out, resume=True, progress=False)
+    again = condense(_config(tiny_dir, text_file, lr=1e-3, steps=2), out, overwrite=True, progress=False)
+    assert again.steps == 2
 
 
 def test_lora_distill_sparse_aware(tiny_dir: Path, text_file: Path, tmp_path: Path) -> None:

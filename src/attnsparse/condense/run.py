@@ -35,6 +35,7 @@ from attnsparse.condense.schedules import ConstrainedLambda
 from attnsparse.condense.trainable import add_lora, merged, set_trainable
 from attnsparse.condense.trainer import (
     CondenseTrainer,
+    NonFiniteStop,
     _barrier,
     checkpoints,
     install_callbacks,
@@ -234,7 +235,12 @@ def condense(
         install_callbacks(trainer, progress)
         for callback in callbacks:
             trainer.add_callback(callback)
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+        try:
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+        except NonFiniteStop as stop:
+            if main:
+                _write_config(out, config, "stopped", {"stopped": stop.record()})
+            raise
         final_model = merged(trainer.model)
     final_model.requires_grad_(False)
     final_model.eval()

@@ -35,6 +35,27 @@ CHECKPOINT_PREFIX = "checkpoint-"
 _COMPONENTS = ("loss", "lm", "cond", "kd", "topk_mass", "teacher_lm")
 
 
+class NonFiniteStop(AttnsparseError):
+    """Training stopped on a NaN or infinite loss, gradient or weight; carries what the run directory records."""
+
+    def __init__(self, reason: str, step: int, values: dict[str, float], last_checkpoint: Path | None) -> None:
+        self.reason, self.step, self.values, self.last_checkpoint = reason, step, values, last_checkpoint
+        shown = ", ".join(f"{name}={value:.4g}" for name, value in values.items())
+        kept = ("no checkpoint was written yet" if last_checkpoint is None
+                else f"the last good checkpoint is {last_checkpoint}")
+        super().__init__(
+            f"{reason} at step {step}{f' ({shown})' if shown else ''}; training stopped and config.json says status stopped; {kept}. "
+            "Start a new run with a lower --lr or --lambda (--overwrite to replace this one, or a new --out); "
+            "--resume would repeat the same steps"
+        )
+
+    def record(self) -> dict[str, Any]:
+        """The stop as config.json keeps it (non-finite values as strings, so the file stays strict JSON)."""
+        return {"reason": self.reason, "step": self.step,
+                "values": {name: value if math.isfinite(value) else str(value) for name, value in self.values.items()},
+                "last_checkpoint": None if self.last_checkpoint is None else str(self.last_checkpoint)}
+
+
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -135,17 +156,11 @@ class CondenseTrainer(Trainer):
         if _distributed():
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         if ok.item() < 1.0:
-            shown = ", ".join(f"{k}={v:.4g}" for k, v in parts.items() if k in ("lm", "cond", "kd") and not math.isnan(v))
-            raise AttnsparseError(
-                f"non-finite loss at step {self.state.global_step + 1} ({shown or 'on another process'}); "
-                f"training stopped. {self._checkpoint_hint()}"
-            )
-
-    def _checkpoint_hint(self) -> str:
-        if self.last_checkpoint is None:
-            return "No checkpoint was written yet; lower --lr or --lambda and start again."
-        return (f"The last good checkpoint is {self.last_checkpoint}; lower --lr or --lambda, or resume from it "
-                "with --resume.")
+            shown = ("lm", "cond", "kd") if self.teacher is not None else ("lm", "cond")
+            step = self.state.global_step + 1
+            if torch.isfinite(total.detach()).item():  # this process is fine; another one is not
+                raise NonFiniteStop("non-finite loss on another process", step, {}, self.last_checkpoint)
+            raise NonFiniteStop("non-finite loss", step, {name: parts[name] for name in shown}, self.last_checkpoint)
 
     def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:
         """Record the gradient norm for the log, and refuse to step with a non-finite gradient."""
@@ -153,10 +168,8 @@ class CondenseTrainer(Trainer):
         value = float(norm) if norm is not None else math.nan
         self._grad_norm = value
         if norm is not None and not math.isfinite(value):
-            raise AttnsparseError(
-                f"non-finite gradient norm at step {self.state.global_step + 1}; training stopped before the "
-                f"optimizer step. {self._checkpoint_hint()}"
-            )
+            raise NonFiniteStop("non-finite gradient norm (before the optimizer step)", self.state.global_step + 1,
+                                {"grad_norm": value}, self.last_checkpoint)
         return norm
 
     # ---- end of step: averages, λ, log ------------------------------------------------------------
@@ -230,10 +243,8 @@ class CondenseTrainer(Trainer):
     def _check_finite_weights(self, step: int) -> None:
         for name, parameter in self.model.named_parameters():
             if parameter.requires_grad and not torch.isfinite(parameter.detach()).all():
-                raise AttnsparseError(
-                    f"parameter {name} is non-finite after step {step}; no checkpoint written for it. "
-                    f"{self._checkpoint_hint()}"
-                )
+                raise NonFiniteStop(f"parameter {name} is non-finite (no checkpoint written for it)", step, {},
+                                    self.last_checkpoint)
 
 
 def _fsync_tree(directory: Path) -> None:
