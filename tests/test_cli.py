@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from attnsparse import __version__
@@ -55,3 +56,24 @@ def test_info_bad_path_is_one_line_and_status_2(tmp_path):
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: model path") and "does not exist" in lines[0]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["measure", "--out", "{out}", "--deltas", "0.1,x"], "bad --deltas list '0.1,x'"),
+    (["measure", "--out", "{out}", "--k", "4,,"], None),  # empty items are skipped: --k 4
+    (["measure", "--out", "{out}", "--k", "4,y"], "bad --k list '4,y'"),
+    (["condense", "--out", "{out}", "--layers", "0,a"], "bad --layers list '0,a'"),
+    (["theory", "--out", "{out}", "--C", "0.5,z"], "bad --C list '0.5,z'"),
+])
+def test_comma_lists_are_one_line_errors_before_anything_is_written(tmp_path, args, message):
+    """Every command's comma-separated options go through specs.split_list: a bad item names the option."""
+    args = [a.replace("{out}", str(tmp_path / "out")) for a in args]
+    parsed = message is None
+    if parsed:  # a good list gets past parsing (the missing model then stops it)
+        args = [args[0], str(tmp_path / "no-model")] + args[1:]
+        message = "does not exist"
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.output
+    assert parsed or not (tmp_path / "out").exists()

@@ -124,6 +124,6 @@ def test_cli_measure_on_a_local_model_directory(tmp_path, text_file) -> None:  #
     assert too_long.exit_code == 2 and "exceeds the model's maximum" in too_long.output
     empty_k = runner.invoke(_app(), ["measure", model_dir, "--data", str(text_file), "--k", ",",
                                      "--out", str(tmp_path / "third"), "--no-progress"])
-    assert empty_k.exit_code == 2 and "k list is empty" in empty_k.output
+    assert empty_k.exit_code == 2 and "empty --k list" in empty_k.output
     for bad in (too_long, empty_k):
         assert "Traceback" not in bad.output

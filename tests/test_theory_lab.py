@@ -171,7 +171,7 @@ def test_cli_runs_and_reports_claims(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("args,match", [
-    (["--n", "64,abc"], "--n must be a comma-separated list"),
+    (["--n", "64,abc"], "bad --n list '64,abc'"),
     (["--n", "1,64"], "--n lengths must be > 1"),
     (["--eps", "2"], "--eps must lie strictly between 0 and 1"),
 ])

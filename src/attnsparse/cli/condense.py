@@ -6,16 +6,14 @@ from typing import Optional
 
 import typer
 
-from attnsparse.errors import AttnsparseError
+from attnsparse.specs import split_list
 
 
 def _layers(text: str | None) -> list[int] | None:
+    """--layers: comma-separated layer indices, sorted and unique; empty means every layer."""
     if text is None or not text.strip():
         return None
-    try:
-        return sorted({int(v) for v in text.split(",") if v.strip()})
-    except ValueError:
-        raise AttnsparseError(f"--layers must be comma-separated layer indices, got '{text}'") from None
+    return sorted(set(split_list(text, "--layers", int)))
 
 
 def condense_command(

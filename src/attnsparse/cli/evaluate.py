@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from attnsparse.specs import split_list
+
 
 def evaluate_command(
     model: str = typer.Argument("smollm2-135m", help="Embedded name, hub id, local HF directory or .gguf file."),
@@ -46,7 +48,7 @@ def evaluate_command(
         result = evaluate(
             model, data, ctx, policies, protocols, out,
             batch_size=batch_size, query_chunk=query_chunk, overwrite=overwrite, progress=progress,
-            plans=[item.strip() for item in plans.split(",") if item.strip()] if plans else (),
+            plans=split_list(plans, "--plans") if plans else (),
             decode_tokens=decode_tokens,
         )
         return result.table() + (f"\nwritten to {result.out}" if result.out is not None else "")

@@ -6,23 +6,7 @@ from typing import Optional
 
 import typer
 
-from attnsparse.errors import AttnsparseError
-
-
-def _floats(text: str, name: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise AttnsparseError(f"{name} must be comma-separated numbers, got '{text}'") from None
-
-
-def _ints(text: str | None) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise AttnsparseError(f"--k must be comma-separated integers, got '{text}'") from None
+from attnsparse.specs import split_list
 
 
 def measure_command(
@@ -56,7 +40,8 @@ def measure_command(
 
     run_or_exit(lambda: measure(
         model, data, ctx, windows, out,
-        ks=_ints(k), deltas=_floats(deltas, "--deltas"), eps=_floats(eps, "--eps"), sink_tokens=sink,
+        ks=None if k is None else tuple(split_list(k, "--k", int)), deltas=tuple(split_list(deltas, "--deltas", float)),
+        eps=tuple(split_list(eps, "--eps", float)), sink_tokens=sink,
         local_window=local_window, stream_delta=stream_delta, fit_delta=fit_delta, fit_min_n=fit_min_n,
         batch_size=batch_size, query_chunk=query_chunk, overwrite=overwrite, progress=progress,
         echo=typer.echo,

@@ -11,7 +11,7 @@ from typing import TypeVar
 
 import typer
 
-from attnsparse.errors import AttnsparseError
+from attnsparse.specs import split_list
 
 T = TypeVar("T")
 
@@ -19,19 +19,14 @@ _DEFAULT_N = "128,256,512,1024,2048,4096,8192,16384"
 
 
 def parse_list(text: str, cast: Callable[[str], T], option: str) -> list[T]:
-    """Comma-separated values → list; an empty string gives []. A bad item raises a one-line AttnsparseError."""
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    try:
-        return [cast(t) for t in items]
-    except ValueError:
-        raise AttnsparseError(f"{option} must be a comma-separated list of numbers such as 1,2,3 (got {text!r})") \
-            from None
+    """Comma-separated values (`specs.split_list`); an empty option gives [] (e.g. `--sigma ""`: no such scenario)."""
+    return split_list(text, option, cast) if text.strip() else []
 
 
 def _int(text: str) -> int:
     value = float(text)
     if not value.is_integer():
-        raise ValueError(text)
+        raise ValueError(f"{text} is not an integer")
     return int(value)
 
 
