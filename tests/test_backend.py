@@ -6,9 +6,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import MistralConfig, MistralForCausalLM
 
-from attnsparse.attention.backend import BACKEND_NAME, AttentionChunk, chunked_attention, sparse_attention
+from attnsparse.attention.backend import (
+    BACKEND_NAME,
+    AttentionChunk,
+    attention_implementation,
+    chunked_attention,
+    sparse_attention,
+)
 from attnsparse.attention.policies import SinkWindow, TopK, parse_policy
 from attnsparse.core.tiny import tiny_gpt2, tiny_llama
+from attnsparse.errors import AttnsparseError
 
 MODELS = {"llama_gqa": lambda: tiny_llama(heads=6, kv_heads=2), "gpt2": tiny_gpt2}
 
@@ -80,6 +87,18 @@ def test_sparse_attention_takes_a_policy_or_a_spec_and_always_restores():
         assert model.config._attn_implementation == BACKEND_NAME
         raise RuntimeError("inside the block")
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_a_refused_switch_is_one_line_and_changes_nothing(monkeypatch):
+    model = tiny_llama()
+
+    def refuse(name):
+        raise ValueError("this model does not support custom attention\nsee the docs")
+
+    monkeypatch.setattr(model, "set_attn_implementation", refuse)
+    with pytest.raises(AttnsparseError, match="cannot switch") as error, attention_implementation(model, BACKEND_NAME):
+        pass
+    assert "\n" not in str(error.value) and model.config._attn_implementation == "sdpa"
 
 
 def reference_attention(q, k, v, visible, scaling, keep_fn):

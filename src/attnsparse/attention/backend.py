@@ -319,16 +319,26 @@ def detach(model: PreTrainedModel, restore: BackendState | None = None) -> None:
             _bind(config, restore)
 
 
-def _switch_to_backend(model: PreTrainedModel) -> None:
-    """Switch the model's attention to attnsparse, with a clear error where the architecture refuses it."""
-    register_backend()
+@contextmanager
+def attention_implementation(model: PreTrainedModel, name: str) -> Iterator[None]:
+    """The model's attention switched to the registered implementation `name` inside the block, restored after.
+
+    `sparse_attention` switches through it; so can any other registered function (the decode backend's). One-line
+    error where the architecture refuses a custom function.
+    """
+    previous = str(model.config._attn_implementation)
     try:
-        model.set_attn_implementation(BACKEND_NAME)
+        model.set_attn_implementation(name)
     except (ValueError, NotImplementedError, AttributeError) as error:
         raise AttnsparseError(
             f"{type(model).__name__} cannot switch to a custom attention function ({str(error).splitlines()[0]}); "
             "attnsparse needs a model whose attention goes through transformers' AttentionInterface"
         ) from error
+    try:
+        yield
+    finally:
+        if previous != name:
+            model.set_attn_implementation(previous)
 
 
 @contextmanager
@@ -341,22 +351,18 @@ def sparse_attention(
 ) -> Iterator[BackendState]:
     """Run `model` with the attnsparse backend, a policy and observers inside the block; restore it afterwards.
 
-    The one place the model's attention implementation is switched (measure, evaluate and condense all come
-    here). A policy given as a spec string is parsed here, once; the yielded state may be changed in the block
-    (sparse-aware training sets its policy per step).
+    Measure, evaluate and condense all come here. A policy given as a spec string is parsed here, once; the
+    yielded state may be changed in the block (sparse-aware training sets its policy per step).
     """
     if query_chunk is not None and query_chunk < 1:
         raise AttnsparseError(f"query chunk {query_chunk} must be >= 1")
     state = BackendState(parse_policy(policy), list(observers), query_chunk, fast_dense)
-    previous_impl = str(model.config._attn_implementation)
-    _switch_to_backend(model)
-    previous_state = attach(model, state)
-    try:
-        yield state
-    finally:
-        detach(model, previous_state)
-        if previous_impl != BACKEND_NAME:
-            model.set_attn_implementation(previous_impl)
-
+    register_backend()
+    with attention_implementation(model, BACKEND_NAME):
+        previous_state = attach(model, state)
+        try:
+            yield state
+        finally:
+            detach(model, previous_state)
 
 register_backend()
