@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT / "src"))
 from attnsparse.core.data import load_windows
 from attnsparse.core.models import load_model
 from attnsparse.core.runs import atomic_write_json, atomic_write_text, environment
-from attnsparse.decode.backend import cache_from_kv, decode_backend, decode_step, prefill
+from attnsparse.decode.backend import decode_backend
+from attnsparse.decode.generate import cache_from_kv, decode_step, prefill
 
 DEFAULT_POLICIES = "dense,block:16:0.0625,block:16:1024,streaming:4:1020"
 BASELINE = "sdpa+DynamicCache"

@@ -14,8 +14,9 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -26,29 +27,48 @@ sys.path.insert(0, str(ROOT / "src"))
 from attnsparse.core.data import load_windows
 from attnsparse.core.models import load_model
 from attnsparse.core.runs import atomic_write_json
-from attnsparse.decode import cache as kvcache
-from attnsparse.decode import kernels as K
-from attnsparse.decode.backend import cache_from_kv, decode_backend, decode_step, prefill
-from attnsparse.decode.plan import DecodePlan, HeadPolicy
+from attnsparse.decode.backend import decode_backend
+from attnsparse.decode.generate import cache_from_kv, decode_step, prefill
+from attnsparse.decode.plan import DecodePlan
+from attnsparse.decode.policies import BlockPolicy
+from attnsparse.decode.scorers import BlockScorer, BoundScore, ChannelScore, register_scorer
 
-Select = Callable[[kvcache.FullStore, torch.Tensor], torch.Tensor]
 
+class OracleScore(BlockScorer):
+    """Blocks ranked by the true max score of their keys (or their softmax mass): reads every key, keeps no data."""
 
-def oracle(kind: str) -> Select:
-    """Rank blocks by the true max score (kind "max") or softmax mass (kind "mass") of their keys."""
-    def select(store: kvcache.FullStore, q: torch.Tensor) -> torch.Tensor:
-        n, size = store.n, store.block
+    mass: ClassVar[bool] = False
+
+    def grow(self, old: torch.Tensor, key_blocks: torch.Tensor, n: int) -> torch.Tensor:
+        return old
+
+    def update(self, data: torch.Tensor, key_blocks: torch.Tensor, keys: torch.Tensor, start: int) -> None:
+        return None
+
+    def scores(self, data: torch.Tensor, key_blocks: torch.Tensor, q: torch.Tensor, n: int) -> torch.Tensor:
+        size = key_blocks.shape[-2]
         used = -(-n // size)
-        scores = q @ store.keys[:, :, : used * size].transpose(-1, -2) * q.shape[-1] ** -0.5
+        keys = key_blocks[:, :, :used].flatten(2, 3)
+        scores = q @ keys.transpose(-1, -2) * q.shape[-1] ** -0.5
         scores[..., n:] = float("-inf")
-        if kind == "mass":
-            scores = torch.softmax(scores, dim=-1)
-            per_block = scores.view(*scores.shape[:-1], used, size).sum(-1).amax(-2)
-        else:
-            per_block = scores.view(*scores.shape[:-1], used, size).amax(-1).amax(-2)
-        p = store.policy
-        return K.select_blocks(per_block, p.selected_blocks(n), p.sink_blocks, p.recent_blocks)
-    return select
+        if self.mass:
+            return torch.softmax(scores, dim=-1).view(*scores.shape[:-1], used, size).sum(-1).amax(-2)
+        return scores.view(*scores.shape[:-1], used, size).amax(-1).amax(-2)
+
+    def bytes_read(self, n: int, block: int, selected: int, dim: int, itemsize: int) -> int:
+        return n * dim * itemsize + 2 * min(selected * block, n) * dim * itemsize
+
+
+@register_scorer("oracle-max", "oracle-max", "true max q.k of each block's keys (reads every key)")
+@dataclass(frozen=True)
+class OracleMax(OracleScore):
+    pass
+
+
+@register_scorer("oracle-mass", "oracle-mass", "softmax mass of each block's keys (reads every key)")
+@dataclass(frozen=True)
+class OracleMass(OracleScore):
+    mass: ClassVar[bool] = True
 
 
 @torch.inference_mode()
@@ -70,23 +90,20 @@ def main() -> None:
     window = load_windows(loaded.tokenizer, args.data, args.ctx, max_context=loaded.max_context, count=2)[args.window]
     prompt, targets = window[None, : -args.new], window[None, -args.new :]
     kv, logits = prefill(model, prompt)
-    mean = HeadPolicy("block", block_size=16, density=args.density)
-    bound = HeadPolicy("block", block_size=16, density=args.density, score="bound")
+    mean = BlockPolicy(16, density=args.density)
     topk = f"topk:{int(args.density * args.ctx)}"
-    variants: list[tuple[str, object, Select | None]] = [
-        ("dense", "dense", None), (topk, topk, None), ("oracle max", mean, oracle("max")),
-        ("oracle mass", mean, oracle("mass")), ("mean key", mean, None), ("quest bound", bound, None),
-        ("mean key b8", HeadPolicy("block", block_size=8, density=args.density), None),
-    ] + [(f"channels {r}", HeadPolicy("block", block_size=16, density=args.density, score="channels", channels=r), None)
-         for r in (8, 16, 24, 32)]
+    variants: list[tuple[str, object]] = [
+        ("dense", "dense"), (topk, topk), ("oracle max", BlockPolicy(16, density=args.density, score=OracleMax())),
+        ("oracle mass", BlockPolicy(16, density=args.density, score=OracleMass())), ("mean key", mean),
+        ("quest bound", BlockPolicy(16, density=args.density, score=BoundScore())),
+        ("mean key b8", BlockPolicy(8, density=args.density)),
+    ] + [(f"channels {r}", BlockPolicy(16, density=args.density, score=ChannelScore(r))) for r in (8, 16, 24, 32)]
     wanted = {v for v in args.variants.split(",") if v}
     variants = [v for v in variants if v[0] == "dense" or not wanted or v[0] in wanted]
-    original = kvcache.FullStore.select
     results: dict[str, float] = {}
     with decode_backend(model):
-        for name, policy, select in variants:
-            kvcache.FullStore.select = select or original  # type: ignore[method-assign]
-            plan = DecodePlan.uniform(policy, len(kv), kv[0][0].shape[1]) if isinstance(policy, HeadPolicy) else policy
+        for name, policy in variants:
+            plan = DecodePlan.uniform(policy, len(kv), kv[0][0].shape[1]) if isinstance(policy, BlockPolicy) else policy
             cache = cache_from_kv(model, kv, plan, reserve=args.ctx)  # type: ignore[arg-type]
             nll = [F.cross_entropy(logits, targets[:, 0]).item()]
             for t in range(args.new - 1):
@@ -95,7 +112,6 @@ def main() -> None:
             results[name] = sum(nll) / len(nll)
             print(f"{name:14s} ppl {math.exp(results[name]):8.3f}  ratio {math.exp(results[name] - results['dense']):.3f}",
                   flush=True)
-    kvcache.FullStore.select = original  # type: ignore[method-assign]
     if wanted and Path(args.out).is_file():  # a subset run adds its rows to the earlier ones (same dense NLL)
         earlier = json.loads(Path(args.out).read_text())
         if abs(earlier["nll"]["dense"] - results["dense"]) < 1e-6:

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from attnsparse.core.runs import atomic_write_json, atomic_write_text, environment
 from attnsparse.decode import kernels as K
-from attnsparse.decode.cache import FullStore, StreamStore
+from attnsparse.decode.cache import BlockStore, FullStore, StreamStore
 from attnsparse.decode.plan import parse_head_policy
 
 LAYERS, HEADS, KV_HEADS, DIM = 30, 9, 3, 64
@@ -58,22 +58,14 @@ def build_layers(n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def make_store(spec: str, keys: torch.Tensor, values: torch.Tensor) -> FullStore | StreamStore:
     """A store holding the layer's random KV under `spec` (full stores share the tensors, no copy)."""
-    policy = parse_head_policy(spec)
-    heads = list(range(KV_HEADS))
-    if policy.kind == "streaming":
-        store = StreamStore(policy, heads)
+    store = parse_head_policy(spec).store(list(range(KV_HEADS)))
+    if isinstance(store, StreamStore):
         store.append(keys, values)
         return store
-    store = FullStore(policy, heads)
     store.keys, store.values, store.n = keys, values, keys.shape[2]
-    if policy.kind == "block":
-        if policy.score == "channels":
-            store.summary = keys.transpose(-1, -2).half().contiguous()
-        elif policy.score == "bound":
-            kmin, kmax = K.block_summaries(store.key_blocks(), store.n)
-            store.summary = torch.cat([kmax, kmin], dim=-1)
-        else:
-            store.summary = K.block_sums(store.key_blocks(), store.n)
+    if isinstance(store, BlockStore):  # the scorer's selection data for the whole context, built once
+        store.selection = store.scorer.grow(store.selection, store.key_blocks(), 0)
+        store.scorer.update(store.selection, store.key_blocks(), keys, 0)
     return store
 
 

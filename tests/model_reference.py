@@ -222,7 +222,7 @@ def _selected_blocks(policy: object, q: torch.Tensor, keys: torch.Tensor,
     padded[:, :n] = keys
     present = (torch.arange(total * size) < n).view(total, size)
     blocks = padded.view(batch, total, size, -1)
-    score = p.score  # type: ignore[attr-defined]
+    score = p.score.name  # type: ignore[attr-defined]  # the block scorer (attnsparse.decode.scorers)
     if score == "mean":
         values = (blocks.sum(dim=2) @ q.transpose(-1, -2)).amax(dim=-1)  # q . key sum, max over the group
     elif score == "bound":
@@ -231,7 +231,7 @@ def _selected_blocks(policy: object, q: torch.Tensor, keys: torch.Tensor,
         products = torch.maximum(q[:, None] * big[:, :, None], q[:, None] * small[:, :, None])  # (B, NB, G, D)
         values = products.sum(dim=-1).amax(dim=-1)
     else:  # channels: the R channels where the group's |q| is largest, keys rounded to float16 as stored
-        channels = min(p.channels, q.shape[-1])  # type: ignore[attr-defined]
+        channels = min(p.score.channels, q.shape[-1])  # type: ignore[attr-defined]
         weight = q.abs().sum(dim=1)  # (B, D)
         if separation is not None:
             separation.record(weight, channels)

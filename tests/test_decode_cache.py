@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from attnsparse.attention.backend import chunked_attention
 from attnsparse.attention.policies import SinkWindow
 from attnsparse.decode import kernels as K
-from attnsparse.decode.cache import PENDING, FullStore, SparseLayer, StreamStore
-from attnsparse.decode.plan import HeadPolicy
+from attnsparse.decode.cache import PENDING, BlockStore, FullStore, SparseLayer, StreamStore
+from attnsparse.decode.policies import BlockPolicy, DensePolicy, StreamingPolicy, TopkPolicy
+from attnsparse.decode.scorers import parse_scorer
 from attnsparse.errors import AttnsparseError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,22 +39,23 @@ def feed(layer: SparseLayer, keys: torch.Tensor, values: torch.Tensor, prompt: i
 def test_incremental_block_summaries_equal_recomputed(prompt, score):
     torch.manual_seed(0)
     keys, values = torch.randn(2, 3, 123, 8), torch.randn(2, 3, 123, 8)
-    store = FullStore(HeadPolicy("block", block_size=8, budget=16, score=score), [0, 1, 2])
+    store = BlockStore(BlockPolicy(8, budget=16, score=parse_scorer(score)), [0, 1, 2])
     store.append(keys[:, :, :prompt], values[:, :, :prompt])
     for t in range(prompt, 123):
         store.append(keys[:, :, t : t + 1], values[:, :, t : t + 1])
         used = math.ceil(store.n / 8)
         if score == "bound":
             kmin, kmax = K.block_summaries(store.key_blocks(), store.n)
-            assert torch.equal(store.kmin[:, :, :used], kmin) and torch.equal(store.kmax[:, :, :used], kmax)
+            held_max, held_min = store.selection[:, :, :used].chunk(2, dim=-1)  # [kmax | kmin]
+            assert torch.equal(held_min, kmin) and torch.equal(held_max, kmax)
         else:  # a running sum: equal up to float rounding order
-            assert torch.allclose(store.summary[:, :, :used], K.block_sums(store.key_blocks(), store.n), atol=1e-5)
+            assert torch.allclose(store.selection[:, :, :used], K.block_sums(store.key_blocks(), store.n), atol=1e-5)
     assert torch.equal(store.keys[:, :, :123], keys) and torch.equal(store.values[:, :, :123], values)
 
 
 def test_mean_score_selects_blocks_with_highest_mean_key_score():
     torch.manual_seed(7)
-    store = FullStore(HeadPolicy("block", block_size=4, budget=16, sink_blocks=1, recent_blocks=1), [0])
+    store = BlockStore(BlockPolicy(4, budget=16, sink_blocks=1, recent_blocks=1), [0])
     keys = torch.randn(1, 1, 40, 8)
     store.append(keys, keys)
     q = torch.randn(1, 1, 2, 8)
@@ -65,8 +67,7 @@ def test_mean_score_selects_blocks_with_highest_mean_key_score():
 
 def test_cache_contents_after_many_steps_with_eviction():
     torch.manual_seed(1)
-    policies = [HeadPolicy("streaming", sink=3, window=7), HeadPolicy("block", block_size=4, budget=8),
-                HeadPolicy("streaming", sink=3, window=7), HeadPolicy("topk", k=5)]
+    policies = [StreamingPolicy(3, 7), BlockPolicy(4, budget=8), StreamingPolicy(3, 7), TopkPolicy(5)]
     layer = SparseLayer(policies)
     keys, values = torch.randn(2, 4, 90, 8), torch.randn(2, 4, 90, 8)
     feed(layer, keys, values, prompt=20)
@@ -86,8 +87,7 @@ def test_cache_contents_after_many_steps_with_eviction():
 def test_stream_prefill_longer_than_window_equals_stepwise():
     torch.manual_seed(2)
     keys, values = torch.randn(1, 2, 50, 4), torch.randn(1, 2, 50, 4)
-    a, b = StreamStore(HeadPolicy("streaming", sink=2, window=5), [0, 1]), StreamStore(
-        HeadPolicy("streaming", sink=2, window=5), [0, 1])
+    a, b = StreamStore(StreamingPolicy(2, 5), [0, 1]), StreamStore(StreamingPolicy(2, 5), [0, 1])
     a.append(keys, values)
     for t in range(50):
         b.append(keys[:, :, t : t + 1], values[:, :, t : t + 1])
@@ -100,7 +100,7 @@ def test_streaming_decode_equals_backend_sink_window():
     batch, kv, groups, n, dim = 1, 2, 3, 60, 8
     keys, values = torch.randn(batch, kv, n, dim), torch.randn(batch, kv, n, dim)
     q = torch.randn(batch, kv * groups, 1, dim)
-    layer = SparseLayer([HeadPolicy("streaming", sink=4, window=9)] * kv)
+    layer = SparseLayer([StreamingPolicy(4, 9)] * kv)
     feed(layer, keys, values, prompt=30)
     out = layer.attend(q, 0.3)
     ref = chunked_attention(q, keys, values, None, scaling=0.3, policy=SinkWindow(4, 9),
@@ -120,15 +120,15 @@ def test_topk_decode_equals_masked_reference():
 def test_block_bounds_are_upper_bounds_and_selection_matches_brute_force():
     torch.manual_seed(5)
     size, n, dim = 4, 45, 8
-    policy = HeadPolicy("block", block_size=size, budget=12, sink_blocks=1, recent_blocks=1, score="bound")
-    store = FullStore(policy, [0, 1])
+    policy = BlockPolicy(size, budget=12, sink_blocks=1, recent_blocks=1, score=parse_scorer("bound"))
+    store = BlockStore(policy, [0, 1])
     keys, values = torch.randn(1, 2, n, dim), torch.randn(1, 2, n, dim)
     store.append(keys[:, :, :10], values[:, :, :10])
     for t in range(10, n):
         store.append(keys[:, :, t : t + 1], values[:, :, t : t + 1])
     q = torch.randn(1, 2, 3, dim)
     blocks = math.ceil(n / size)
-    bounds = K.block_bounds(q, store.summary[:, :, :blocks])
+    bounds = K.block_bounds(q, store.selection[:, :, :blocks])
     true = (q @ keys.transpose(-1, -2))  # (1, 2, 3, n)
     padded = torch.full((1, 2, 3, blocks * size), float("-inf"))
     padded[..., :n] = true
@@ -164,10 +164,10 @@ def test_covering_policies_equal_dense_kernel(policy):
 
 def test_bytes_read_and_held():
     size, n, dim = 16, 1000, 8
-    block = FullStore(HeadPolicy("block", block_size=size, budget=64, score="bound"), [0])
-    mean = FullStore(HeadPolicy("block", block_size=size, budget=64), [0])
-    stream = StreamStore(HeadPolicy("streaming", sink=4, window=60), [0])
-    dense = FullStore(HeadPolicy("dense"), [0])
+    block = BlockStore(BlockPolicy(size, budget=64, score=parse_scorer("bound")), [0])
+    mean = BlockStore(BlockPolicy(size, budget=64), [0])
+    stream = StreamStore(StreamingPolicy(4, 60), [0])
+    dense = FullStore(DensePolicy(), [0])
     keys = torch.randn(1, 1, n, dim)
     for store in (block, mean, stream, dense):
         store.append(keys, keys)
@@ -179,7 +179,7 @@ def test_bytes_read_and_held():
 
 
 def test_multi_token_continuation_and_head_mismatch_are_refused():
-    layer = SparseLayer([HeadPolicy("dense")] * 2)
+    layer = SparseLayer([DensePolicy()] * 2)
     layer.update(torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4))
     with pytest.raises(AttnsparseError, match="one token per step"):
         layer.update(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4))
@@ -188,7 +188,7 @@ def test_multi_token_continuation_and_head_mismatch_are_refused():
 
 
 def test_unused_buffer_is_zero_so_masked_tail_cannot_poison_output():
-    store = FullStore(HeadPolicy("block", block_size=8, budget=16), [0])
+    store = BlockStore(BlockPolicy(8, budget=16), [0])
     store.reserve(torch.empty(1, 1, 1, 4), 100)
     store.append(torch.randn(1, 1, 13, 4), torch.randn(1, 1, 13, 4))
     assert (store.values[:, :, 13:] == 0).all() and (store.keys[:, :, 13:] == 0).all()
@@ -196,7 +196,7 @@ def test_unused_buffer_is_zero_so_masked_tail_cannot_poison_output():
 
 
 def test_reset_empties_the_layer_and_keeps_its_plan():
-    layer = SparseLayer([HeadPolicy("streaming", sink=1, window=3), HeadPolicy("block", block_size=4, budget=8)])
+    layer = SparseLayer([StreamingPolicy(1, 3), BlockPolicy(4, budget=8)])
     feed(layer, torch.randn(1, 2, 12, 4), torch.randn(1, 2, 12, 4), prompt=5)
     layer.reset()
     assert layer.get_seq_length() == 0 and [s.policy.kind for s in layer.stores] == ["streaming", "block"]

@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from attnsparse.decode import kernels as K
-from attnsparse.decode.cache import PENDING, FullStore, SparseLayer
-from attnsparse.decode.plan import DecodePlan, HeadPolicy, parse_head_policy
+from attnsparse.decode.cache import PENDING, BlockStore, SparseLayer
+from attnsparse.decode.plan import DecodePlan, parse_head_policy
+from attnsparse.decode.policies import BlockPolicy
+from attnsparse.decode.scorers import ChannelScore
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,20 +49,19 @@ def test_all_channels_rank_by_the_exact_block_max():
 def test_incremental_sketch_equals_keys_transposed(prompt):
     torch.manual_seed(prompt)
     keys, values = torch.randn(2, 3, 1500, 8), torch.randn(2, 3, 1500, 8)
-    store = FullStore(HeadPolicy("block", block_size=8, budget=16, score="channels", channels=4), [0, 1, 2])
+    store = BlockStore(BlockPolicy(8, budget=16, score=ChannelScore(4)), [0, 1, 2])
     store.append(keys[:, :, :prompt], values[:, :, :prompt])
     for t in range(prompt, 1500):  # grows past the first buffer: the sketch is copied with the keys
         store.append(keys[:, :, t : t + 1], values[:, :, t : t + 1])
-    assert store.sketch.dtype == torch.float16
-    assert torch.equal(store.sketch[..., :1500], keys.transpose(-1, -2).half())
-    assert (store.sketch[..., 1500:] == 0).all()
+    assert store.selection.dtype == torch.float16
+    assert torch.equal(store.selection[..., :1500], keys.transpose(-1, -2).half())
+    assert (store.selection[..., 1500:] == 0).all()
 
 
 def test_channel_selection_attends_to_the_chosen_blocks():
     torch.manual_seed(11)
     size, n = 4, 40
-    store = FullStore(HeadPolicy("block", block_size=size, budget=12, sink_blocks=1, recent_blocks=1,
-                                 score="channels", channels=3), [0, 1])
+    store = BlockStore(BlockPolicy(size, budget=12, sink_blocks=1, recent_blocks=1, score=ChannelScore(3)), [0, 1])
     keys, values = torch.randn(1, 2, n, 8), torch.randn(1, 2, n, 8)
     store.append(keys, values)
     q = torch.randn(1, 2, 2, 8)
@@ -118,17 +119,17 @@ def test_native_channel_decode_equals_torch_selection_and_attention(n, count, r,
 
 def test_channel_spec_round_trips_and_bytes_count_the_sketch(tmp_path):
     policy = parse_head_policy("block:16:0.0625:channels24")
-    assert (policy.score, policy.channels, policy.spec) == ("channels", 24, "block:16:0.0625:channels24")
-    assert parse_head_policy("block:16:64:channels").channels == 16
+    assert (policy.score, policy.spec) == (ChannelScore(24), "block:16:0.0625:channels24")
+    assert parse_head_policy("block:16:64:channels").score == ChannelScore(16)
     plan = DecodePlan.uniform(policy, 2, 3)
     plan.save(tmp_path / "plan.json")
     assert DecodePlan.load(tmp_path / "plan.json").heads[1][2] == policy
-    store = FullStore(HeadPolicy("block", block_size=16, budget=64, score="channels", channels=8), [0])
+    store = BlockStore(BlockPolicy(16, budget=64, score=ChannelScore(8)), [0])
     keys = torch.randn(1, 1, 1000, 32)
     store.append(keys, keys)
     assert store.bytes_read(1) == 8 * 1000 * 2 + 2 * 64 * 32 * 4
     with pytest.raises(Exception, match="channels"):
-        HeadPolicy("block", block_size=16, budget=64, score="channels", channels=0)
+        BlockPolicy(16, budget=64, score=ChannelScore(0))
 
 
 @pytest.mark.usefixtures("kernel_build")
@@ -149,7 +150,7 @@ def test_portable_half_conversion_matches_torch_on_every_bit_pattern():
 def test_channel_policy_runs_in_bfloat16_on_the_torch_path():
     torch.manual_seed(2)
     keys, values = torch.randn(1, 2, 100, 16).bfloat16(), torch.randn(1, 2, 100, 16).bfloat16()
-    store = FullStore(HeadPolicy("block", block_size=8, budget=32, score="channels", channels=4), [0, 1])
+    store = BlockStore(BlockPolicy(8, budget=32, score=ChannelScore(4)), [0, 1])
     store.append(keys, values)
     out = store.attend(torch.randn(1, 2, 3, 16).bfloat16(), 0.25)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()

@@ -6,9 +6,12 @@ import pytest
 import torch
 
 from attnsparse.core.tiny import tiny_gpt2, tiny_llama
-from attnsparse.decode.backend import generate, generate_hf, sparse_decoding
+from attnsparse.decode.backend import sparse_decoding
 from attnsparse.decode.cache import SparseCache
-from attnsparse.decode.plan import DecodePlan, HeadPolicy, parse_head_policy, plan_from_profile, resolve_plan
+from attnsparse.decode.generate import generate, generate_hf
+from attnsparse.decode.plan import DecodePlan, parse_head_policy, plan_from_profile, resolve_plan
+from attnsparse.decode.policies import BlockPolicy
+from attnsparse.decode.scorers import BoundScore, MeanScore
 from attnsparse.errors import AttnsparseError
 from attnsparse.measure.profile import ProfileView
 
@@ -100,8 +103,8 @@ def test_plan_json_roundtrip_and_validation(tmp_path):
     for bad in ["topk:0", "block:0:10", "block:16:0", "block:16:64:best", "streaming:1", "magic"]:
         with pytest.raises(AttnsparseError):
             parse_head_policy(bad)
-    assert HeadPolicy("block", block_size=16, density=0.0625).selected_blocks(32768) == 128
-    assert parse_head_policy("block:16:64:bound").score == "bound" and parse_head_policy("block:16:64").score == "mean"
+    assert BlockPolicy(16, density=0.0625).selected_blocks(32768) == 128
+    assert parse_head_policy("block:16:64:bound").score == BoundScore() and parse_head_policy("block:16:64").score == MeanScore()
 
 
 def test_plan_from_profile_marks_whole_groups():

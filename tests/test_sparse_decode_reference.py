@@ -12,8 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnsparse.decode.backend import generate, make_plan
+from attnsparse.decode.backend import make_plan
 from attnsparse.decode.eval import decode_perplexity
+from attnsparse.decode.generate import generate
 from attnsparse.decode.plan import DecodePlan, parse_head_policy
 from tests.model_reference import (
     Separation,

@@ -56,7 +56,7 @@ def _generate(model_spec: str, prompt_file: Path, policy: str, profile: Path | N
 
     from attnsparse.core.data import load_text, tokenize
     from attnsparse.core.models import ModelShape, load_model
-    from attnsparse.decode.backend import generate
+    from attnsparse.decode.generate import generate
     from attnsparse.decode.plan import DecodePlan, plan_from_profile, resolve_plan
     from attnsparse.measure.profile import ProfileView
 

@@ -1,10 +1,12 @@
 """A transformers `Cache` whose layers keep per-kv-head storage for sparse decoding.
 
-Each layer splits its kv heads into groups of equal `HeadPolicy` (usually one or two groups), one store each:
+Each layer splits its kv heads into groups of equal policy (usually one or two groups), one store each, made by
+the policy (`attnsparse.decode.policies`):
 
-- `FullStore` (dense, topk, block): every token, in a preallocated buffer that grows by doubling; a block policy
-  also keeps its selection data, updated incrementally as tokens are appended: per-block key sums (score "mean"),
-  element-wise min and max (score "bound"), or a float16 channel-major copy of the keys (score "channels").
+- `FullStore` (dense, topk): every token, in a preallocated buffer that grows by doubling; a decode step attends
+  by its policy's rule.
+- `BlockStore` (block): a `FullStore` in blocks that also holds its scorer's selection data (`decode.scorers`),
+  grown with the buffer and updated by the scorer as tokens are appended.
 - `StreamStore` (streaming): the first `sink` tokens and a ring of the last `window`; older entries are
   overwritten, so memory stays (sink + window) tokens however long the context grows.
 
@@ -18,14 +20,18 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from attnsparse.core.models import ModelShape
 from attnsparse.decode import kernels as K
-from attnsparse.decode.plan import DecodePlan, HeadPolicy
 from attnsparse.errors import AttnsparseError
+
+if TYPE_CHECKING:
+    from attnsparse.decode.plan import DecodePlan
+    from attnsparse.decode.policies import BlockPolicy, HeadPolicy, StreamingPolicy
 
 DECODE_BACKEND = "attnsparse-decode"
 # id(key tensor returned by update) -> (weak ref to that tensor, layer); consumed by the attention function.
@@ -33,42 +39,34 @@ PENDING: dict[int, tuple[weakref.ref, SparseLayer]] = {}
 GROWTH_STEP = 1024  # tokens added beyond what is needed when a buffer must grow (plus doubling)
 
 
-class FullStore:
-    """All tokens of some kv heads; dense, top-k or block top-k attention over them."""
+class FullPolicy(Protocol):
+    """What a policy over every held token provides: the rule a decode step attends by and what it reads."""
 
-    def __init__(self, policy: HeadPolicy, heads: list[int]) -> None:
+    def attend(self, store: FullStore, q: torch.Tensor, scaling: float) -> torch.Tensor: ...
+
+    def bytes_read(self, n: int, dim: int, itemsize: int, groups: int) -> int: ...
+
+
+class FullStore:
+    """All tokens of some kv heads; a decode step attends over them by the policy's rule."""
+
+    def __init__(self, policy: FullPolicy, heads: list[int], block: int = 1) -> None:
         self.policy = policy
         self.heads = heads
-        self.block = policy.block_size if policy.kind == "block" else 1
+        self.block = block
         self.n = 0
         self.keys = self.values = torch.empty(0)
-        # a block policy's selection data: (B, h, blocks, 2D) = [kmax | kmin] for score "bound", (B, h, blocks, D) key
-        # sums for "mean", and for "channels" the keys again, channel-major in float16, (B, h, D, capacity)
-        self.summary = torch.empty(0, 0, 0, 0)
-        self.width = {"bound": 2, "mean": 1, "channels": 0}[policy.score]
-        self.sketched = policy.kind == "block" and policy.score == "channels"
 
     @property
-    def sketch(self) -> torch.Tensor:
-        """Score "channels": the float16 channel-major key copy (B, h, D, capacity)."""
-        return self.summary
+    def capacity(self) -> int:
+        return self.keys.shape[2] if self.keys.dim() == 4 else 0
 
-    @property
-    def kmax(self) -> torch.Tensor:
-        return self.summary[..., : self.summary.shape[-1] // 2]
-
-    @property
-    def kmin(self) -> torch.Tensor:
-        return self.summary[..., self.summary.shape[-1] // 2 :]
-
-    def _round(self, tokens: int) -> int:
-        return -(-tokens // self.block) * self.block
-
-    def reserve(self, like: torch.Tensor, tokens: int) -> None:
-        """Make room for `tokens` in all (copying what is held); `like` gives batch, dim, dtype and device."""
-        capacity = self._round(tokens)
-        if self.keys.dim() == 4 and self.keys.shape[2] >= capacity:
-            return
+    def reserve(self, like: torch.Tensor, tokens: int) -> bool:
+        """Make room for `tokens` in all (copying what is held); `like` gives batch, dim, dtype and device.
+        True when the buffers were reallocated."""
+        capacity = -(-tokens // self.block) * self.block
+        if self.capacity >= capacity:
+            return False
         batch, _, _, dim = like.shape
         shape = (batch, len(self.heads), capacity, dim)
         keys = like.new_zeros(shape)  # zeros, not garbage: a partly filled block is read (masked) by attention,
@@ -77,52 +75,16 @@ class FullStore:
             keys[:, :, : self.n] = self.keys[:, :, : self.n]
             values[:, :, : self.n] = self.values[:, :, : self.n]
         self.keys, self.values = keys, values
-        if self.sketched:
-            sketch = like.new_zeros(batch, len(self.heads), dim, capacity, dtype=torch.float16)
-            if self.n:
-                sketch[..., : self.n] = self.summary[..., : self.n]
-            self.summary = sketch
-        elif self.policy.kind == "block":
-            summary = like.new_zeros(batch, len(self.heads), capacity // self.block, self.width * dim)
-            used = -(-self.n // self.block)
-            if used:
-                summary[:, :, :used] = self.summary[:, :, :used]
-            self.summary = summary
+        return True
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Append (B, h, Q, D) states; block summaries of the touched blocks are updated."""
-        count = keys.shape[2]
-        start, stop = self.n, self.n + count
-        capacity = self.keys.shape[2] if self.keys.dim() == 4 else 0
-        if stop > capacity:
-            self.reserve(keys, max(stop + GROWTH_STEP, 2 * capacity))
+        """Append (B, h, Q, D) states, growing the buffers when full."""
+        start, stop = self.n, self.n + keys.shape[2]
+        if stop > self.capacity:
+            self.reserve(keys, max(stop + GROWTH_STEP, 2 * self.capacity))
         self.keys[:, :, start:stop] = keys
         self.values[:, :, start:stop] = values
         self.n = stop
-        if self.sketched:
-            self.summary[..., start:stop] = keys.transpose(-1, -2)
-        if self.policy.kind != "block" or self.sketched:
-            return
-        size = self.block
-        if count == 1:
-            block, key = start // size, keys[:, :, 0]
-            if start % size == 0:
-                self.summary[:, :, block] = key.repeat(1, 1, self.width)
-            elif self.width == 1:
-                self.summary[:, :, block] += key
-            else:
-                kmax, kmin = self.kmax[:, :, block], self.kmin[:, :, block]
-                torch.maximum(kmax, key, out=kmax)
-                torch.minimum(kmin, key, out=kmin)
-            return
-        first, last = start // size, -(-stop // size)
-        blocks = self.key_blocks()[:, :, first:last]
-        valid = (torch.arange(first * size, last * size, device=keys.device) < stop).view(last - first, size, 1)
-        if self.width == 1:
-            self.summary[:, :, first:last] = blocks.masked_fill(~valid, 0.0).sum(dim=-2)
-        else:
-            self.kmin[:, :, first:last] = blocks.masked_fill(~valid, float("inf")).amin(dim=-2)
-            self.kmax[:, :, first:last] = blocks.masked_fill(~valid, float("-inf")).amax(dim=-2)
 
     def key_blocks(self) -> torch.Tensor:
         batch, heads, capacity, dim = self.keys.shape
@@ -134,55 +96,53 @@ class FullStore:
 
     def attend(self, q: torch.Tensor, scaling: float) -> torch.Tensor:
         """q (B, h, G, D) -> (B, h, G, D) under this store's policy."""
-        n, kind = self.n, self.policy.kind
-        if kind == "dense":
-            return K.dense_decode(q, self.keys[:, :, :n], self.values[:, :, :n], scaling)
-        if kind == "topk":
-            return K.topk_decode(q, self.keys[:, :, :n], self.values[:, :, :n], self.policy.k, scaling)
-        p = self.policy
-        if self.sketched:
-            out = K.channel_block_decode(q, self.key_blocks(), self.value_blocks(), self.sketch, n,
-                                         p.selected_blocks(n), p.sink_blocks, p.recent_blocks, p.channels, scaling)
-            if out is not None:
-                return out
-        elif self.width == 1:
-            out = K.mean_block_decode(q, self.key_blocks(), self.value_blocks(), self.summary, n,
-                                      p.selected_blocks(n), p.sink_blocks, p.recent_blocks, scaling)
-            if out is not None:
-                return out
-        return K.block_decode(q, self.key_blocks(), self.value_blocks(), self.select(q), n, scaling)
-
-    def select(self, q: torch.Tensor) -> torch.Tensor:
-        """Blocks the block policy reads for query q: (B, h, C) ascending indices."""
-        p = self.policy
-        if self.sketched:
-            bounds = K.block_channel_scores(q, self.sketch, self.n, self.block, p.channels)
-            return K.select_blocks(bounds, p.selected_blocks(self.n), p.sink_blocks, p.recent_blocks)
-        used = -(-self.n // self.block)
-        summary = self.summary[:, :, :used]
-        bounds = K.block_bounds(q, summary) if self.width == 2 else K.block_means(q, summary)
-        return K.select_blocks(bounds, p.selected_blocks(self.n), p.sink_blocks, p.recent_blocks)
+        return self.policy.attend(self, q, scaling)
 
     def bytes_read(self, groups: int) -> int:
         """Bytes one decode step reads at the current length (all heads of the store)."""
-        item, dim, n, p = self.keys.element_size(), self.keys.shape[-1], self.n, self.policy
-        if p.kind == "dense":
-            per_head = K.dense_bytes(n, dim, item)
-        elif p.kind == "topk":
-            per_head = K.topk_bytes(n, p.k, groups, dim, item)
-        elif self.sketched:
-            per_head = K.channel_block_bytes(n, p.block_size, p.selected_blocks(n), dim, item, p.channels)
-        else:
-            per_head = K.block_bytes(n, p.block_size, p.selected_blocks(n), dim, item, self.width)
+        per_head = self.policy.bytes_read(self.n, self.keys.shape[-1], self.keys.element_size(), groups)
         return per_head * len(self.heads) * self.keys.shape[0]
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.keys, self.values] + ([self.summary] if self.policy.kind == "block" else [])
+        return [self.keys, self.values]
 
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.keys, self.values = fn(self.keys), fn(self.values)
-        if self.policy.kind == "block":
-            self.summary = fn(self.summary)
+
+
+class BlockStore(FullStore):
+    """All tokens of some kv heads in blocks, plus the block scorer's selection data (`selection`), which only the
+    scorer reads and writes: allocated and grown with the buffers, updated on every append."""
+
+    def __init__(self, policy: BlockPolicy, heads: list[int]) -> None:
+        super().__init__(policy, heads, block=policy.block_size)
+        self.policy: BlockPolicy = policy
+        self.scorer = policy.score
+        self.selection = torch.empty(0)
+
+    def reserve(self, like: torch.Tensor, tokens: int) -> bool:
+        grew = super().reserve(like, tokens)
+        if grew:
+            self.selection = self.scorer.grow(self.selection, self.key_blocks(), self.n)
+        return grew
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        start = self.n
+        super().append(keys, values)
+        self.scorer.update(self.selection, self.key_blocks(), keys, start)
+
+    def select(self, q: torch.Tensor) -> torch.Tensor:
+        """Blocks the policy reads for query q: (B, h, C) indices (sink and recent blocks, then the best scores)."""
+        p = self.policy
+        scores = self.scorer.scores(self.selection, self.key_blocks(), q, self.n)
+        return K.select_blocks(scores, p.selected_blocks(self.n), p.sink_blocks, p.recent_blocks)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return super().tensors() + [self.selection]
+
+    def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().map_batch(fn)
+        self.selection = fn(self.selection)
 
 
 class StreamStore:
@@ -192,7 +152,7 @@ class StreamStore:
     depend on key order (keys carry their rotary position already), so the ring needs no reordering.
     """
 
-    def __init__(self, policy: HeadPolicy, heads: list[int]) -> None:
+    def __init__(self, policy: StreamingPolicy, heads: list[int]) -> None:
         self.policy = policy
         self.heads = heads
         self.n = 0
@@ -253,7 +213,7 @@ class StreamStore:
         self.keys, self.values = fn(self.keys), fn(self.values)
 
 
-Store = FullStore | StreamStore
+Store = FullStore | BlockStore | StreamStore
 
 
 class SparseLayer(CacheLayerMixin):
@@ -265,14 +225,10 @@ class SparseLayer(CacheLayerMixin):
     def __init__(self, policies: list[HeadPolicy]) -> None:
         super().__init__()
         self.kv_heads = len(policies)
-        groups: dict[tuple, list[int]] = {}
+        groups: dict[HeadPolicy, list[int]] = {}  # equal policies share one store and one batched kernel call
         for head, policy in enumerate(policies):
-            groups.setdefault(policy.group_key, []).append(head)
-        self.stores: list[Store] = []
-        for heads in groups.values():
-            policy = policies[heads[0]]
-            store_type = StreamStore if policy.kind == "streaming" else FullStore
-            self.stores.append(store_type(policy, heads))
+            groups.setdefault(policy, []).append(head)
+        self.stores: list[Store] = [policy.store(heads) for policy, heads in groups.items()]
         self.index = [torch.tensor(s.heads) for s in self.stores]
         self.n = 0
 

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from attnsparse.decode.backend import cache_from_kv, decode_backend, decode_step, make_plan, prefill
+from attnsparse.decode.backend import decode_backend, make_plan
+from attnsparse.decode.generate import cache_from_kv, decode_step, prefill
 from attnsparse.decode.plan import DecodePlan
 from attnsparse.errors import AttnsparseError
 from attnsparse.evaluate.perplexity import PerplexityResult

@@ -17,7 +17,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from attnsparse.decode.backend import cache_from_kv, decode_backend, decode_step, prefill
+from attnsparse.decode.backend import decode_backend
+from attnsparse.decode.generate import cache_from_kv, decode_step, prefill
 from attnsparse.decode.plan import DecodePlan
 from attnsparse.errors import AttnsparseError
 
