@@ -31,8 +31,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from attnsparse.core.runs import atomic_write_json, atomic_write_text, environment
 from attnsparse.decode import kernels as K
-from attnsparse.decode.cache import BlockStore, FullStore, StreamStore
 from attnsparse.decode.plan import parse_head_policy
+from attnsparse.decode.stores import BlockStore, FullStore, StreamStore
 
 LAYERS, HEADS, KV_HEADS, DIM = 30, 9, 3, 64
 POLICIES = ["dense", "topk:256", "block:16:0.0625", "block:16:0.0625:bound", "block:16:0.0625:channels16",

@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from attnsparse.attention.backend import chunked_attention
 from attnsparse.attention.policies import SinkWindow
 from attnsparse.decode import kernels as K
-from attnsparse.decode.cache import PENDING, BlockStore, FullStore, SparseLayer, StreamStore
+from attnsparse.decode.cache import PENDING, SparseLayer
 from attnsparse.decode.policies import BlockPolicy, DensePolicy, StreamingPolicy, TopkPolicy
 from attnsparse.decode.scorers import parse_scorer
+from attnsparse.decode.stores import BlockStore, FullStore, StreamStore
 from attnsparse.errors import AttnsparseError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

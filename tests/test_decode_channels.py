@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from attnsparse.decode import kernels as K
-from attnsparse.decode.cache import PENDING, BlockStore, SparseLayer
+from attnsparse.decode.cache import PENDING, SparseLayer
 from attnsparse.decode.plan import DecodePlan, parse_head_policy
 from attnsparse.decode.policies import BlockPolicy
 from attnsparse.decode.scorers import ChannelScore
+from attnsparse.decode.stores import BlockStore
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -16,7 +16,7 @@ from attnsparse.errors import AttnsparseError
 from attnsparse.specs import Registry
 
 if TYPE_CHECKING:
-    from attnsparse.decode.cache import Store
+    from attnsparse.decode.stores import Store
 
 POLICIES: Registry[HeadPolicy] = Registry("decode policy", extra_help=", or a plan JSON file")
 POLICY_TYPES: dict[str, type[HeadPolicy]] = {}

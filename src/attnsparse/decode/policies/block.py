@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from attnsparse.decode import kernels as K
-from attnsparse.decode.cache import BlockStore
 from attnsparse.decode.policies.base import HeadPolicy, register_policy
 from attnsparse.decode.scorers import SCORERS, BlockScorer, MeanScore, parse_scorer, scorer_from_fields
+from attnsparse.decode.stores import BlockStore
 from attnsparse.errors import AttnsparseError
 from attnsparse.specs import ParsedSpec, expect_fields
 

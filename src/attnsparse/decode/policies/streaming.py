@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from attnsparse.decode.cache import StreamStore
 from attnsparse.decode.policies.base import HeadPolicy, register_policy
+from attnsparse.decode.stores import StreamStore
 from attnsparse.errors import AttnsparseError
 from attnsparse.specs import ParsedSpec, expect_fields
 

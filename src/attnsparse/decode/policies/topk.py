@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from attnsparse.decode import kernels as K
-from attnsparse.decode.cache import FullStore
 from attnsparse.decode.policies.base import HeadPolicy, register_policy
+from attnsparse.decode.stores import FullStore
 from attnsparse.errors import AttnsparseError
 from attnsparse.specs import ParsedSpec, expect_fields
 
