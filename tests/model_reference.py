@@ -23,6 +23,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from attnsparse.core.tiny import tiny_llama
+from tests import reference
 
 REFERENCE_NAME = "attnsparse-test-reference"
 # rule(layer, q (B,H,Q,D) float64, k (B,Hkv,K,D) float64, query positions (Q,), visible (B,H,Q,K)) -> kept bool
@@ -68,20 +69,17 @@ def _brute_attention(
 ) -> tuple[torch.Tensor, None]:
     rule, score_factor = _ACTIVE[-1]
     batch, heads, queries, dim = query.shape
-    kv_heads, keys = key.shape[1], key.shape[2]
-    groups = heads // kv_heads
+    keys = key.shape[2]
     q, k = query.double(), key.double()
-    v = value.double().repeat_interleave(groups, dim=1)
     scale = (scaling if scaling is not None else dim**-0.5) * score_factor
-    scores = (q @ k.repeat_interleave(groups, dim=1).transpose(-1, -2)) * scale
     positions = torch.arange(queries) + keys - queries
     visible = (torch.arange(keys)[None, :] <= positions[:, None]).expand(batch, heads, queries, keys).clone()
     if attention_mask is not None:
         mask = attention_mask[:, :, :, :keys]
         visible &= mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
     kept = visible if rule is None else rule(int(module.layer_idx), q, k, positions, visible) & visible
-    probs = torch.softmax(scores.masked_fill(~kept, float("-inf")), dim=-1).nan_to_num(0.0)
-    return (probs @ v).transpose(1, 2).to(query.dtype).contiguous(), None
+    out = reference.attention(q, k, value.double(), scale, kept)
+    return out.transpose(1, 2).to(query.dtype).contiguous(), None
 
 
 @contextmanager

@@ -16,6 +16,7 @@ from attnsparse.attention.backend import (
 from attnsparse.attention.policies import SinkWindow, TopK, parse_policy
 from attnsparse.core.tiny import tiny_gpt2, tiny_llama
 from attnsparse.errors import AttnsparseError
+from tests import reference as R
 
 MODELS = {"llama_gqa": lambda: tiny_llama(heads=6, kv_heads=2), "gpt2": tiny_gpt2}
 
@@ -101,26 +102,10 @@ def test_a_refused_switch_is_one_line_and_changes_nothing(monkeypatch):
     assert "\n" not in str(error.value) and model.config._attn_implementation == "sdpa"
 
 
-def reference_attention(q, k, v, visible, scaling, keep_fn):
-    """Brute force: repeat kv heads, full score matrix, mask outside the kept keys, softmax, weighted sum."""
-    groups = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(groups, dim=1)
-    v = v.repeat_interleave(groups, dim=1)
-    scores = (q @ k.transpose(-1, -2)) * scaling
-    keep = keep_fn(scores, visible.expand_as(scores))
-    probs = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1).nan_to_num(0.0)
-    return (probs @ v).transpose(1, 2)
-
-
-def brute_topk(scores, visible, k):
-    keep = torch.zeros_like(visible)
-    flat_scores, flat_visible, flat_keep = scores.reshape(-1, scores.shape[-1]), visible.reshape(
-        -1, visible.shape[-1]), keep.view(-1, keep.shape[-1])
-    for row in range(flat_scores.shape[0]):
-        order = sorted((j for j in range(flat_scores.shape[1]) if flat_visible[row, j]),
-                       key=lambda j: (-flat_scores[row, j].item(), j))
-        flat_keep[row, order[:k]] = True
-    return keep
+def expected_topk(q, k, v, visible, scaling, top):
+    """Brute-force top-k attention in the backend's (B, Q, H, D) layout."""
+    keep = R.topk_keep(R.scores(q, k, scaling), visible, top)
+    return R.attention(q, k, v, scaling, keep).transpose(1, 2)
 
 
 def random_inputs(seed, batch, heads, kv_heads, queries, keys, dim, pad, quantize=False):
@@ -144,7 +129,7 @@ def test_topk_matches_brute_force(seed, kv_heads, groups, queries, extra_keys, k
     keys = queries + extra_keys
     q, k_, v, visible = random_inputs(seed, 2, kv_heads * groups, kv_heads, queries, keys, 4, pad, quantize)
     out = chunked_attention(q, k_, v, visible, scaling=0.5, policy=TopK(k), query_chunk=chunk)
-    expected = reference_attention(q, k_, v, visible, 0.5, lambda s, vis: brute_topk(s, vis, k))
+    expected = expected_topk(q, k_, v, visible, 0.5, k)
     assert torch.allclose(out, expected, atol=1e-5)
 
 
@@ -162,7 +147,7 @@ def test_gathered_topk_matches_brute_force(seed, kv_heads, groups, queries, extr
     q, k_, v, visible = random_inputs(seed, 2, kv_heads * groups, kv_heads, queries, keys, 4, pad, quantize)
     with mock.patch.object(backend, "GATHER_MIN_RATIO", 1):
         out = chunked_attention(q, k_, v, visible, scaling=0.5, policy=TopK(k), query_chunk=chunk)
-    expected = reference_attention(q, k_, v, visible, 0.5, lambda s, vis: brute_topk(s, vis, k))
+    expected = expected_topk(q, k_, v, visible, 0.5, k)
     assert torch.allclose(out, expected, atol=1e-5)
 
 
@@ -217,12 +202,7 @@ def test_chunking_never_changes_results(seed, queries, chunk, policy, softcap):
 def test_softcap_matches_eager_formula():
     q, k, v, visible = random_inputs(3, 1, 4, 2, 9, 9, 8, pad=0)
     out = chunked_attention(q * 4, k * 4, v, visible, scaling=0.35, softcap=2.0, query_chunk=4)
-
-    groups = 2
-    scores = (q * 4) @ (k * 4).repeat_interleave(groups, 1).transpose(-1, -2) * 0.35
-    scores = torch.tanh(scores / 2.0) * 2.0
-    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), -1)
-    expected = (probs @ v.repeat_interleave(groups, 1)).transpose(1, 2)
+    expected = R.attention(q * 4, k * 4, v, 0.35, visible, softcap=2.0).transpose(1, 2)
     assert torch.allclose(out, expected, atol=1e-5)
 
 

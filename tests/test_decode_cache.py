@@ -14,17 +14,9 @@ from attnsparse.decode.policies import BlockPolicy, DensePolicy, StreamingPolicy
 from attnsparse.decode.scorers import parse_scorer
 from attnsparse.decode.stores import BlockStore, FullStore, StreamStore
 from attnsparse.errors import AttnsparseError
+from tests import reference as R
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def reference_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor | None,
-                        scaling: float) -> torch.Tensor:
-    """q (B,h,G,D) over keys (B,h,N,D), keep (B,h,G|1,N) bool; plain softmax with masking."""
-    scores = (q @ keys.transpose(-1, -2)) * scaling
-    if keep is not None:
-        scores = scores.masked_fill(~keep, float("-inf"))
-    return torch.softmax(scores, dim=-1) @ values
 
 
 def feed(layer: SparseLayer, keys: torch.Tensor, values: torch.Tensor, prompt: int) -> None:
@@ -114,7 +106,7 @@ def test_topk_decode_equals_masked_reference():
     q, keys, values = torch.randn(2, 3, 3, 16), torch.randn(2, 3, 70, 16), torch.randn(2, 3, 70, 16)
     scores = q @ keys.transpose(-1, -2)
     keep = scores >= scores.topk(6, dim=-1).values[..., -1:]
-    assert torch.allclose(K.topk_decode(q, keys, values, 6, 0.25), reference_attention(q, keys, values, keep, 0.25),
+    assert torch.allclose(K.topk_decode(q, keys, values, 6, 0.25), R.attention(q, keys, values, 0.25, keep),
                           atol=1e-5)
 
 
@@ -147,7 +139,7 @@ def test_block_bounds_are_upper_bounds_and_selection_matches_brute_force():
         for b in chosen[0, h].tolist():
             keep[0, h, 0, b * size : min((b + 1) * size, n)] = True
     out = store.attend(q, 0.35)
-    assert torch.allclose(out, reference_attention(q, keys, values, keep, 0.35), atol=1e-5)
+    assert torch.allclose(out, R.attention(q, keys, values, 0.35, keep), atol=1e-5)
 
 
 @pytest.mark.parametrize("policy", ["dense", "topk:500", "block:8:500", "block:8:1.0:bound", "streaming:4:500"])
@@ -159,7 +151,7 @@ def test_covering_policies_equal_dense_kernel(policy):
     layer = SparseLayer([parse_head_policy(policy)] * 3)
     feed(layer, keys, values, prompt=13)
     q = torch.randn(2, 9, 1, 16)
-    ref = reference_attention(q.view(2, 3, 3, 16), keys, values, None, 0.25).reshape(2, 1, 9, 16)
+    ref = R.attention(q.view(2, 3, 3, 16), keys, values, 0.25).reshape(2, 1, 9, 16)
     assert torch.allclose(layer.attend(q, 0.25), ref, atol=1e-5)
 
 

@@ -1,4 +1,4 @@
-"""Every metric in attnsparse.measure.rowstats against a slow brute-force reference on single numpy rows."""
+"""Every metric in attnsparse.measure.rowstats against the brute-force row metrics of tests/reference.py."""
 
 from __future__ import annotations
 
@@ -12,42 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attnsparse.measure import rowstats as M
+from tests import reference as R
 
 DELTAS = (0.01, 0.05, 0.1)
 EPS = (1e-3, 1e-2, 1e-1)
 KS = (1, 2, 3, 4, 8, 16, 64)
-
-
-# ---- brute force: python loops on one float64 row ---------------------------------------------------------
-def bf_topk(row: np.ndarray, k: int) -> float:
-    return float(sum(sorted(row.tolist(), reverse=True)[:k]))
-
-
-def bf_kcov(row: np.ndarray, n: int, delta: float) -> int:
-    for k in range(1, n + 1):
-        if bf_topk(row, k) >= 1.0 - delta:
-            return k
-    return n
-
-
-def bf_above(row: np.ndarray, eps: float) -> int:
-    return sum(1 for p in row.tolist() if p > eps)
-
-
-def bf_entropy(row: np.ndarray) -> float:
-    return -sum(p * math.log(p) for p in row.tolist() if p > 0)
-
-
-def bf_sink(row: np.ndarray, s: int) -> float:
-    return float(sum(row[j] for j in range(min(s, len(row)))))
-
-
-def bf_local(row: np.ndarray, i: int, w: int) -> float:
-    return float(sum(row[j] for j in range(len(row)) if i - w < j <= i))
-
-
-def bf_stream(row: np.ndarray, i: int, s: int, w: int) -> float:
-    return float(sum(row[j] for j in range(len(row)) if j < s or i - w < j <= i))
 
 
 def softmax_rows(logits: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
@@ -84,18 +53,18 @@ def check_rows(probs: torch.Tensor, visible: torch.Tensor, pos: torch.Tensor, ks
         if n == 0:
             continue  # padded rows are skipped by the recorder; no value is promised
         for j, k in enumerate(ks):
-            assert float(got.topk_mass[r, j]) == pytest.approx(bf_topk(row, k), abs=1e-9)
+            assert float(got.topk_mass[r, j]) == pytest.approx(R.top_mass(row, k), abs=1e-9)
         for j, d in enumerate(DELTAS):
             # float rounding may move m_k across 1 - δ only when it sits within 1e-9 of it
-            lo, hi = bf_kcov(row, n, d - 1e-9), bf_kcov(row, n, d + 1e-9)
+            lo, hi = R.k_at_coverage(row, d - 1e-9, n), R.k_at_coverage(row, d + 1e-9, n)
             assert hi <= int(got.k_cov[r, j]) <= lo
         for j, e in enumerate(EPS):
-            assert int(got.count_above[r, j]) == bf_above(row, e)
-        assert float(got.entropy[r]) == pytest.approx(bf_entropy(row), abs=1e-5)
+            assert int(got.count_above[r, j]) == R.count_above(row, e)
+        assert float(got.entropy[r]) == pytest.approx(R.entropy(row), abs=1e-5)
         i = int(pos[r])
-        assert float(got.sink[r]) == pytest.approx(bf_sink(row, s), abs=1e-9)
-        assert float(got.local[r]) == pytest.approx(bf_local(row, i, w), abs=1e-9)
-        assert float(got.streaming[r]) == pytest.approx(bf_stream(row, i, s, w), abs=1e-9)
+        assert float(got.sink[r]) == pytest.approx(R.sink_mass(row, s), abs=1e-9)
+        assert float(got.local[r]) == pytest.approx(R.local_mass(row, i, w), abs=1e-9)
+        assert float(got.streaming[r]) == pytest.approx(R.streaming_mass(row, i, s, w), abs=1e-9)
 
 
 @settings(max_examples=150, deadline=None)
@@ -119,15 +88,15 @@ def test_single_metric_functions_match_brute_force(case, k: int, s: int, w: int)
         if n == 0:
             continue
         row = rows64[r]
-        assert float(top[r, 0]) == pytest.approx(bf_topk(row, k), abs=1e-9)
-        assert float(tail[r, 0]) == pytest.approx(max(0.0, 1.0 - bf_topk(row, k)), abs=1e-6)
+        assert float(top[r, 0]) == pytest.approx(R.top_mass(row, k), abs=1e-9)
+        assert float(tail[r, 0]) == pytest.approx(R.tail_mass(row, k), abs=1e-6)
         for j, d in enumerate(DELTAS):
-            assert bf_kcov(row, n, d + 1e-9) <= int(kc[r, j]) <= bf_kcov(row, n, d - 1e-9)
+            assert R.k_at_coverage(row, d + 1e-9, n) <= int(kc[r, j]) <= R.k_at_coverage(row, d - 1e-9, n)
         for j, e in enumerate(EPS):
-            assert bool(sparse[r, j, 0]) == (bf_above(row, e) <= k)
-        assert float(ent[r]) == pytest.approx(bf_entropy(row), abs=1e-5)
-        assert float(M.sink_mass(probs[r], s)) == pytest.approx(bf_sink(row, s), abs=1e-9)
-        assert float(M.local_mass(probs[r], pos[r], w)) == pytest.approx(bf_local(row, int(pos[r]), w), abs=1e-9)
+            assert bool(sparse[r, j, 0]) == (R.count_above(row, e) <= k)
+        assert float(ent[r]) == pytest.approx(R.entropy(row), abs=1e-5)
+        assert float(M.sink_mass(probs[r], s)) == pytest.approx(R.sink_mass(row, s), abs=1e-9)
+        assert float(M.local_mass(probs[r], pos[r], w)) == pytest.approx(R.local_mass(row, int(pos[r]), w), abs=1e-9)
 
 
 def test_rows_shorter_than_k_have_full_mass_and_no_tail() -> None:

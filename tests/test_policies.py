@@ -17,17 +17,7 @@ from attnsparse.attention.policies import (
     topk_keep_mask,
 )
 from attnsparse.errors import AttnsparseError
-
-
-def brute_topk_keep(scores: torch.Tensor, visible: torch.Tensor, k: int) -> torch.Tensor:
-    """Row by row: order visible keys by (score descending, index ascending) and keep the first k."""
-    keep = torch.zeros_like(visible)
-    for row in range(scores.shape[0]):
-        candidates = [j for j in range(scores.shape[1]) if visible[row, j]]
-        candidates.sort(key=lambda j: (-scores[row, j].item(), j))
-        for j in candidates[:k]:
-            keep[row, j] = True
-    return keep
+from tests import reference as R
 
 
 @settings(max_examples=60, deadline=None)
@@ -37,7 +27,7 @@ def test_topk_keep_mask_matches_brute_force_with_ties(rows, keys, k, levels, see
     generator = torch.Generator().manual_seed(seed)
     scores = torch.randint(0, levels, (rows, keys), generator=generator).float()  # few levels: many ties
     visible = torch.rand(rows, keys, generator=generator) > 0.3
-    assert torch.equal(topk_keep_mask(scores, visible, k), brute_topk_keep(scores, visible, k))
+    assert torch.equal(topk_keep_mask(scores, visible, k), R.topk_keep(scores, visible, k))
 
 
 def test_sink_window_keeps_first_visible_and_recent_keys():
@@ -124,7 +114,7 @@ def test_keep_masks_match_brute_force(n, sink, window, pad, seed):
     assert torch.equal(Dense().keep_mask(scores, visible, positions), visible)
     assert torch.equal(SinkWindow(sink, window).keep_mask(scores, visible, positions),
                        brute_sink_window_keep(visible, sink, window))
-    assert torch.equal(TopK(3).keep_mask(scores, visible, positions), brute_topk_keep(scores, visible, 3))
+    assert torch.equal(TopK(3).keep_mask(scores, visible, positions), R.topk_keep(scores, visible, 3))
 
 
 @settings(max_examples=40, deadline=None)

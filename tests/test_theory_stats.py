@@ -12,19 +12,7 @@ from hypothesis import strategies as st
 
 from attnsparse.measure import rowstats
 from attnsparse.theory import stats as ts
-
-
-def brute_k_at_coverage(row: list[float], eps: float) -> int:
-    acc = 0.0
-    for k, p in enumerate(sorted(row, reverse=True), start=1):
-        acc += p
-        if acc >= 1 - eps - 1e-12:
-            return k
-    return len(row)
-
-
-def brute_tail(row: list[float], k: int) -> float:
-    return 1.0 - sum(sorted(row, reverse=True)[:k]) if k > 0 else 1.0
+from tests import reference as R
 
 
 def lab_k(probs: torch.Tensor, eps: float) -> torch.Tensor:
@@ -44,14 +32,14 @@ def test_k_at_coverage_is_the_smallest_k_reaching_coverage(row: list[float], eps
     top = sorted(row, reverse=True)
     assert sum(top[:k]) >= 1 - eps - 1e-9
     assert k == 1 or sum(top[:k - 1]) < 1 - eps + 1e-9
-    assert abs(k - brute_k_at_coverage(row, eps)) <= 1  # only float ties at the boundary may differ
+    assert abs(k - R.k_at_coverage(row, eps, slack=ts.COVER_SLACK)) <= 1  # only float ties at the boundary may differ
 
 
 @settings(max_examples=150, deadline=None)
 @given(rows_strategy, st.integers(-2, 50))
 def test_tail_mass_matches_brute_force(row: list[float], k: int) -> None:
     rows = rowstats.sort_rows(torch.tensor([row], dtype=torch.float64))
-    assert float(rowstats.tail_mass_from_sorted(rows, torch.tensor([k]))[0, 0]) == pytest.approx(brute_tail(row, k),
+    assert float(rowstats.tail_mass_from_sorted(rows, torch.tensor([k]))[0, 0]) == pytest.approx(R.tail_mass(row, k),
                                                                                                 abs=1e-12)
 
 
@@ -75,8 +63,8 @@ def test_chunk_with_rows_of_different_lengths_matches_per_row_brute_force() -> N
     sigma = ts.row_std(scores, visible)
     for i, n in enumerate(lengths.tolist()):
         row = torch.softmax(scores[i, :n], dim=-1).tolist()
-        assert int(ks[i]) == brute_k_at_coverage(row, 0.1)
-        assert float(tails[i]) == pytest.approx(brute_tail(row, [1, 5, 5, 5, 60, 3][i]), abs=1e-12)
+        assert int(ks[i]) == R.k_at_coverage(row, 0.1, slack=ts.COVER_SLACK)
+        assert float(tails[i]) == pytest.approx(R.tail_mass(row, [1, 5, 5, 5, 60, 3][i]), abs=1e-12)
         if n > 1:
             assert float(sigma[i]) == pytest.approx(float(scores[i, :n].std()), rel=1e-12)
 
