@@ -1,9 +1,9 @@
 """Passkey retrieval: a random number hidden at a chosen depth in long filler text, asked for at the end.
 
 The test of Mohtashami & Jaggi (2023, "Landmark Attention"), used by Quest and DuoAttention to check that a sparse
-KV cache still reaches far back. Each trial's prompt is prefilled once (every plan prefills densely) and every
-policy then decodes the answer from its own cache built from that KV, so policies are compared on identical
-prompts at the cost of one prefill.
+KV cache still reaches far back. The prompt is the `passkey` task's (`attnsparse.evaluate.tasks.passkey`). Each
+trial's prompt is prefilled once (every plan prefills densely) and every policy then decodes the answer from its
+own cache built from that KV, so policies are compared on identical prompts at the cost of one prefill.
 """
 
 from __future__ import annotations
@@ -20,32 +20,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from attnsparse.decode.backend import decode_backend
 from attnsparse.decode.generate import cache_from_kv, decode_step, prefill
 from attnsparse.decode.plan import DecodePlan
-from attnsparse.errors import AttnsparseError
+from attnsparse.evaluate.tasks.passkey import ANSWER_PREFIX, ASK, FILLER, INTRO, NEEDLE, passkey_prompt
 
-INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-         "I will quiz you about the important information there.\n")
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
-NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key.\n"
-QUESTION = "What is the pass key? The pass key is"
+__all__ = ["FILLER", "INTRO", "NEEDLE", "QUESTION", "PasskeyTrial", "accuracy_table", "passkey_prompt", "run_passkey",
+           "save_results"]
 
-
-def passkey_prompt(tokenizer: PreTrainedTokenizerBase, length: int, depth: float, key: int) -> torch.Tensor:
-    """Token ids (length,) with the needle after `depth` (0 = start, 1 = end) of the filler, on a sentence edge."""
-    if not 0.0 <= depth <= 1.0:
-        raise AttnsparseError(f"depth {depth} must be in [0, 1]")
-
-    def ids(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    intro, filler, needle, question = ids(INTRO), ids(FILLER), ids(NEEDLE.format(key=key)), ids(QUESTION)
-    room = length - len(intro) - len(needle) - len(question)
-    if room < len(filler):
-        raise AttnsparseError(f"passkey length {length} is too short; use at least {length - room + len(filler)}")
-    units = room // len(filler)
-    before = round(depth * units)
-    body = filler * before + needle + filler * (units - before)
-    pad = length - len(intro) - len(body) - len(question)
-    return torch.tensor(intro + filler[:pad] + body + question, dtype=torch.long)
+QUESTION = f"{ASK} {ANSWER_PREFIX}"
 
 
 @dataclass

@@ -1,0 +1,220 @@
+"""Run the task suite: every (task, length, depth, trial) prefilled once, answered under every policy and plan.
+
+Decode plans (block top-k, streaming heads, plan JSON files) all prefill densely, so one dense prefill per prompt
+serves them all: each plan builds its own cache from that KV (`cache_from_kv`) and answers greedily. Attention
+policies (topk:K, sink+window:S:W) act on the prompt, so each runs its own prefill under the policy and then
+decodes densely from the KV it produced. `dense` (dense prefill, dense decode) is always run, first.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from attnsparse.attention.backend import sparse_attention
+from attnsparse.attention.policies import Policy, parse_policy
+from attnsparse.core.data import check_context
+from attnsparse.core.models import max_context
+from attnsparse.decode.backend import cache_from_kv, decode_backend, decode_step, make_plan, model_shape, prefill
+from attnsparse.decode.eval import plan_label
+from attnsparse.decode.plan import DecodePlan
+from attnsparse.errors import AttnsparseError
+from attnsparse.evaluate.tasks.base import Prompter, Sample, Task, check_depth, parse_tasks, trial_rng
+from attnsparse.evaluate.tasks.retrieval import RetrievalScores, sample_retrieval_scores
+
+QUICK = {"lengths": [1024, 4096], "depths": [0.1, 0.5, 0.9], "trials": 3}  # the --quick preset
+
+
+@dataclass
+class TaskRow:
+    """Accuracy of one policy on one (task, length, depth) cell."""
+
+    task: str
+    length: int
+    depth: float | None
+    policy: str
+    trials: int
+    correct: int
+    accuracy: float
+
+
+@dataclass
+class TaskTrial:
+    """One answer: what was asked, what was generated, and whether it counts."""
+
+    task: str
+    length: int
+    depth: float | None
+    trial: int
+    policy: str
+    answers: list[str]
+    output: str
+    correct: bool
+
+
+@dataclass
+class TaskResult:
+    rows: list[TaskRow] = field(default_factory=list)
+    trials: list[TaskTrial] = field(default_factory=list)
+    retrieval: RetrievalScores | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def table(self) -> str:
+        """Mean accuracy per policy (rows) and task (columns), over every length and depth."""
+        tasks = list(dict.fromkeys(r.task for r in self.rows))
+        policies = list(dict.fromkeys(r.policy for r in self.rows))
+        width = max([len(p) for p in policies] + [6])
+        lines = [f"{'policy':<{width}} " + " ".join(f"{t:>18}" for t in tasks)]
+        for policy in policies:
+            cells = []
+            for task in tasks:
+                rows = [r for r in self.rows if r.policy == policy and r.task == task]
+                correct, total = sum(r.correct for r in rows), sum(r.trials for r in rows)
+                cells.append(f"{correct / max(total, 1):>11.3f} ({correct}/{total})"[-18:].rjust(18))
+            lines.append(f"{policy:<{width}} " + " ".join(cells))
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"tasks": [asdict(r) for r in self.rows]}
+        if self.retrieval is not None:
+            out["retrieval"] = self.retrieval.to_json()
+        return out
+
+
+@torch.inference_mode()
+def greedy_answer(
+    model: PreTrainedModel, cache: Any, first_logits: torch.Tensor, steps: int, eos: int | None = None,
+    keep_logits: bool = False,
+) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy tokens (at most `steps`, stopping after `eos`) from a prefilled cache and its last logits (1, V)."""
+    token = first_logits.argmax(dim=-1, keepdim=True)
+    tokens, logits = [int(token)], [first_logits[0]] if keep_logits else []
+    with decode_backend(model):
+        while len(tokens) < steps and tokens[-1] != eos:
+            step = decode_step(model, cache, token)
+            if keep_logits:
+                logits.append(step[0])
+            token = step.argmax(dim=-1, keepdim=True)
+            tokens.append(int(token))
+    return tokens, logits
+
+
+def answer_all(
+    model: PreTrainedModel,
+    sample: Sample,
+    plans: dict[str, DecodePlan],
+    policies: Sequence[Policy] = (),
+    eos: int | None = None,
+    keep_logits: bool = False,
+) -> tuple[dict[str, tuple[list[int], list[torch.Tensor]]], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Answers of one sample: one dense prefill shared by every plan, one prefill under each attention policy.
+
+    Returns {label: (tokens, logits)} and the dense prefill's KV (for the retrieval scores).
+    """
+    ids = sample.ids[None]
+    reserve = sample.length + sample.answer_tokens
+    kv, logits = prefill(model, ids)
+    answers = {label: greedy_answer(model, cache_from_kv(model, kv, plan, reserve=reserve), logits,
+                                    sample.answer_tokens, eos, keep_logits)
+               for label, plan in plans.items()}
+    dense = plans.get("dense") or make_plan(model, "dense")
+    for policy in policies:
+        with sparse_attention(model, policy):
+            policy_kv, policy_logits = prefill(model, ids)
+        answers[policy.spec] = greedy_answer(model, cache_from_kv(model, policy_kv, dense, reserve=reserve),
+                                             policy_logits, sample.answer_tokens, eos, keep_logits)
+    return answers, kv
+
+
+def _policies(policies: str | Sequence[str | Policy]) -> list[Policy]:
+    from attnsparse.specs import split_specs
+
+    items = split_specs(policies) if isinstance(policies, str) else list(policies)
+    parsed = [parse_policy(p) for p in items]
+    return list({p.spec: p for p in parsed if not p.is_dense}.values())
+
+
+def run_tasks(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: str | Sequence[str | Task],
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    trials: int = 20,
+    *,
+    policies: str | Sequence[str | Policy] = ("dense",),
+    plans: Sequence[str | Path | DecodePlan] = (),
+    haystack: str | None = None,
+    chat_template: bool = False,
+    retrieval: bool = True,
+    seed: int = 0,
+    progress: bool = True,
+) -> TaskResult:
+    """Accuracy rows {task, length, depth, policy, trials, correct, accuracy} for dense, each policy and each plan.
+
+    Every argument is checked before the first prefill. `retrieval` also measures per-head retrieval scores on
+    the retrieval tasks (dense, from the same prefill). Tasks without a needle depth run once per length.
+    """
+    parsed = parse_tasks(tasks) if isinstance(tasks, str) else [
+        t for item in tasks for t in (parse_tasks([item]) if isinstance(item, str) else [item])]
+    if trials < 1:
+        raise AttnsparseError(f"trials {trials} must be >= 1")
+    if not lengths or not depths:
+        raise AttnsparseError("give at least one length and one depth")
+    for length in lengths:
+        if length < 1:
+            raise AttnsparseError(f"task length {length} must be >= 1 token")
+        check_context(length, max_context(model))
+    depths = [check_depth(d) for d in depths]
+    sparse = _policies(policies)
+    resolved = {"dense": make_plan(model, "dense")}
+    for plan in plans:
+        resolved.setdefault(plan_label(plan), make_plan(model, plan))
+    prompter = Prompter(tokenizer, chat=chat_template, haystack=haystack)
+    eos = tokenizer.eos_token_id
+    layers, heads, _ = model_shape(model)
+    scores = RetrievalScores(layers, heads) if retrieval and any(t.retrieval for t in parsed) else None
+    cells = [(task, length, depth if task.uses_depth else None, trial)
+             for task in parsed for length in lengths for depth in (depths if task.uses_depth else depths[:1])
+             for trial in range(trials)]
+    result = TaskResult(retrieval=scores, config={
+        "tasks": [t.spec for t in parsed], "lengths": list(lengths), "depths": depths, "trials": trials,
+        "policies": ["dense", *(p.spec for p in sparse)], "plans": [label for label in resolved if label != "dense"],
+        "haystack": haystack or "builtin", "prompt_form": prompter.form, "seed": seed, "retrieval": scores is not None,
+    })
+    def make(task: Task, length: int, depth: float | None, trial: int) -> Sample:
+        return task.sample(prompter, length, depth, trial, trial_rng(seed, task.spec, length, depth, trial))
+
+    for cell in cells:  # every prompt is built once before any model work, so a bad length fails at once
+        make(*cell)
+    tally: dict[tuple[str, int, float | None, str], list[int]] = {}
+    for task, length, depth, trial in tqdm(cells, desc="tasks", disable=not progress):
+        sample = make(task, length, depth, trial)
+        answers, kv = answer_all(model, sample, resolved, sparse, eos)
+        for label, (tokens, _) in answers.items():
+            text = str(tokenizer.decode(tokens, skip_special_tokens=True))
+            correct = task.correct(text, sample.answers)
+            result.trials.append(TaskTrial(task.spec, length, depth, trial, label, list(sample.answers), text, correct))
+            tally.setdefault((task.spec, length, depth, label), [0, 0])
+            tally[(task.spec, length, depth, label)][0] += int(correct)
+            tally[(task.spec, length, depth, label)][1] += 1
+        if scores is not None and task.retrieval and sample.needles:
+            scores.add(task.spec, sample_retrieval_scores(model, kv, sample, eos))
+    result.rows = [TaskRow(t, length, depth, label, total, correct, correct / total)
+                   for (t, length, depth, label), (correct, total) in tally.items()]
+    return result
+
+
+def write_trials(result: TaskResult, path: str | Path) -> Path:
+    """Every answer, one JSON object a line (what each policy wrote on each prompt)."""
+    from attnsparse.core.runs import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(asdict(t)) + "\n" for t in result.trials))
+    return Path(path)
