@@ -11,7 +11,6 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from attnsparse.evaluate.tasks import scoring
 from attnsparse.evaluate.tasks.base import (
     TASKS,
     Piece,
@@ -21,6 +20,7 @@ from attnsparse.evaluate.tasks.base import (
     check_depth,
     default_answer_tokens,
 )
+from attnsparse.evaluate.tasks.scoring import all_present, first_is, numbers
 from attnsparse.specs import ParsedSpec, expect_fields
 
 INTRO = ("Some special magic numbers are hidden within the following text. Make sure to memorize them. "
@@ -89,7 +89,7 @@ class MultiKey:
         return Sample(self.spec, length, depth, trial, ids, answers, needles, default_answer_tokens(prompter, answers))
 
     def correct(self, output: str, answers: Sequence[str]) -> bool:
-        return scoring.first_is(scoring.numbers(output), answers)
+        return first_is(numbers(output), answers)
 
 
 @TASKS.register("niah-multivalue", "niah-multivalue[:values=V]",
@@ -120,4 +120,4 @@ class MultiValue:
         return Sample(self.spec, length, depth, trial, ids, answers, needles, default_answer_tokens(prompter, answers))
 
     def correct(self, output: str, answers: Sequence[str]) -> bool:
-        return scoring.all_present(scoring.numbers(output), answers)
+        return all_present(numbers(output), answers)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from attnsparse.evaluate.tasks import scoring
 from attnsparse.evaluate.tasks.base import TASKS, Piece, Prompter, Sample, build_prompt, check_depth
+from attnsparse.evaluate.tasks.scoring import first_is, numbers
 from attnsparse.specs import ParsedSpec, expect_fields
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -65,4 +65,4 @@ class Passkey:
         return Sample(sample.task, length, depth, trial, sample.ids, sample.answers, sample.needles, ANSWER_TOKENS)
 
     def correct(self, output: str, answers: Sequence[str]) -> bool:
-        return scoring.first_is(scoring.numbers(output), answers)
+        return first_is(numbers(output), answers)

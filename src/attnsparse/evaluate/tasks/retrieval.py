@@ -17,7 +17,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from attnsparse.attention.backend import AttentionChunk, sparse_attention
-from attnsparse.decode.backend import model_shape
+from attnsparse.core.models import ModelShape
 from attnsparse.evaluate.tasks.base import Sample
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
@@ -41,7 +41,8 @@ def sample_retrieval_scores(model: PreTrainedModel, kv: KV, sample: Sample, eos:
     The prompt's last token is fed again as the first decode step (the KV holds the rest), so the attention that
     chooses the first answer token is observed as well.
     """
-    layers, heads, _ = model_shape(model)
+    shape = ModelShape.of(model)
+    layers, heads = shape.need("layers"), shape.need("heads")
     hits = torch.zeros(layers, heads)
     denominator = sum(needle.length for needle in sample.needles)
     if denominator == 0:

@@ -21,8 +21,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from attnsparse.attention.backend import sparse_attention
 from attnsparse.attention.policies import Policy, parse_policy
 from attnsparse.core.data import check_context
-from attnsparse.core.models import max_context
-from attnsparse.decode.backend import cache_from_kv, decode_backend, decode_step, make_plan, model_shape, prefill
+from attnsparse.core.models import ModelShape
+from attnsparse.decode.backend import cache_from_kv, decode_backend, decode_step, make_plan, prefill
 from attnsparse.decode.eval import plan_label
 from attnsparse.decode.plan import DecodePlan
 from attnsparse.errors import AttnsparseError
@@ -168,10 +168,11 @@ def run_tasks(
         raise AttnsparseError(f"trials {trials} must be >= 1")
     if not lengths or not depths:
         raise AttnsparseError("give at least one length and one depth")
+    shape = ModelShape.of(model)
     for length in lengths:
         if length < 1:
             raise AttnsparseError(f"task length {length} must be >= 1 token")
-        check_context(length, max_context(model))
+        check_context(length, shape.need("max_context"), "--lengths")
     depths = [check_depth(d) for d in depths]
     sparse = _policies(policies)
     resolved = {"dense": make_plan(model, "dense")}
@@ -179,7 +180,7 @@ def run_tasks(
         resolved.setdefault(plan_label(plan), make_plan(model, plan))
     prompter = Prompter(tokenizer, chat=chat_template, haystack=haystack)
     eos = tokenizer.eos_token_id
-    layers, heads, _ = model_shape(model)
+    layers, heads = shape.need("layers"), shape.need("heads")
     scores = RetrievalScores(layers, heads) if retrieval and any(t.retrieval for t in parsed) else None
     cells = [(task, length, depth if task.uses_depth else None, trial)
              for task in parsed for length in lengths for depth in (depths if task.uses_depth else depths[:1])

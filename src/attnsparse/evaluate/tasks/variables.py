@@ -11,7 +11,6 @@ import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from attnsparse.evaluate.tasks import scoring
 from attnsparse.evaluate.tasks.base import (
     TASKS,
     Piece,
@@ -21,6 +20,7 @@ from attnsparse.evaluate.tasks.base import (
     check_depth,
     default_answer_tokens,
 )
+from attnsparse.evaluate.tasks.scoring import all_present, names
 from attnsparse.specs import ParsedSpec, expect_fields
 
 INTRO = "Memorize and track the chains of variable assignments hidden in the following text.\n"
@@ -85,4 +85,4 @@ class VariableTracking:
         return Sample(self.spec, length, depth, trial, ids, answers, needles, default_answer_tokens(prompter, answers))
 
     def correct(self, output: str, answers: Sequence[str]) -> bool:
-        return scoring.all_present(scoring.names(output), answers)
+        return all_present(names(output), answers)

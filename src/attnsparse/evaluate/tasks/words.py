@@ -12,8 +12,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from attnsparse.errors import AttnsparseError
-from attnsparse.evaluate.tasks import scoring
 from attnsparse.evaluate.tasks.base import TASKS, Prompter, Sample, build_prompt, default_answer_tokens
+from attnsparse.evaluate.tasks.scoring import all_present
+from attnsparse.evaluate.tasks.scoring import words as extract_words
 from attnsparse.specs import ParsedSpec, expect_fields
 
 INTRO = ("Below is a numbered list of words. Some of the words appear more often than the others. "
@@ -81,7 +82,7 @@ class CommonWords:
         return Sample(self.spec, length, None, trial, ids, answers, (), default_answer_tokens(prompter, answers))
 
     def correct(self, output: str, answers: Sequence[str]) -> bool:
-        return scoring.all_present(scoring.words(output), answers)
+        return all_present(extract_words(output), answers)
 
 
 def _take(units: Iterator[list[int]], tokens: int) -> list[list[int]]:
