@@ -74,7 +74,7 @@ def test_run_outputs_and_only_qk_change(tiny_dir: Path, text_file: Path, tmp_pat
     before, after = _weights(tiny_dir), _weights(out / "model")
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     assert changed and all(name.endswith(("q_proj.weight", "k_proj.weight")) for name in changed)
-    with pytest.raises(AttnsparseError, match="--resume"):
+    with pytest.raises(AttnsparseError, match="finished condense run.*--overwrite"):
         condense(_config(tiny_dir, text_file), out, progress=False)
 
 
@@ -178,7 +178,7 @@ def test_cli(tiny_dir: Path, text_file: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "condensed model written to" in result.output and (out / "model" / "model.safetensors").is_file()
     again = runner.invoke(app, args)
-    assert again.exit_code == 2 and "--resume" in again.output and "Traceback" not in again.output
+    assert again.exit_code == 2 and "--overwrite" in again.output and "Traceback" not in again.output
     bad = runner.invoke(app, ["condense", str(tiny_dir), "--data", str(text_file), "--out", str(tmp_path / "x"),
                               "--k", "0", "--no-progress"])
     assert bad.exit_code == 2 and "error:" in bad.output

@@ -1,8 +1,9 @@
 """The main job: measure -> evaluate -> condense -> measure -> evaluate, and one before/after HTML report.
 
 Each stage writes its own run directory under OUT (measure_before/, evaluate_before/, condense/, measure_after/,
-evaluate_after/). A stage whose directory already holds a finished run is reused, and an interrupted condense
-stage resumes from its last checkpoint, so re-running the same command after a crash loses nothing.
+evaluate_after/), following the RunDir protocol (attnsparse.core.runs). A stage whose directory holds a finished
+run is reused, an interrupted measure or evaluate stage is run again and an interrupted condense stage resumes
+from its last checkpoint, so re-running the same command after a crash loses only the stage in progress.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 from attnsparse.core.plotting import pyplot
 from attnsparse.core.report import Section, write_html_report
-from attnsparse.core.runs import atomic_write_json, prepare_run_dir, write_run_config
+from attnsparse.core.runs import RunDir, atomic_write_json, read_run
 from attnsparse.errors import AttnsparseError
 
 KIND = "run"
@@ -47,100 +48,109 @@ class PipelineResult:
 
 
 def _finished(directory: Path, kind: str) -> bool:
-    """A stage is done when its config.json names its kind and its main result file exists."""
-    marker = directory / "config.json"
-    if not marker.is_file():
-        return False
-    try:
-        stored = json.loads(marker.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    if stored.get("kind") != kind:
-        return False
-    if kind == "condense":
-        return stored.get("config", {}).get("status") == "finished" and (directory / "model").is_dir()
-    result = {"measure": "report.html", "evaluate": "results.json"}[kind]
-    return (directory / result).is_file()
+    """A stage is done when its run directory holds a finished run of its kind (stage names start with it)."""
+    record = read_run(directory)
+    return record is not None and record.kind == kind and record.finished
 
 
 def run_pipeline(
     config: PipelineConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True,
     echo: Callable[[str], None] = print,
 ) -> PipelineResult:
-    """Run every stage not already finished in `out`; returns the before/after summary and the report path."""
-    from attnsparse.condense import condense, preset_config
+    """Run every stage not already finished in `out`; returns the before/after summary and the report path.
+
+    Every input is checked before anything is written. A directory holding this run with the same settings is
+    resumed stage by stage; other settings are refused unless `overwrite` (which starts over) or no stage has
+    started yet (a start that failed on bad input).
+    """
+    from attnsparse.condense import condense
+    from attnsparse.condense.checkpoints import checkpoints
     from attnsparse.core.models import LoadedModel, load_model
     from attnsparse.evaluate.run import evaluate
     from attnsparse.measure.run import measure
 
     out = Path(out)
-    if out.exists() and not (out / "config.json").is_file() and any(out.iterdir()):
-        raise AttnsparseError(f"output directory {out} exists and is not a previous 'run'; choose a new --out")
-    if (out / "config.json").is_file():
-        _check_same_config(out, config, overwrite)
-    else:
-        prepare_run_dir(out, KIND, overwrite)
-    write_run_config(out, KIND, _config_json(config))
-
-    condense_config = preset_config(config.preset, model=config.model, data=config.train_data, steps=config.steps,
-                                    **config.overrides)
-    loaded = load_model(config.model)
+    run = RunDir(out, KIND)
+    previous = run.inspect()
+    settings = json.loads(json.dumps(_config_json(config)))
     stage = {name: out / name for name in STAGES}
+    started = [name for name in STAGES if stage[name].exists()]
+    if previous is not None and previous.config != settings and started and not overwrite:
+        raise AttnsparseError(
+            f"{out} holds a run with different settings; pass the same options to resume it, or --overwrite"
+        )
+    condense_config, loaded = _validated(config)
+    resume = previous is not None and previous.config == settings and not overwrite
+    run.start(settings, clear=not resume)
 
     def profile_and_score(model: LoadedModel, when: str, label: str) -> None:
         """The measure and evaluate stages for one model, each skipped when already finished."""
         if not _finished(stage[f"measure_{when}"], "measure"):
             echo(f"== measure the {label} model")
             measure(model, config.eval_data, config.ctx, config.measure_windows, stage[f"measure_{when}"],
-                    overwrite=True, progress=progress, echo=echo)
+                    progress=progress, echo=echo)
         if not _finished(stage[f"evaluate_{when}"], "evaluate"):
             echo(f"== evaluate the {label} model")
             evaluate(model, config.eval_data, config.ctx, config.policies, config.eval_windows,
-                     stage[f"evaluate_{when}"], overwrite=True, progress=progress)
+                     stage[f"evaluate_{when}"], progress=progress)
 
-    profile_and_score(loaded, "before", "original")
-    if not _finished(stage["condense"], "condense"):
-        echo(f"== condense ({config.preset})")
-        resuming = (stage["condense"] / "checkpoints").is_dir()
-        condense(condense_config, stage["condense"], resume=resuming, overwrite=not resuming, progress=progress,
-                 model=loaded)
-    condensed = load_model(str(stage["condense"] / "model"))
-    condensed = LoadedModel(condensed.model, condensed.tokenizer, f"{config.model} (condensed)", condensed.source,
-                            condensed.load_seconds)
-    profile_and_score(condensed, "after", "condensed")
+    with run.guard(lambda: _kept(out)):
+        profile_and_score(loaded, "before", "original")
+        if not _finished(stage["condense"], "condense"):
+            echo(f"== condense ({config.preset})")
+            resuming = bool(checkpoints(stage["condense"] / "checkpoints"))
+            condense(condense_config, stage["condense"], resume=resuming, progress=progress, model=loaded, echo=echo)
+        condensed = load_model(str(stage["condense"] / "model"))
+        condensed = LoadedModel(condensed.model, condensed.tokenizer, f"{config.model} (condensed)",
+                                condensed.source, condensed.load_seconds)
+        profile_and_score(condensed, "after", "condensed")
 
-    before, after = _summary(stage["measure_before"], stage["evaluate_before"]), _summary(
-        stage["measure_after"], stage["evaluate_after"])
-    summary = {"before": before, "after": after, "preset": config.preset}
-    atomic_write_json(out / "summary.json", summary)
-    report = _write_report(out, config, before, after)
+        before, after = _summary(stage["measure_before"], stage["evaluate_before"]), _summary(
+            stage["measure_after"], stage["evaluate_after"])
+        summary = {"before": before, "after": after, "preset": config.preset}
+        atomic_write_json(out / "summary.json", summary)
+        report = _write_report(out, config, before, after)
+        run.finish()
     echo(_summary_table(before, after))
     echo(f"report: {report}")
     return PipelineResult(out, report, before, after)
 
 
+def _validated(config: PipelineConfig) -> tuple[Any, Any]:
+    """Check every input of every stage (preset, model, context, texts long enough, policies) before anything is
+    written; returns the condense settings and the loaded model."""
+    from attnsparse.attention.policies import parse_policies
+    from attnsparse.condense import preset_config
+    from attnsparse.core.data import check_context, load_text, tokenize, windows
+    from attnsparse.core.models import load_model
+
+    condense_config = preset_config(config.preset, model=config.model, data=config.train_data, steps=config.steps,
+                                    **config.overrides)
+    condense_config.validate()
+    for option, count in (("--measure-windows", config.measure_windows), ("--eval-windows", config.eval_windows)):
+        if count < 1:
+            raise AttnsparseError(f"{option} {count} must be >= 1")
+    if config.ctx < 2:
+        raise AttnsparseError(f"--ctx {config.ctx} is too small; use --ctx 2 or more")
+    parse_policies(config.policies)
+    loaded = load_model(config.model)
+    check_context(config.ctx, loaded.max_context)
+    check_context(condense_config.seq_len, loaded.max_context)
+    eval_ids = tokenize(loaded.tokenizer, load_text(config.eval_data))
+    for count in (config.measure_windows, config.eval_windows):
+        windows(eval_ids, config.ctx, count=count)
+    windows(tokenize(loaded.tokenizer, load_text(config.train_data)), condense_config.seq_len)
+    return condense_config, loaded
+
+
+def _kept(out: Path) -> str:
+    done = [name for name in STAGES if _finished(out / name, name.split("_")[0])]
+    return (f"{out} keeps the finished stages ({', '.join(done) or 'none'}); run the same command again to resume "
+            "from the next one")
+
+
 def _config_json(config: PipelineConfig) -> dict[str, Any]:
     return {key: getattr(config, key) for key in config.__dataclass_fields__}
-
-
-def _check_same_config(out: Path, config: PipelineConfig, overwrite: bool) -> None:
-    stored = json.loads((out / "config.json").read_text())
-    if stored.get("kind") != KIND:
-        raise AttnsparseError(f"output directory {out} is not a previous 'run'; choose a new --out")
-    if stored.get("config") != json.loads(json.dumps(_config_json(config))) and not overwrite:
-        raise AttnsparseError(
-            f"{out} holds a run with different settings; pass the same options to resume it, or --overwrite"
-        )
-    if overwrite and stored.get("config") != json.loads(json.dumps(_config_json(config))):
-        prepare_run_dir(out, KIND, overwrite=True)
-        for name in STAGES:
-            _remove_tree(out / name)
-
-
-def _remove_tree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def _summary(measure_dir: Path, evaluate_dir: Path) -> dict[str, Any]:

@@ -58,7 +58,7 @@ def condense_command(
     warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Learning-rate warmup steps."),  # noqa: UP045
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),  # noqa: UP045
     save_steps: Optional[int] = typer.Option(None, "--save-steps", help="Checkpoint every N steps."),  # noqa: UP045
-    save_total_limit: Optional[int] = typer.Option(None, "--keep-checkpoints", help="Checkpoints to keep."),  # noqa: UP045
+    save_total_limit: Optional[int] = typer.Option(None, "--keep-checkpoints", help="Checkpoints to keep (at least 1)."),  # noqa: UP045
     query_chunk: Optional[int] = typer.Option(None, "--query-chunk", help="Queries per attention chunk."),  # noqa: UP045
     fsdp: Optional[str] = typer.Option(None, "--fsdp", help="FSDP mode passed to Trainer, e.g. 'full_shard auto_wrap'."),  # noqa: UP045
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
@@ -83,7 +83,10 @@ def condense_command(
             config = preset_config(preset, **overrides)
         else:
             config = CondenseConfig(**{key: value for key, value in overrides.items() if value is not None})
-        result = condense(config, out, resume=resume, overwrite=overwrite, progress=progress)
+        result = condense(config, out, resume=resume, overwrite=overwrite, progress=progress, echo=typer.echo)
+        if result.already_finished:
+            return (f"the condense run in {result.out} is already finished ({result.steps} steps); nothing to do "
+                    "(pass --overwrite instead of --resume to train it again)")
         final = result.final
         lines = [f"condensed model written to {result.model_dir} ({result.steps} steps)"]
         if final:

@@ -20,7 +20,7 @@ def run_command(
     eval_windows: int = typer.Option(4, help="Evenly spaced windows to evaluate."),
     policies: str = typer.Option("dense,topk:4,topk:8,topk:16,topk:32,topk:64", help="Policies to evaluate."),
     steps: Optional[int] = typer.Option(None, help="Override the preset's number of training steps."),  # noqa: UP045
-    overwrite: bool = typer.Option(False, help="Start over in an existing run directory with other settings."),
+    overwrite: bool = typer.Option(False, help="Start over: replace the run in --out (needed to change its settings)."),
 ) -> None:
     """The main job: measure, condense, evaluate original against condensed, one before/after HTML report."""
     from attnsparse.pipeline import PipelineConfig, run_pipeline

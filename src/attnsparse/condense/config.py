@@ -66,7 +66,7 @@ class CondenseConfig:
     seed: int = 0
     # bookkeeping (does not change the result)
     save_steps: int = 25
-    save_total_limit: int | None = 2
+    save_total_limit: int | None = 2  # checkpoints kept, at least 1 (None: all)
     query_chunk: int | None = None
     fsdp: str = ""
     preset: str | None = None
@@ -82,6 +82,12 @@ class CondenseConfig:
         _positive_int("batch size", self.batch_size)
         _positive_int("gradient accumulation", self.grad_accum)
         _positive_int("save steps", self.save_steps)
+        if self.save_total_limit is not None and (not isinstance(self.save_total_limit, int)
+                                                  or self.save_total_limit < 1):
+            raise AttnsparseError(f"--keep-checkpoints {self.save_total_limit}: keep at least 1 checkpoint (the one "
+                                  "--resume continues from)")
+        if self.query_chunk is not None and (not isinstance(self.query_chunk, int) or self.query_chunk < 1):
+            raise AttnsparseError(f"query chunk {self.query_chunk} must be >= 1")
         _positive_int("baseline windows", self.baseline_windows)
         if self.seq_len < 2:
             raise AttnsparseError(f"sequence length {self.seq_len} must be >= 2")

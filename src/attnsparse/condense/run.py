@@ -2,7 +2,7 @@
 
 Run directory layout (OUT):
 
-    config.json          the run's settings, environment and (when finished) its final metrics
+    config.json          the run's settings, status (running, then finished), environment and final metrics
     train_log.jsonl      one record per optimizer step: loss components, mean top-k mass, λ, k, lr, grad norm
     curves.png           the log drawn as curves
     checkpoints/checkpoint-N/   Trainer checkpoints (atomic: complete or absent) + attnsparse_state.json
@@ -18,7 +18,7 @@ import copy
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,23 +27,17 @@ import torch
 from transformers import PreTrainedModel, TrainerCallback, TrainingArguments, default_data_collator, set_seed
 
 from attnsparse.attention.backend import sparse_attention
+from attnsparse.condense.checkpoints import checkpoints, clean, load_state, problem
 from attnsparse.condense.config import CondenseConfig
 from attnsparse.condense.distill import lm_loss
 from attnsparse.condense.losses import CondensationRegularizer
 from attnsparse.condense.plots import plot_curves, read_log
 from attnsparse.condense.schedules import ConstrainedLambda
 from attnsparse.condense.trainable import add_lora, merged, set_trainable
-from attnsparse.condense.trainer import (
-    CondenseTrainer,
-    NonFiniteStop,
-    _barrier,
-    checkpoints,
-    install_callbacks,
-    load_state,
-)
+from attnsparse.condense.trainer import CondenseTrainer, NonFiniteStop, _barrier, install_callbacks
 from attnsparse.core.data import check_context, load_text, tokenize, windows
 from attnsparse.core.models import LoadedModel, ModelShape, load_model, save_atomically
-from attnsparse.core.runs import RUN_MARKER, atomic_write_json, environment, prepare_run_dir
+from attnsparse.core.runs import RunDir, RunRecord
 from attnsparse.errors import AttnsparseError
 
 KIND = "condense"
@@ -56,10 +50,11 @@ class CondenseResult:
 
     out: Path
     model_dir: Path
-    model: PreTrainedModel  # the condensed model (LoRA merged), back on its original attention implementation
-    steps: int
+    model: PreTrainedModel | None  # the condensed model (LoRA merged) on its original attention implementation;
+    steps: int                      # None when the run was already finished (nothing trained; see model_dir)
     final: dict[str, Any]  # the last step's log record
     resumed_from: Path | None
+    already_finished: bool = False
 
 
 class WindowDataset(torch.utils.data.Dataset):
@@ -105,45 +100,56 @@ def training_arguments(config: CondenseConfig, out: Path, progress: bool) -> Tra
     )
 
 
-def _check_out(out: Path, config: CondenseConfig, resume: bool, overwrite: bool) -> Path | None:
-    """Read-only checks of the run directory (identical on every process); returns the checkpoint to resume."""
-    marker = out / RUN_MARKER
-    if not resume:
-        if out.exists() and not out.is_dir():
-            raise AttnsparseError(f"output path {out} exists and is not a directory; choose another --out")
-        if out.is_dir() and any(out.iterdir()):
-            kind = _stored(marker).get("kind")
-            if kind != KIND:
-                raise AttnsparseError(f"output directory {out} exists and is not a previous condense run; "
-                                      "choose an empty or new --out")
-            if not overwrite:
-                raise AttnsparseError(f"output directory {out} holds a previous condense run; pass --resume to "
-                                      "continue it or --overwrite to replace it")
-        return None
-    stored = _stored(marker)
-    if stored.get("kind") != KIND:
-        raise AttnsparseError(f"--resume: {out} holds no condense run to resume; start one without --resume")
-    before = CondenseConfig.from_json(stored.get("config", {}).get("settings", {})).result_fields()
-    now = config.result_fields()
-    changed = [f"{key}={before.get(key)!r} (now {value!r})" for key, value in now.items() if before.get(key) != value]
-    if changed:
-        raise AttnsparseError(f"--resume: the run in {out} was started with different settings: {'; '.join(changed)}; "
-                              "pass the same options, or start a new --out")
+def _check_out(run: RunDir, config: CondenseConfig, resume: bool, overwrite: bool) -> RunRecord | None:
+    """Read-only checks of the run directory (identical on every process); returns the previous run in it."""
+    if resume and overwrite:
+        raise AttnsparseError("--resume continues the run in --out and --overwrite replaces it; pass only one")
+    out = run.path
+    previous = run.inspect()
+    if resume:
+        if previous is None:
+            raise AttnsparseError(f"--resume: {out} holds no condense run to resume; start one without --resume")
+        before = CondenseConfig.from_json(previous.config.get("settings", {})).result_fields()
+        now = config.result_fields()
+        changed = [f"{key}={before.get(key)!r} (now {value!r})" for key, value in now.items()
+                   if before.get(key) != value]
+        if changed:
+            raise AttnsparseError(f"--resume: the run in {out} was started with different settings: "
+                                  f"{'; '.join(changed)}; pass the same options, or start a new --out")
+    elif previous is not None and not overwrite:
+        if previous.finished:
+            raise AttnsparseError(f"output directory {out} holds a finished condense run "
+                                  f"({previous.config.get('steps', '?')} steps); pass --overwrite to replace it")
+        found = checkpoints(out / "checkpoints")
+        if found:
+            raise AttnsparseError(f"output directory {out} holds an unfinished condense run (status "
+                                  f"{previous.status}, last checkpoint {found[-1].name}); pass --resume to continue "
+                                  "it or --overwrite to replace it")
+        # an interrupted run without a checkpoint (e.g. a failed start) has nothing to keep: it is replaced
+    return previous
+
+
+def _resume_point(root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint that can be resumed from, and the newer ones that cannot (with why)."""
+    broken = []
+    for checkpoint in reversed(checkpoints(root)):
+        why = problem(checkpoint)
+        if why is None:
+            return checkpoint, broken
+        broken.append((checkpoint, why))
+    return None, broken
+
+
+def _settings(config: CondenseConfig, status: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The `config` part of condense's config.json: its settings, its status and, when finished, its results."""
+    return {"settings": config.to_json(), "status": status, **(extra or {})}
+
+
+def _kept(out: Path) -> str:
     found = checkpoints(out / "checkpoints")
-    return found[-1] if found else None
-
-
-def _stored(marker: Path) -> dict[str, Any]:
-    try:
-        return json.loads(marker.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def _write_config(out: Path, config: CondenseConfig, status: str, extra: dict[str, Any] | None = None) -> None:
-    payload = {"kind": KIND, "config": {"settings": config.to_json(), "status": status, **(extra or {})},
-               "environment": environment()}
-    atomic_write_json(out / RUN_MARKER, payload)
+    if not found:
+        return f"no checkpoint of the condense run in {out} was written yet; run the same command again to start over"
+    return f"the condense run in {out} keeps {found[-1]}; pass --resume to continue from it"
 
 
 def _truncate_log(path: Path, last_step: int) -> None:
@@ -180,24 +186,24 @@ def condense(
     progress: bool = True,
     model: LoadedModel | None = None,
     callbacks: Sequence[TrainerCallback] = (),
+    echo: Callable[[str], None] | None = print,
 ) -> CondenseResult:
     """Fine-tune `config.model` on `config.data` with the condensation loss; see the module docstring for outputs.
 
-    `model` may pass an already loaded model (tests, notebooks); `callbacks` are added to the Trainer.
+    `model` may pass an already loaded model (tests, notebooks); `callbacks` are added to the Trainer; `echo`
+    prints notes such as a checkpoint skipped on resume. Resuming a finished run trains nothing and returns it
+    with `already_finished` set (and no model loaded).
     """
     config.validate()
     out = Path(out)
+    run = RunDir(out, KIND)
+    previous = _check_out(run, config, resume, overwrite)
+    if resume and previous is not None and previous.finished:
+        stored = previous.config
+        return CondenseResult(out, out / "model", None, int(stored.get("steps", 0)), stored.get("final") or {}, None,
+                              already_finished=True)
     args = training_arguments(config, out, progress)  # sets up torch.distributed when launched that way
     main = args.process_index == 0
-    checkpoint = _check_out(out, config, resume, overwrite)
-    if main:
-        if not resume:
-            prepare_run_dir(out, KIND, overwrite=True)
-            for stale in ("checkpoints", "model", LOG_NAME, "curves.png"):
-                target = out / stale
-                shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
-        _write_config(out, config, "running")
-    _barrier()
 
     set_seed(config.seed)
     loaded = model if model is not None else load_model(config.model)
@@ -208,6 +214,23 @@ def condense(
     layers = None if config.layers is None else set(config.layers)
     if layers is not None and max(layers) >= shape.need("layers"):
         raise AttnsparseError(f"--layers {sorted(layers)}: the model has {shape.layers} layers (0-based)")
+    checkpoint, broken = _resume_point(out / "checkpoints") if resume else (None, [])
+
+    _barrier()  # every process has read the directory before process 0 changes it
+    if main:
+        run.start(_settings(config, "running"), clear=not resume)
+        if resume:
+            for bad, why in broken:
+                shutil.rmtree(bad, ignore_errors=True)
+                if echo is not None:
+                    echo(f"{bad.name} cannot be resumed from ({why}); removed it, resuming from "
+                         f"{checkpoint.name if checkpoint is not None else 'the start'}")
+            clean(out / "checkpoints")
+            if checkpoint is None:
+                for stale in ("checkpoints", "model", LOG_NAME, "curves.png"):
+                    target = out / stale
+                    shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+    _barrier()
 
     saved = load_state(checkpoint) if checkpoint is not None else {}
     controller = _controller(config, net, token_windows, saved)
@@ -218,7 +241,8 @@ def condense(
 
     regularizer = CondensationRegularizer(config.loss_spec(), layers)
     # peft wraps `net` in place and merging hands `net` back, so restoring `net` on exit restores the final model
-    with sparse_attention(net, observers=[regularizer], query_chunk=config.query_chunk, fast_dense=False) as state:
+    with run.guard(lambda: _kept(out)), sparse_attention(
+            net, observers=[regularizer], query_chunk=config.query_chunk, fast_dense=False) as state:
         if config.trainable == "lora":
             train_model = add_lora(net, config.lora_targets, config.lora_rank, config.lora_alpha, layers)
         else:
@@ -239,7 +263,7 @@ def condense(
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
         except NonFiniteStop as stop:
             if main:
-                _write_config(out, config, "stopped", {"stopped": stop.record()})
+                run.stop(_settings(config, "stopped", {"stopped": stop.record()}))
             raise
         final_model = merged(trainer.model)
     final_model.requires_grad_(False)
@@ -249,10 +273,12 @@ def condense(
     _barrier()
     record = trainer.last_record or {}
     if main:
-        _save_model(final_model, tokenizer, model_dir)
-        plot_curves(read_log(out / LOG_NAME), out / "curves.png", title=f"condense {config.model} k={config.k}")
-        _write_config(out, config, "finished", {"final": record, "steps": trainer.state.global_step,
-                                                "resumed_from": None if checkpoint is None else str(checkpoint)})
+        with run.guard(lambda: _kept(out)):
+            _save_model(final_model, tokenizer, model_dir)
+            plot_curves(read_log(out / LOG_NAME), out / "curves.png", title=f"condense {config.model} k={config.k}")
+            run.finish(_settings(config, "finished", {
+                "final": record, "steps": trainer.state.global_step,
+                "resumed_from": None if checkpoint is None else str(checkpoint)}))
     _barrier()
     return CondenseResult(out, model_dir, final_model, trainer.state.global_step, record, checkpoint)
 

@@ -24,14 +24,14 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from attnsparse.attention.backend import BackendState
 from attnsparse.attention.policies import DENSE, TopK
+from attnsparse.condense.checkpoints import CHECKPOINT_PREFIX, STATE_FILE, checkpoints, rotate
 from attnsparse.condense.config import CondenseConfig
 from attnsparse.condense.distill import distillation_kl, lm_loss
 from attnsparse.condense.losses import CondensationLoss, CondensationRegularizer, parse_loss
 from attnsparse.condense.schedules import ConstrainedLambda, k_at, lambda_at
 from attnsparse.errors import AttnsparseError
 
-STATE_FILE = "attnsparse_state.json"
-CHECKPOINT_PREFIX = "checkpoint-"
+__all__ = ["CondenseTrainer", "NonFiniteStop", "checkpoints", "install_callbacks"]  # checkpoints: kept importable
 _COMPONENTS = ("loss", "lm", "cond", "kd", "topk_mass", "teacher_lm")
 
 
@@ -267,34 +267,6 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints under `root`, oldest first (staging directories are never listed)."""
-    if not root.is_dir():
-        return []
-    found = []
-    for path in root.iterdir():
-        suffix = path.name[len(CHECKPOINT_PREFIX):]
-        complete = (path / "trainer_state.json").is_file()
-        if path.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() and complete:
-            found.append((int(suffix), path))
-    return [path for _, path in sorted(found)]
-
-
-def rotate(root: Path, keep: int | None) -> None:
-    """Delete all but the newest `keep` checkpoints (after the newest is safely in place)."""
-    if keep is None or keep < 1:
-        return
-    for path in checkpoints(root)[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def load_state(checkpoint: Path) -> dict[str, Any]:
-    path = checkpoint / STATE_FILE
-    if not path.is_file():
-        return {}
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 class StepCallback(TrainerCallback):

@@ -117,19 +117,36 @@ def windows(ids: torch.Tensor, ctx: int, *, stride: int | None = None, count: in
     if count is not None:
         if count < 1:
             raise AttnsparseError(f"window count {count} must be >= 1")
+        if not _even_windows_fit(total, ctx, count):
+            most = most_even_windows(total, ctx, below=count)
+            limit = "at most" if count > total - ctx + 1 else f"the largest count below {count} that fits is"
+            raise AttnsparseError(
+                f"--windows {count}: {count} distinct evenly spaced windows of {ctx} tokens do not fit in the "
+                f"text's {total} tokens ({limit} {most}); use --windows {most}, a smaller {option} or a longer text"
+            )
         spacing = total // count
         starts = [i * spacing for i in range(count)]
-        if starts[-1] + ctx > total:
-            raise AttnsparseError(
-                f"{count} evenly spaced windows of {ctx} tokens do not fit in {total} tokens; "
-                f"use fewer windows or a smaller {option}"
-            )
     else:
         step = ctx if stride is None else stride
         if step < 1:
             raise AttnsparseError(f"stride {step} must be >= 1")
         starts = list(range(0, total - ctx + 1, step))
     return torch.stack([ids[start : start + ctx] for start in starts])
+
+
+def _even_windows_fit(total: int, ctx: int, count: int) -> bool:
+    """Whether `count` windows starting at i * (total // count) are distinct (spacing >= 1) and all fit."""
+    spacing = total // count
+    return spacing >= 1 and (count - 1) * spacing + ctx <= total
+
+
+def most_even_windows(total: int, ctx: int, below: int | None = None) -> int:
+    """The largest window count (at most `below`) whose evenly spaced windows are distinct and fit in `total`
+    tokens (at least 1 when total >= ctx): there are only total - ctx + 1 distinct windows."""
+    count = total - ctx + 1 if below is None else min(below, total - ctx + 1)
+    while count > 1 and not _even_windows_fit(total, ctx, count):
+        count -= 1
+    return max(count, 1)
 
 
 def check_context(ctx: int, max_context: int, option: str = "--ctx") -> None:

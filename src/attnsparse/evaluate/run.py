@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,13 +24,7 @@ from attnsparse.attention.policies import DENSE, Policy, parse_policies, parse_p
 from attnsparse.core.data import check_context, load_text, tokenize
 from attnsparse.core.data import windows as make_windows
 from attnsparse.core.models import LoadedModel, ModelShape, load_model
-from attnsparse.core.runs import (
-    atomic_write_bytes,
-    atomic_write_json,
-    atomic_write_text,
-    prepare_run_dir,
-    write_run_config,
-)
+from attnsparse.core.runs import RunDir, atomic_write_bytes, atomic_write_json, atomic_write_text
 from attnsparse.decode.eval import decode_perplexity, plan_label
 from attnsparse.decode.plan import DecodePlan
 from attnsparse.errors import AttnsparseError
@@ -102,14 +98,14 @@ def protocol_name(protocol: Protocol) -> str:
 def parse_protocol(text: str) -> Protocol:
     """`all` (the whole text) or a positive window count M."""
     text = text.strip().lower()
-    if text in ("all", "whole", "0"):
+    if text in ("all", "whole"):
         return None
     try:
         count = int(text)
     except ValueError:
         raise AttnsparseError(f"window protocol '{text}': use 'all' or a positive window count") from None
     if count < 1:
-        raise AttnsparseError(f"window count {count} must be >= 1 (or 'all' for the whole text)")
+        raise AttnsparseError(f"--windows {count}: a window count must be >= 1; use --windows all for the whole text")
     return count
 
 
@@ -169,52 +165,83 @@ def evaluate(
 
     `windows=None` scores the whole text in non-overlapping windows of `ctx`; `windows=M` scores M evenly spaced
     windows (window i starts at i·⌊len/M⌋); a list runs several protocols on the same tokens. With `out`, writes
-    a run directory (refusing a non-empty directory that is not an earlier evaluate run unless `overwrite`).
+    a run directory (attnsparse.core.runs.RunDir: a finished evaluate run in it is replaced only with `overwrite`).
     Decode `plans` (JSON files or specs such as block:16:0.0625) add rows scored by decoding the last
     `decode_tokens` of each window from a dense prefill (`attnsparse.decode.eval`), with a dense decode row
     (plan:dense) as their reference.
     """
     if batch_size < 1:
         raise AttnsparseError(f"batch size {batch_size} must be >= 1")
+    if query_chunk is not None and query_chunk < 1:
+        raise AttnsparseError(f"query chunk {query_chunk} must be >= 1")
     plan = _policies(policies)
     protocols = _protocols(windows)
-    out_dir = prepare_run_dir(out, KIND, overwrite) if out is not None else None
+    run = RunDir(out, KIND).check(overwrite) if out is not None else None  # read-only, before the slow load
     model, tok, name = _resolve_model(model_or_spec, tokenizer)
     check_context(ctx, ModelShape.of(model).need("max_context"))
     ids = tokenize(tok, load_text(text_spec))
-    result = EvaluationResult(model=name, data=text_spec or "builtin", ctx=ctx, out=out_dir)
-    for protocol in protocols:
-        batches = make_windows(ids, ctx, count=protocol)
-        dense_ppl: float | None = None
-        for policy in plan:
-            started = time.perf_counter()
-            ppl = perplexity(model, batches, policy, batch_size=batch_size, query_chunk=query_chunk, progress=progress)
-            if policy.is_dense:
-                dense_ppl = ppl.perplexity
-            result.rows.append(EvaluationRow.of(
-                protocol_name(protocol), ppl, None if dense_ppl is None else ppl.perplexity / dense_ppl,
-                time.perf_counter() - started,
-            ))
-        if plans:
-            started = time.perf_counter()
-            decoded = decode_perplexity(model, batches, list(plans), decode_tokens, progress=progress)
-            seconds = (time.perf_counter() - started) / len(decoded)
-            reference = decoded[0].perplexity
-            for d in decoded:
-                result.rows.append(EvaluationRow.of(protocol_name(protocol), d, d.perplexity / reference, seconds))
-    if out_dir is not None:
-        config = {
-            "model": name, "data": text_spec or "builtin", "ctx": ctx, "policies": [p.spec for p in plan],
-            "protocols": [protocol_name(p) for p in protocols], "batch_size": batch_size, "query_chunk": query_chunk,
-            "plans": [plan_label(p) for p in plans], "decode_tokens": decode_tokens if plans else None,
-            "text_tokens": int(ids.numel()), "dtype": str(next(model.parameters()).dtype),
-        }
-        write_outputs(result, out_dir, config)
+    batches_of = {protocol: make_windows(ids, ctx, count=protocol) for protocol in protocols}  # all checked first
+    config = {
+        "model": name, "data": text_spec or "builtin", "ctx": ctx, "policies": [p.spec for p in plan],
+        "protocols": [protocol_name(p) for p in protocols], "batch_size": batch_size, "query_chunk": query_chunk,
+        "plans": [plan_label(p) for p in plans], "decode_tokens": decode_tokens if plans else None,
+        "text_tokens": int(ids.numel()), "dtype": str(next(model.parameters()).dtype),
+    }
+    result = EvaluationResult(model=name, data=text_spec or "builtin", ctx=ctx,
+                              out=run.start(config) if run is not None else None)
+    with run.guard(lambda: _kept(run.path, result)) if run is not None else nullcontext():
+        for protocol in protocols:
+            _evaluate_protocol(result, model, batches_of[protocol], protocol_name(protocol), plan, plans,
+                               decode_tokens, batch_size, query_chunk, progress)
+        if run is not None:
+            write_outputs(result, run.path)
+            run.finish()
     return result
 
 
-def write_outputs(result: EvaluationResult, out: Path, config: dict[str, Any]) -> None:
-    """results.json, results.csv, ppl_vs_density.png, then config.json last (it marks a finished run)."""
+def _evaluate_protocol(result: EvaluationResult, model: PreTrainedModel, batches: Any, protocol: str,
+                       plan: list[Policy], plans: Sequence[str | Path | DecodePlan], decode_tokens: int,
+                       batch_size: int, query_chunk: int | None, progress: bool) -> None:
+    """Append one row per policy (and per decode plan) for the windows of one protocol."""
+    dense_ppl: float | None = None
+    for policy in plan:
+        started = time.perf_counter()
+        ppl = perplexity(model, batches, policy, batch_size=batch_size, query_chunk=query_chunk, progress=progress)
+        _check_finite(ppl, protocol)
+        if policy.is_dense:
+            dense_ppl = ppl.perplexity
+        result.rows.append(EvaluationRow.of(
+            protocol, ppl, None if dense_ppl is None else ppl.perplexity / dense_ppl, time.perf_counter() - started,
+        ))
+    if plans:
+        started = time.perf_counter()
+        decoded = decode_perplexity(model, batches, list(plans), decode_tokens, progress=progress)
+        seconds = (time.perf_counter() - started) / len(decoded)
+        for d in decoded:
+            _check_finite(d, protocol)
+        reference = decoded[0].perplexity
+        for d in decoded:
+            result.rows.append(EvaluationRow.of(protocol, d, d.perplexity / reference, seconds))
+
+
+def _check_finite(ppl: PerplexityResult, protocol: str) -> None:
+    """Stop at the first non-finite score (corrupt weights, overflow) before any result file is written."""
+    if not (math.isfinite(ppl.mean_nll) and math.isfinite(ppl.perplexity)):
+        raise AttnsparseError(
+            f"policy {ppl.policy} under {protocol} gives a non-finite score (mean NLL {ppl.mean_nll}, perplexity "
+            f"{ppl.perplexity}): the model's logits are not finite; check its weights for NaN/inf, or load it in "
+            "float32"
+        )
+
+
+def _kept(out: Path, result: EvaluationResult) -> str:
+    return (f"{out} keeps the unfinished 'evaluate' run (status running, {len(result.rows)} rows computed, none "
+            "written); run the same command again to start it over")
+
+
+def write_outputs(result: EvaluationResult, out: Path) -> None:
+    """results.json, results.csv and ppl_vs_density.png (config.json is the RunDir's: written first, finished
+    last)."""
     atomic_write_json(out / "results.json", result.to_json())
     buffer = io.StringIO()
     fields = list(EvaluationRow.__dataclass_fields__)
@@ -224,7 +251,6 @@ def write_outputs(result: EvaluationResult, out: Path, config: dict[str, Any]) -
         writer.writerow(asdict(row))
     atomic_write_text(out / "results.csv", buffer.getvalue())
     plot_ppl_vs_density(result, out / "ppl_vs_density.png")
-    write_run_config(out, KIND, config)
 
 
 def plot_ppl_vs_density(result: EvaluationResult, path: Path) -> Path:

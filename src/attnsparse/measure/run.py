@@ -11,11 +11,13 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from attnsparse.core.runs import RunDir
 from attnsparse.errors import AttnsparseError
 from attnsparse.measure.profile import Profile, ProfileConfig, ProfileView, Recorder
 from attnsparse.measure.report import summary_table, write_report
@@ -82,10 +84,7 @@ def measure(
         ctx=ctx, ks=tuple(ks or ()), deltas=tuple(deltas), eps=tuple(eps), sink_tokens=sink_tokens,
         local_window=local_window, stream_delta=stream_delta, fit_delta=fit_delta, fit_min_n=fit_min_n,
     )
-    if out is not None:
-        from attnsparse.core.runs import prepare_run_dir
-
-        prepare_run_dir(out, KIND, overwrite)  # refuse a foreign directory before the slow model load
+    run = RunDir(out, KIND).check(overwrite) if out is not None else None  # read-only, before the slow load
 
     loaded = _load(model)
     hf_model, spec = loaded.model, loaded.spec
@@ -97,29 +96,57 @@ def measure(
     batches = _windows(loaded, data, ctx, windows)
     layers, heads, kv_heads = _model_facts(hf_model)
     profile = Profile(config, model=spec, layers=layers, heads=heads, kv_heads=kv_heads)
-    recorder = Recorder(profile)
-    started = time.perf_counter()
-    _run(hf_model, batches, recorder, batch_size, query_chunk, progress)
-    elapsed = time.perf_counter() - started
-    profile.windows = int(batches.shape[0])
-
-    if out is not None:
-        run_config = {
-            "model": spec,
-            "data": data if isinstance(data, str) or data is None else f"<token tensor {tuple(data.shape)}>",
-            "ctx": ctx,
-            "windows": int(batches.shape[0]),
-            "window_placement": "evenly spaced: window i starts at i * (tokens // windows)",
-            "batch_size": batch_size,
-            "query_chunk": query_chunk,
-            "dtype": str(next(hf_model.parameters()).dtype).replace("torch.", ""),
-            "metrics": config.to_dict(),
-        }
-        write_run(out, profile, run_config, elapsed)
+    run_config = {
+        "model": spec,
+        "data": data if isinstance(data, str) or data is None else f"<token tensor {tuple(data.shape)}>",
+        "ctx": ctx,
+        "windows": int(batches.shape[0]),
+        "window_placement": "evenly spaced: window i starts at i * (tokens // windows)",
+        "batch_size": batch_size,
+        "query_chunk": query_chunk,
+        "dtype": str(next(hf_model.parameters()).dtype).replace("torch.", ""),
+        "metrics": config.to_dict(),
+    }
+    if run is not None:
+        run.start(run_config)
+    with run.guard() if run is not None else nullcontext():
+        recorder = Recorder(profile)
+        started = time.perf_counter()
+        _run(hf_model, batches, recorder, batch_size, query_chunk, progress)
+        elapsed = time.perf_counter() - started
+        profile.windows = int(batches.shape[0])
+        check_finite(profile)
+        if run is not None:
+            write_run(run.path, profile, run_config, elapsed)
+            run.finish()
     if echo is not None:
         echo(summary_table(profile))
         echo(f"{profile.windows} windows x {ctx} tokens in {elapsed:.1f} s" + (f"; results in {out}" if out else ""))
     return profile
+
+
+# Row statistics that are finite for any finite attention row (C and the long-row tails may be NaN by design).
+_ALWAYS_FINITE = ("topk_mass", "entropy", "support", "sink", "local", "stream")
+
+
+def check_finite(profile: Profile) -> None:
+    """Refuse a profile whose attention was not finite (corrupt weights, overflow), naming the first layer, head
+    and statistic, before anything but config.json is written."""
+    import numpy as np
+
+    stats = profile.head_stats()
+    bad = {name: ~np.isfinite(stats[name]).reshape(*stats[name].shape[:2], -1).all(-1) for name in _ALWAYS_FINITE}
+    affected = np.logical_or.reduce(list(bad.values()))
+    if not affected.any():
+        return
+    layer, head = (int(i) for i in np.argwhere(affected)[0])
+    names = [name for name in _ALWAYS_FINITE if bad[name][layer, head]]
+    value = np.asarray(stats[names[0]][layer, head]).reshape(-1)[0]
+    raise AttnsparseError(
+        f"the model's attention is not finite: layer {layer} head {head} has {', '.join(names)} = {value} "
+        f"({int(affected.sum())} of {affected.size} heads affected, from layer {layer} on); check the model's "
+        "weights for NaN/inf, or load it in float32"
+    )
 
 
 def _load(model: Any) -> Any:
@@ -139,6 +166,9 @@ def _windows(loaded: Any, data: str | torch.Tensor | None, ctx: int, count: int)
         if data.dim() == 2:
             if data.shape[1] != ctx:
                 raise AttnsparseError(f"token windows have length {data.shape[1]}, not ctx {ctx}")
+            if count > data.shape[0]:
+                raise AttnsparseError(f"--windows {count}: the token windows given hold only {data.shape[0]}; "
+                                      f"use --windows {data.shape[0]} or fewer")
             return data[:count].long()
         return data_mod.windows(data.long().reshape(-1), ctx, count=count)
     return data_mod.load_windows(loaded.tokenizer, data, ctx, max_context=loaded.max_context, count=count)
@@ -164,15 +194,15 @@ def _run(model: Any, batches: torch.Tensor, recorder: Recorder, batch_size: int,
 
 
 def write_run(out: str | Path, profile: Profile, run_config: dict[str, Any], elapsed: float) -> Path:
-    """Write config.json, profile.json, profile.csv, profile_state.npz, plots/*.png and report.html into `out`."""
+    """Write profile.json, profile.csv, profile_state.npz, plots/*.png and report.html into `out` (config.json is
+    the RunDir's, see `measure`)."""
     import csv
     import io
 
-    from attnsparse.core.runs import atomic_write_text, write_run_config
+    from attnsparse.core.runs import atomic_write_text
     from attnsparse.measure.plots import write_plots
 
     out = Path(out)
-    write_run_config(out, KIND, run_config)
     data = profile.to_dict()
     data["elapsed_seconds"] = round(elapsed, 3)
     ProfileView.from_dict(data).to_json(out / "profile.json")

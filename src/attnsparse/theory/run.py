@@ -10,7 +10,7 @@ import io
 from dataclasses import asdict
 from pathlib import Path
 
-from attnsparse.core.runs import atomic_write_json, atomic_write_text, prepare_run_dir, write_run_config
+from attnsparse.core.runs import RunDir, atomic_write_json, atomic_write_text
 from attnsparse.theory.lab import (
     KIND,
     RESULTS_FILE,
@@ -46,18 +46,20 @@ def run_theory(cfg: TheoryConfig, out: str | Path, overwrite: bool = False, prog
     validate(cfg)
     if cfg.profile:
         load_profile_overlay(cfg.profile, cfg.eps)  # fail on a bad profile before touching the out dir
-    out = prepare_run_dir(out, KIND, overwrite)
-    write_run_config(out, KIND, asdict(cfg))
-    result = simulate(cfg, progress=progress)
-    result.out = out
-    atomic_write_text(out / "theory_per_n.csv", per_n_csv(result))
-    result.files["csv"] = "theory_per_n.csv"
-    if plots:
-        from attnsparse.theory import plots as theory_plots  # matplotlib only when drawing
+    run = RunDir(out, KIND).check(overwrite)
+    out = run.start(asdict(cfg))
+    with run.guard():
+        result = simulate(cfg, progress=progress)
+        result.out = out
+        atomic_write_text(out / "theory_per_n.csv", per_n_csv(result))
+        result.files["csv"] = "theory_per_n.csv"
+        if plots:
+            from attnsparse.theory import plots as theory_plots  # matplotlib only when drawing
 
-        figures = theory_plots.make_figures(result, out)
-        result.files.update({k: Path(v).name for k, v in figures.items()})
-        report = theory_plots.write_report(result, out / "theory.html", figures)
-        result.files["html"] = report.name
-    atomic_write_json(out / RESULTS_FILE, result.to_json())
+            figures = theory_plots.make_figures(result, out)
+            result.files.update({k: Path(v).name for k, v in figures.items()})
+            report = theory_plots.write_report(result, out / "theory.html", figures)
+            result.files["html"] = report.name
+        atomic_write_json(out / RESULTS_FILE, result.to_json())
+        run.finish()
     return result
