@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
 
 from attnsparse.specs import split_list
@@ -17,50 +15,50 @@ def _layers(text: str | None) -> list[int] | None:
 
 
 def condense_command(
-    model: Optional[str] = typer.Argument(  # noqa: UP045 - typer reads the annotation
+    model: str | None = typer.Argument(
         None, help="Embedded name, hub id, local HF directory or .gguf file (default: smollm2-135m or the preset's)."
     ),
-    data: Optional[str] = typer.Option(None, "--data", help="Training text: file, hf:NAME[:CONFIG[:SPLIT]], builtin."),  # noqa: UP045
+    data: str | None = typer.Option(None, "--data", help="Training text: file, hf:NAME[:CONFIG[:SPLIT]], builtin."),
     out: str = typer.Option(..., "--out", help="Run directory (checkpoints, log, curves, model/)."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="Start from a named preset, e.g. smollm2-cpu-15min."),  # noqa: UP045
-    k: Optional[int] = typer.Option(None, "--k", help="Target top-k budget (default 16)."),  # noqa: UP045
-    loss: Optional[str] = typer.Option(  # noqa: UP045
+    preset: str | None = typer.Option(None, "--preset", help="Start from a named preset, e.g. smollm2-cpu-15min."),
+    k: int | None = typer.Option(None, "--k", help="Target top-k budget (default 16)."),
+    loss: str | None = typer.Option(
         None, "--loss", help="Loss variant: tail (default), adaptive:alpha=A,C=C, softcount:eps=E,tau=T, entropy."
     ),
-    lam: Optional[float] = typer.Option(None, "--lambda", help="Condensation weight λ (initial λ if --margin)."),  # noqa: UP045
-    lambda_schedule: Optional[str] = typer.Option(None, "--lambda-schedule", help="constant, warmup or linear."),  # noqa: UP045
-    lambda_ramp_steps: Optional[int] = typer.Option(None, "--lambda-ramp-steps", help="Steps of the λ warmup."),  # noqa: UP045
-    k_start: Optional[int] = typer.Option(None, "--k-start", help="Anneal k from this value down to --k."),  # noqa: UP045
-    k_anneal_steps: Optional[int] = typer.Option(None, "--k-anneal-steps", help="Steps of the k annealing."),  # noqa: UP045
-    k_schedule: Optional[str] = typer.Option(None, "--k-schedule", help="geometric (default), linear or constant."),  # noqa: UP045
-    layers: Optional[str] = typer.Option(None, "--layers", help="Comma-separated layers to regularise/train."),  # noqa: UP045
-    margin: Optional[float] = typer.Option(  # noqa: UP045
+    lam: float | None = typer.Option(None, "--lambda", help="Condensation weight λ (initial λ if --margin)."),
+    lambda_schedule: str | None = typer.Option(None, "--lambda-schedule", help="constant, warmup or linear."),
+    lambda_ramp_steps: int | None = typer.Option(None, "--lambda-ramp-steps", help="Steps of the λ warmup."),
+    k_start: int | None = typer.Option(None, "--k-start", help="Anneal k from this value down to --k."),
+    k_anneal_steps: int | None = typer.Option(None, "--k-anneal-steps", help="Steps of the k annealing."),
+    k_schedule: str | None = typer.Option(None, "--k-schedule", help="geometric (default), linear or constant."),
+    layers: str | None = typer.Option(None, "--layers", help="Comma-separated layers to regularise/train."),
+    margin: float | None = typer.Option(
         None, "--margin", help="Constrained mode: adapt λ to keep the LM loss within this many nats of the original."
     ),
-    lambda_rate: Optional[float] = typer.Option(None, "--lambda-rate", help="Constrained λ step size (per nat)."),  # noqa: UP045
-    distill: Optional[str] = typer.Option(  # noqa: UP045
+    lambda_rate: float | None = typer.Option(None, "--lambda-rate", help="Constrained λ step size (per nat)."),
+    distill: str | None = typer.Option(
         None, "--distill", help="none, add (KL to the original beside the LM loss) or only (KL instead of it)."
     ),
-    distill_weight: Optional[float] = typer.Option(None, "--distill-weight", help="Weight of the KL term."),  # noqa: UP045
-    temperature: Optional[float] = typer.Option(None, "--temperature", help="Distillation temperature."),  # noqa: UP045
-    sparse_aware: Optional[bool] = typer.Option(  # noqa: UP045
+    distill_weight: float | None = typer.Option(None, "--distill-weight", help="Weight of the KL term."),
+    temperature: float | None = typer.Option(None, "--temperature", help="Distillation temperature."),
+    sparse_aware: bool | None = typer.Option(
         None, "--sparse-aware/--dense-forward", help="Forward with top-k attention (the loss stays on dense rows)."
     ),
-    trainable: Optional[str] = typer.Option(None, "--trainable", help="all, attn, qk (default) or lora."),  # noqa: UP045
-    lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="LoRA rank."),  # noqa: UP045
-    lora_targets: Optional[str] = typer.Option(None, "--lora-targets", help="LoRA on qk or attn projections."),  # noqa: UP045
-    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps."),  # noqa: UP045
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Windows per step per process."),  # noqa: UP045
-    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Gradient accumulation steps."),  # noqa: UP045
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per training window."),  # noqa: UP045
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate."),  # noqa: UP045
-    lr_scheduler: Optional[str] = typer.Option(None, "--lr-scheduler", help="cosine, linear, constant, ..."),  # noqa: UP045
-    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Learning-rate warmup steps."),  # noqa: UP045
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),  # noqa: UP045
-    save_steps: Optional[int] = typer.Option(None, "--save-steps", help="Checkpoint every N steps."),  # noqa: UP045
-    save_total_limit: Optional[int] = typer.Option(None, "--keep-checkpoints", help="Checkpoints to keep (at least 1)."),  # noqa: UP045
-    query_chunk: Optional[int] = typer.Option(None, "--query-chunk", help="Queries per attention chunk."),  # noqa: UP045
-    fsdp: Optional[str] = typer.Option(None, "--fsdp", help="FSDP mode passed to Trainer, e.g. 'full_shard auto_wrap'."),  # noqa: UP045
+    trainable: str | None = typer.Option(None, "--trainable", help="all, attn, qk (default) or lora."),
+    lora_rank: int | None = typer.Option(None, "--lora-rank", help="LoRA rank."),
+    lora_targets: str | None = typer.Option(None, "--lora-targets", help="LoRA on qk or attn projections."),
+    steps: int | None = typer.Option(None, "--steps", help="Optimizer steps."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Windows per step per process."),
+    grad_accum: int | None = typer.Option(None, "--grad-accum", help="Gradient accumulation steps."),
+    seq_len: int | None = typer.Option(None, "--seq-len", help="Tokens per training window."),
+    lr: float | None = typer.Option(None, "--lr", help="Peak learning rate."),
+    lr_scheduler: str | None = typer.Option(None, "--lr-scheduler", help="cosine, linear, constant, ..."),
+    warmup_steps: int | None = typer.Option(None, "--warmup-steps", help="Learning-rate warmup steps."),
+    seed: int | None = typer.Option(None, "--seed", help="Random seed."),
+    save_steps: int | None = typer.Option(None, "--save-steps", help="Checkpoint every N steps."),
+    save_total_limit: int | None = typer.Option(None, "--keep-checkpoints", help="Checkpoints to keep (at least 1)."),
+    query_chunk: int | None = typer.Option(None, "--query-chunk", help="Queries per attention chunk."),
+    fsdp: str | None = typer.Option(None, "--fsdp", help="FSDP mode passed to Trainer, e.g. 'full_shard auto_wrap'."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous condense run in --out."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar with the loss components."),

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
 
 from attnsparse.specs import split_list
@@ -11,7 +9,7 @@ from attnsparse.specs import split_list
 
 def evaluate_command(
     model: str = typer.Argument("smollm2-135m", help="Embedded name, hub id, local HF directory or .gguf file."),
-    data: Optional[str] = typer.Option(  # noqa: UP045 - typer reads the annotation
+    data: str | None = typer.Option(
         None, "--data", help="Text file, hf:NAME[:CONFIG[:SPLIT]], or builtin (default)."
     ),
     ctx: int = typer.Option(1024, "--ctx", help="Tokens per window (at most the model's maximum context)."),
@@ -19,18 +17,18 @@ def evaluate_command(
         "dense,topk:8,topk:16,topk:32,topk:64,topk:128", "--policies",
         help="Comma-separated policies: dense, topk:K, sink+window:S:W (dense is always included).",
     ),
-    windows: Optional[list[str]] = typer.Option(  # noqa: UP045, B008 - typer reads the default
+    windows: list[str] | None = typer.Option(  # noqa: B008 - typer reads the default
         None, "--windows",
         help="'all' (default) = the whole text in non-overlapping windows; M = M evenly spaced windows. Repeat for both.",
     ),
-    out: Optional[str] = typer.Option(  # noqa: UP045
+    out: str | None = typer.Option(
         None, "--out", help="Run directory for results.json, results.csv, ppl_vs_density.png, config.json."
     ),
     batch_size: int = typer.Option(1, "--batch-size", help="Windows per forward pass."),
-    query_chunk: Optional[int] = typer.Option(  # noqa: UP045
+    query_chunk: int | None = typer.Option(
         None, "--query-chunk", help="Queries per attention chunk (default: sized to a memory budget)."
     ),
-    plans: Optional[str] = typer.Option(  # noqa: UP045
+    plans: str | None = typer.Option(
         None, "--plans",
         help="Comma-separated decode plans (plan JSON files, or specs such as block:16:0.0625, streaming:4:256), "
         "scored by decoding the last --decode-tokens of each window after a dense prefill.",

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -22,12 +21,12 @@ def generate_command(
         help="Plan JSON file, or one policy for every head: dense, topk:K, block:B:BUDGET[:mean|bound] (BUDGET "
              "in tokens, or a density such as 0.0625), streaming:S:W.",
     ),
-    profile: Optional[str] = typer.Option(  # noqa: UP045 - typer reads the annotation
+    profile: str | None = typer.Option(
         None, "--profile",
         help="A measure profile.json: its streaming heads use --streaming, the others --policy.",
     ),
     streaming: str = typer.Option("streaming:4:1024", "--streaming", help="Policy for streaming heads with --profile."),
-    save_plan: Optional[str] = typer.Option(None, "--save-plan", help="Write the plan used as JSON."),  # noqa: UP045
+    save_plan: str | None = typer.Option(None, "--save-plan", help="Write the plan used as JSON."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Tokens to generate."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON record instead of text and a summary."),
 ) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
 
 from attnsparse.specs import split_list
@@ -11,13 +9,13 @@ from attnsparse.specs import split_list
 
 def measure_command(
     model: str = typer.Argument("smollm2-135m", help="Embedded name, hub id, local HF directory or .gguf file."),
-    data: Optional[str] = typer.Option(  # noqa: UP045 - typer reads the annotation
+    data: str | None = typer.Option(
         None, "--data", help="Text file, hf:NAME[:CONFIG[:SPLIT]], or builtin (default)."
     ),
     ctx: int = typer.Option(1024, "--ctx", help="Tokens per window (at most the model's maximum context)."),
     windows: int = typer.Option(8, "--windows", help="Number of evenly spaced windows to measure."),
     out: str = typer.Option(..., "--out", help="Run directory for config.json, profile.json, CSV, plots, report."),
-    k: Optional[str] = typer.Option(  # noqa: UP045
+    k: str | None = typer.Option(
         None, "--k", help="Comma-separated k list for top-k mass (default 1,2,4,... up to ctx)."
     ),
     deltas: str = typer.Option("0.01,0.05,0.1", "--deltas", help="Coverage deltas: k at coverage 1-δ."),

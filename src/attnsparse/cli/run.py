@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
 
 from attnsparse.cli._common import run_or_exit
@@ -19,7 +17,7 @@ def run_command(
     measure_windows: int = typer.Option(4, help="Evenly spaced windows to measure."),
     eval_windows: int = typer.Option(4, help="Evenly spaced windows to evaluate."),
     policies: str = typer.Option("dense,topk:4,topk:8,topk:16,topk:32,topk:64", help="Policies to evaluate."),
-    steps: Optional[int] = typer.Option(None, help="Override the preset's number of training steps."),  # noqa: UP045
+    steps: int | None = typer.Option(None, help="Override the preset's number of training steps."),
     overwrite: bool = typer.Option(False, help="Start over: replace the run in --out (needed to change its settings)."),
 ) -> None:
     """The main job: measure, condense, evaluate original against condensed, one before/after HTML report."""
