@@ -12,7 +12,8 @@ import torch
 from attnsparse.attention.backend import sparse_attention
 from attnsparse.attention.policies import parse_policy
 from attnsparse.core.tiny import tiny_llama, tiny_tokenizer
-from attnsparse.decode.backend import generate, make_plan, prefill
+from attnsparse.decode.backend import make_plan
+from attnsparse.decode.generate import generate, prefill
 from attnsparse.errors import AttnsparseError
 from attnsparse.evaluate.passkey import passkey_prompt
 from attnsparse.evaluate.tasks import TASKS, Prompter, parse_tasks

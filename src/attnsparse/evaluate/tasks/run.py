@@ -22,8 +22,9 @@ from attnsparse.attention.backend import sparse_attention
 from attnsparse.attention.policies import Policy, parse_policy
 from attnsparse.core.data import check_context
 from attnsparse.core.models import ModelShape
-from attnsparse.decode.backend import cache_from_kv, decode_backend, decode_step, make_plan, prefill
+from attnsparse.decode.backend import decode_backend, make_plan
 from attnsparse.decode.eval import plan_label
+from attnsparse.decode.generate import cache_from_kv, decode_step, prefill
 from attnsparse.decode.plan import DecodePlan
 from attnsparse.errors import AttnsparseError
 from attnsparse.evaluate.tasks.base import Prompter, Sample, Task, check_depth, parse_tasks, trial_rng
