@@ -88,8 +88,8 @@ def test_resume_cleans_rotation_leftovers_and_falls_back_from_a_truncated_checkp
     notes: list[str] = []
     result = condense(config, out, resume=True, progress=False, echo=notes.append)
     assert result.resumed_from == root / "checkpoint-2" and result.steps == 6
-    assert notes == ["checkpoint-4 cannot be resumed from (model.safetensors is truncated); removed it, "
-                     "resuming from checkpoint-2"]
+    assert notes == [("checkpoint-4 cannot be resumed from (model.safetensors is truncated); removed it, "
+                      "resuming from checkpoint-2")]
     assert sorted(p.name for p in root.iterdir()) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
     assert read_run(out).finished
 

@@ -196,12 +196,13 @@ class RunDir:
 
     @contextmanager
     def guard(self, kept: Callable[[], str] | None = None) -> Iterator[None]:
-        """Turn Ctrl-C inside the block into `interrupted(...)`, leaving config.json at status running."""
+        """Turn Ctrl-C inside the block into `interrupted(...)`, leaving config.json at status running; `kept`
+        (what the directory keeps) overrides the message of a run nested inside, e.g. a pipeline's stage."""
         try:
             yield
-        except RunInterrupted:
-            raise
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as interrupt:
+            if isinstance(interrupt, RunInterrupted) and kept is None:
+                raise
             raise self.interrupted(kept() if kept is not None else None) from None
 
     def _write(self, status: str) -> Path:
