@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny models built in code, and the path to the shared WikiText-2 data."""
+"""Shared fixtures: tiny models built in code, WikiText-2 test text (or a stand-in), kernel builds, seeded inputs."""
 
 from __future__ import annotations
 
@@ -25,6 +25,25 @@ def smollm2():
     from attnsparse.core.models import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def wikitext_test(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shared WikiText-2 test split when this checkout has it, else a stand-in of the same kind (English
+    prose in WikiText's ` = Title = ` layout, from the built-in text): the tests run the same checks everywhere."""
+    if WIKITEXT_TEST.is_file():
+        return WIKITEXT_TEST
+    from attnsparse.core.data import builtin_text
+
+    paragraphs = [p.strip() for p in builtin_text("test").split("\n\n") if len(p.strip()) > 200]
+    lines = []
+    for index, paragraph in enumerate(paragraphs[:120]):
+        if index % 8 == 0:
+            lines += ["", f" = Section {index // 8 + 1} = ", ""]
+        lines.append(" " + " ".join(paragraph.split()))
+    path = tmp_path_factory.mktemp("wikitext-standin") / "test.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
 
 
 @pytest.fixture(scope="session")

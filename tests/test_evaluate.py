@@ -153,13 +153,9 @@ def test_decode_plans_score_the_decoded_tail(loaded, text_file: Path, tmp_path: 
 
 
 @pytest.mark.slow
-def test_smollm2_two_windows(smollm2, tmp_path: Path) -> None:
-    """SmolLM2 on two short wikitext windows: top-8 is worse than dense, and no worse than ×2."""
-    from tests.conftest import WIKITEXT_TEST
-
-    if not WIKITEXT_TEST.is_file():
-        pytest.skip("shared WikiText-2 data not available")
-    result = evaluate(smollm2, str(WIKITEXT_TEST), 256, "topk:8", windows=2, out=tmp_path / "run", progress=False)
+def test_smollm2_two_windows(smollm2, wikitext_test: Path, tmp_path: Path) -> None:
+    """SmolLM2 on two short wikitext windows (or the stand-in): top-8 is worse than dense, and no worse than ×2."""
+    result = evaluate(smollm2, str(wikitext_test), 256, "topk:8", windows=2, out=tmp_path / "run", progress=False)
     dense, top8 = result.rows
     assert 5 < dense.perplexity < 100
     assert 1.0 < top8.ratio_to_dense < 2.0

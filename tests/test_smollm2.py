@@ -7,7 +7,6 @@ import torch
 
 from attnsparse.attention.backend import sparse_attention
 from attnsparse.core.data import load_text, tokenize, windows
-from tests.conftest import WIKITEXT_TEST
 
 pytestmark = pytest.mark.slow
 
@@ -24,8 +23,8 @@ RELATIVE_TOL = 4 * torch.finfo(torch.float32).eps * math.sqrt(TOKENS * LAYERS)
 
 
 @pytest.fixture(scope="module")
-def token_ids(smollm2) -> torch.Tensor:
-    text = load_text(str(WIKITEXT_TEST)) if WIKITEXT_TEST.exists() else load_text(None)
+def token_ids(smollm2, wikitext_test) -> torch.Tensor:
+    text = load_text(str(wikitext_test))
     return windows(tokenize(smollm2.tokenizer, text[:20_000]), TOKENS, count=1)
 
 
