@@ -138,6 +138,7 @@ def chunked_attention(
     `attention_mask` is transformers' 4D mask: bool (True = attend) or additive float; None means causal with
     top-left alignment when Q > 1 (the SDPA convention transformers relies on) and no mask when Q == 1.
     """
+    policy = policy.for_layer(layer_idx)
     batch, heads, queries, dim = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
     if heads % kv_heads:

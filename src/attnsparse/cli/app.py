@@ -36,6 +36,7 @@ def main_options(
 
 def _register_commands() -> None:
     """Each command is a thin typer function in its own module."""
+    from attnsparse.cli.budget import budget_command
     from attnsparse.cli.condense import condense_command
     from attnsparse.cli.evaluate import evaluate_command
     from attnsparse.cli.generate import generate_command
@@ -51,6 +52,7 @@ def _register_commands() -> None:
     app.command("condense")(condense_command)
     app.command("generate")(generate_command)
     app.command("theory")(theory_command)
+    app.command("budget")(budget_command)
 
 
 _register_commands()

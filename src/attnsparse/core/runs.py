@@ -231,6 +231,15 @@ def _check_writable(out: Path) -> None:
                               "choose another --out") from None
 
 
+def check_writable_file(path: str | Path) -> Path:
+    """Refuse an output file that is a directory or whose folder cannot be written, before any work."""
+    path = Path(path)
+    if path.is_dir():
+        raise AttnsparseError(f"{path} is a directory; give a file name to write")
+    _check_writable(path.parent if str(path.parent) else Path("."))
+    return path
+
+
 def cache_root() -> Path:
     """Where converted models and compiled kernels live: $ATTNSPARSE_CACHE, else ~/.cache/attnsparse."""
     return Path(os.environ.get("ATTNSPARSE_CACHE", Path.home() / ".cache" / "attnsparse"))

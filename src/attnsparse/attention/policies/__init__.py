@@ -8,6 +8,7 @@ policy means adding its file and importing it below; parsing, error messages and
 from __future__ import annotations
 
 from attnsparse.attention.policies.base import POLICIES, Policy
+from attnsparse.attention.policies.budget import HeadBudget, HeadTopK, head_topk_keep_mask, read_budget
 from attnsparse.attention.policies.dense import Dense
 from attnsparse.attention.policies.sink_window import SinkWindow, sink_window_keep_mask
 from attnsparse.attention.policies.topk import TopK, topk_keep_mask
@@ -15,7 +16,7 @@ from attnsparse.errors import AttnsparseError
 from attnsparse.specs import split_specs
 
 __all__ = [
-    "DENSE", "POLICIES", "POLICY_HELP", "Dense", "Policy", "SinkWindow", "TopK", "parse_policies", "parse_policy",
+    "DENSE", "POLICIES", "POLICY_HELP", "Dense", "HeadBudget", "HeadTopK", "head_topk_keep_mask", "read_budget", "Policy", "SinkWindow", "TopK", "parse_policies", "parse_policy",
     "sink_window_keep_mask", "topk_keep_mask",
 ]
 

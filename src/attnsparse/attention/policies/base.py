@@ -26,6 +26,10 @@ class Policy:
         """True when the policy keeps every visible key (the backend then skips the selection)."""
         return False
 
+    def for_layer(self, layer_idx: int) -> Policy:
+        """The rule layer `layer_idx` applies (the backend asks once per call); uniform policies are themselves."""
+        return self
+
     def keep_mask(self, scores: torch.Tensor, visible: torch.Tensor, query_positions: torch.Tensor) -> torch.Tensor:
         """Bool mask (same shape as `scores`) of the keys this policy keeps; always a subset of `visible`.
 

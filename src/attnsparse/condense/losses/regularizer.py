@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from attnsparse.attention.policies.budget import HeadBudget
 from attnsparse.condense.losses.base import LOSSES, CondensationLoss
 from attnsparse.condense.losses.rows import RowLoss, check_k
 from attnsparse.condense.losses.tail import topk_tail_mass
@@ -30,6 +31,7 @@ class CondensationRegularizer:
         self.layers: frozenset[int] | None = None if layers is None else frozenset(int(i) for i in layers)
         check_k(diag_k)
         self.diag_k = diag_k
+        self.budget: HeadBudget | None = None  # per-head k (a loss with `per_head`, e.g. tail) when set
         self.reset()
 
     def reset(self) -> None:
@@ -45,7 +47,11 @@ class CondensationRegularizer:
         if self.layers is not None and chunk.layer_idx not in self.layers:
             return
         probs, visible = chunk.probs, chunk.visible
-        rows = self.loss(probs, visible)
+        per_head = getattr(self.loss, "per_head", None)
+        if self.budget is not None and per_head is not None:
+            rows = per_head(probs, visible, self.budget.ks[chunk.layer_idx])
+        else:
+            rows = self.loss(probs, visible)
         self._device = probs.device
         self._sum = _add(self._sum, rows.total())
         self._count = _add(self._count, rows.count())

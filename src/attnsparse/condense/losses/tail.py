@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 from attnsparse.condense.losses.base import LOSSES, CondensationLoss
@@ -33,11 +34,33 @@ class Tail(CondensationLoss):
     def __call__(self, probs: Tensor, visible: Tensor) -> RowLoss:
         return topk_tail_mass(probs, visible, self.k)
 
+    def per_head(self, probs: Tensor, visible: Tensor, ks: tuple[int, ...]) -> RowLoss:
+        """The tail under a head budget: head h's rows are measured at its own k_h."""
+        return head_topk_tail_mass(probs, visible, ks)
+
     def with_budget(self, k: int) -> Tail:
         return replace(self, k=k)
 
     def diagnostic_k(self, default: int) -> int | None:
         return None
+
+
+def head_topk_tail_mass(probs: Tensor, visible: Tensor, ks: tuple[int, ...]) -> RowLoss:
+    """`topk_tail_mass` with one k per head: probs (B, H, Q, K), ks of length H (a head budget's layer row).
+
+    Equals `topk_tail_mass` head by head; rows with n_i <= k_h and padding do not take part.
+    """
+    heads, width = probs.shape[1], probs.shape[-1]
+    if len(ks) != heads:
+        raise ValueError(f"{len(ks)} head budgets for {heads} heads")
+    visible = broadcast_visible(probs, visible)
+    need = torch.tensor(ks, device=probs.device).view(1, heads, 1)
+    mask = row_lengths(visible) > need
+    top = min(max(ks), width)
+    picked = probs.masked_fill(~visible, -1.0).topk(top, dim=-1).values.cumsum(-1)
+    index = (need.clamp(max=top) - 1).unsqueeze(-1).expand(*picked.shape[:-1], 1)
+    tail = 1.0 - picked.gather(-1, index).squeeze(-1)
+    return RowLoss(zero_where_absent(tail, mask), mask)
 
 
 def topk_tail_mass(probs: Tensor, visible: Tensor, k: int) -> RowLoss:
