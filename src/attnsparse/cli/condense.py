@@ -45,6 +45,12 @@ def condense_command(
         None, "--sparse-aware/--dense-forward", help="Forward with top-k attention (the loss stays on dense rows)."
     ),
     trainable: str | None = typer.Option(None, "--trainable", help="all, attn, qk (default) or lora."),
+    budget: str | None = typer.Option(
+        None, "--budget", help="Head-budget file (attnsparse budget): per-head k, rescaled to --k's schedule."
+    ),
+    synthetic: float | None = typer.Option(
+        None, "--synthetic", help="Share of the training text made of synthetic retrieval/copy documents."
+    ),
     lora_rank: int | None = typer.Option(None, "--lora-rank", help="LoRA rank."),
     lora_targets: str | None = typer.Option(None, "--lora-targets", help="LoRA on qk or attn projections."),
     steps: int | None = typer.Option(None, "--steps", help="Optimizer steps."),
@@ -73,6 +79,7 @@ def condense_command(
             "lambda_ramp_steps": lambda_ramp_steps, "k_start": k_start, "k_anneal_steps": k_anneal_steps,
             "k_schedule": k_schedule, "layers": _layers(layers), "margin": margin, "lambda_rate": lambda_rate, "distill": distill,
             "distill_weight": distill_weight, "temperature": temperature, "sparse_aware": sparse_aware, "trainable": trainable,
+            "budget": budget, "synthetic": synthetic,
             "lora_rank": lora_rank, "lora_targets": lora_targets, "steps": steps, "batch_size": batch_size, "grad_accum": grad_accum,
             "seq_len": seq_len, "lr": lr, "lr_scheduler": lr_scheduler, "warmup_steps": warmup_steps, "seed": seed,
             "save_steps": save_steps, "save_total_limit": save_total_limit, "query_chunk": query_chunk, "fsdp": fsdp,

@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from attnsparse.attention.policies.budget import read_budget
 from attnsparse.condense.losses import parse_loss
 from attnsparse.condense.schedules import K_SCHEDULES, LAMBDA_SCHEDULES
 from attnsparse.condense.trainable import TRAINABLE_SETS
@@ -47,6 +48,9 @@ class CondenseConfig:
     distill: str = "none"
     distill_weight: float = 1.0
     temperature: float = 1.0
+    # per-head budgets and the training mixture
+    budget: str | None = None  # head-budget file (attnsparse budget); its allocation is rescaled to the current k
+    synthetic: float = 0.0  # share of the training text made of synthetic retrieval/copy documents (mixture.py)
     # forward policy and trainable set
     sparse_aware: bool = False
     trainable: str = "qk"
@@ -115,6 +119,12 @@ class CondenseConfig:
                 raise AttnsparseError("constrained mode (--margin) needs an initial --lambda > 0")
             if self.lambda_schedule != "constant":
                 raise AttnsparseError("constrained mode adapts λ itself; leave --lambda-schedule constant")
+        if not 0.0 <= self.synthetic < 1.0:
+            raise AttnsparseError(f"--synthetic {self.synthetic} must be a share in [0, 1)")
+        if self.budget is not None:
+            if not hasattr(parse_loss(self.loss), "per_head"):
+                raise AttnsparseError(f"--budget needs a loss with per-head k (tail), not '{self.loss}'")
+            read_budget(self.budget)
         if self.layers is not None and (not self.layers or min(self.layers) < 0):
             raise AttnsparseError(f"--layers must be non-negative layer indices, got {self.layers}")
 

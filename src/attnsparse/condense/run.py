@@ -31,6 +31,7 @@ from attnsparse.condense.checkpoints import checkpoints, clean, load_state, prob
 from attnsparse.condense.config import CondenseConfig
 from attnsparse.condense.distill import lm_loss
 from attnsparse.condense.losses import CondensationRegularizer
+from attnsparse.condense.mixture import mix_synthetic
 from attnsparse.condense.plots import plot_curves, read_log
 from attnsparse.condense.schedules import ConstrainedLambda
 from attnsparse.condense.trainable import add_lora, merged, set_trainable
@@ -210,7 +211,8 @@ def condense(
     net, tokenizer = loaded.model, loaded.tokenizer
     shape = ModelShape.of(net)
     check_context(config.seq_len, shape.need("max_context"), option="--seq-len")
-    token_windows = windows(tokenize(tokenizer, load_text(config.data)), config.seq_len, option="--seq-len")
+    text = mix_synthetic(load_text(config.data), config.synthetic, config.seed)
+    token_windows = windows(tokenize(tokenizer, text), config.seq_len, option="--seq-len")
     layers = None if config.layers is None else set(config.layers)
     if layers is not None and max(layers) >= shape.need("layers"):
         raise AttnsparseError(f"--layers {sorted(layers)}: the model has {shape.layers} layers (0-based)")

@@ -23,7 +23,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from attnsparse.attention.backend import BackendState
-from attnsparse.attention.policies import DENSE, TopK
+from attnsparse.attention.policies import DENSE, HeadBudget, TopK, read_budget
 from attnsparse.condense.checkpoints import CHECKPOINT_PREFIX, STATE_FILE, checkpoints, rotate
 from attnsparse.condense.config import CondenseConfig
 from attnsparse.condense.distill import distillation_kl, lm_loss
@@ -94,6 +94,8 @@ class CondenseTrainer(Trainer):
         self._grad_norm: float | None = None
         self._staging_root: Path | None = None
         self._losses: dict[int, CondensationLoss] = {}
+        self._budget: HeadBudget | None = None
+        self._budgets: dict[int, HeadBudget] = {}
         self._started = time.perf_counter()
 
     # ---- schedules ------------------------------------------------------------------------------
@@ -113,6 +115,16 @@ class CondenseTrainer(Trainer):
             self._losses[k] = parse_loss(self.condense.loss_spec(k))
         return self._losses[k]
 
+    def _budget_at(self, k: int) -> HeadBudget | None:
+        """The head budget rescaled to mean k (None without --budget); the loss and the sparse forward follow it."""
+        if self.condense.budget is None:
+            return None
+        if self._budget is None:
+            self._budget = read_budget(self.condense.budget)
+        if k not in self._budgets:
+            self._budgets[k] = self._budget.scaled(k)
+        return self._budgets[k]
+
     # ---- the loss -------------------------------------------------------------------------------
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
@@ -121,7 +133,10 @@ class CondenseTrainer(Trainer):
         c = self.condense
         k, lam = self.current_k(), self.current_lambda()
         self.regularizer.loss = self._loss_at(k)
-        self.backend_state.policy = TopK(k) if c.sparse_aware else DENSE
+        budget = self._budget_at(k)
+        self.regularizer.budget = budget
+        sparse = budget if budget is not None else TopK(k)
+        self.backend_state.policy = sparse if c.sparse_aware else DENSE
         self.regularizer.reset()
         ids, mask = inputs["input_ids"], inputs.get("attention_mask")
         outputs = model(input_ids=ids, attention_mask=mask, use_cache=False)

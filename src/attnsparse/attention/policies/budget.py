@@ -86,7 +86,7 @@ class HeadBudget(Policy):
         """The same allocation with every k_h multiplied so the mean is about `mean_k` (k annealing in training)."""
         factor = mean_k / self.mean_k
         ks = tuple(tuple(max(1, math.ceil(k * factor - 1e-9)) for k in row) for row in self.ks)
-        return HeadBudget(ks, self.path)
+        return HeadBudget(ks)  # no longer the file's allocation, so no path in its spec
 
     def to_json(self, notes: dict[str, Any] | None = None) -> dict[str, Any]:
         return {"format": BUDGET_FORMAT, "layers": self.layers, "heads": self.heads, "mean_k": self.mean_k,

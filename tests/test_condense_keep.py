@@ -1,0 +1,89 @@
+"""Condensation that keeps the model: per-head budgets in training, and the synthetic retrieval/copy mixture."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from attnsparse.attention.policies import HeadBudget
+from attnsparse.condense import CondenseConfig, condense
+from attnsparse.condense.mixture import ATTRIBUTES, mix_synthetic
+from attnsparse.condense.trainer import CondenseTrainer
+from attnsparse.core.data import builtin_text
+from attnsparse.errors import AttnsparseError
+
+PROSE = builtin_text()
+
+
+def test_training_follows_the_head_budget(tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    budget_file = tmp_path / "budget.json"
+    budget = HeadBudget(((1, 2, 3, 10), (4, 4, 4, 4)))
+    budget_file.write_text(json.dumps(budget.to_json()))
+    text = tmp_path / "train.txt"
+    text.write_text(PROSE[:20000])
+    config = CondenseConfig(model=str(tiny_dir), data=str(text), k=4, k_start=8, k_anneal_steps=2, steps=3,
+                            batch_size=1, seq_len=48, lr=1e-3, lam=1.0, sparse_aware=True, budget=str(budget_file),
+                            save_steps=3, warmup_steps=0, lr_scheduler="constant")
+    seen: list[tuple[object, object]] = []
+    original = CondenseTrainer.compute_loss
+
+    def spy(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        seen.append((self.backend_state.policy, self.regularizer.budget))
+        return out
+
+    monkeypatch.setattr(CondenseTrainer, "compute_loss", spy)
+    result = condense(config, tmp_path / "run", progress=False)
+    assert result.steps == 3
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [row["k"] for row in log][-1] == 4
+    ks = [row["k"] for row in log]
+    assert len(seen) == 3
+    for (policy, used), k in zip(seen, ks):
+        assert policy == used and policy.ks == budget.scaled(k).ks  # the sparse forward and the loss: one allocation
+    assert seen[0][0].ks == ((2, 4, 6, 20), (8, 8, 8, 8))  # the allocation's shape at k_start = 8
+
+
+def test_budget_needs_a_per_head_loss_and_a_readable_file(tmp_path: Path) -> None:
+    with pytest.raises(AttnsparseError, match="does not exist"):
+        CondenseConfig(budget=str(tmp_path / "none.json")).validate()
+    budget_file = tmp_path / "b.json"
+    budget_file.write_text(json.dumps(HeadBudget(((2, 2),)).to_json()))
+    with pytest.raises(AttnsparseError, match="per-head"):
+        CondenseConfig(budget=str(budget_file), loss="entropy").validate()
+    with pytest.raises(AttnsparseError, match="--synthetic"):
+        CondenseConfig(synthetic=1.0).validate()
+
+
+@pytest.mark.parametrize("share", [0.1, 0.25, 0.5])
+def test_mixture_share_and_answers(share: float) -> None:
+    mixed = mix_synthetic(PROSE, share, seed=3)
+    assert mixed != PROSE and mixed.startswith(PROSE.split("\n")[0])
+    natural = set(PROSE.split("\n"))
+    added = [line for line in mixed.split("\n") if line not in natural]
+    assert abs(sum(len(line) + 1 for line in added) / len(mixed) - share) < 0.02
+    questions = [line for line in added if line.startswith("Question: what is ")]
+    assert questions
+    for doc_end in questions:  # the asked fact and its answer are stated in the document before the question
+        fact, answer = doc_end.removeprefix("Question: what is ").split("? Answer: ")
+        value = answer.removeprefix(fact + " is ").rstrip(".")
+        assert f"Note that {fact} is {value}." in mixed
+    assert mix_synthetic(PROSE, share, seed=3) == mixed and mix_synthetic(PROSE, share, seed=4) != mixed
+    assert mix_synthetic(PROSE, 0.0) == PROSE
+
+
+def test_mixture_templates_differ_from_every_evaluation_task() -> None:
+    from attnsparse.evaluate import passkey
+
+    prompts = " ".join(str(getattr(passkey, name)) for name in ("INTRO", "FILLER", "NEEDLE", "QUESTION"))
+    try:
+        from attnsparse.evaluate.tasks import templates
+    except ImportError:
+        templates = None
+    if templates is not None:
+        prompts += " ".join(templates())
+    for attribute in ATTRIBUTES:
+        assert attribute.split(" {")[0].removeprefix("the ") not in prompts.lower()
+    assert "Question: what is" not in prompts and "The list again" not in prompts
