@@ -272,3 +272,62 @@ def test_retrieval_score_counts_only_needle_tokens():
     assert float(sample_retrieval_scores(model, kv, outside).sum()) == 0.0  # copies happen outside this "needle"
     half = Sample("copy", ids.numel(), 0.5, 0, ids, ("x",), (Needle("x", ((3, 8),)),), 3)
     assert float(sample_retrieval_scores(model, kv, half)[1, 1]) == pytest.approx(3 / 5)  # 3 of 5 tokens copied
+
+
+# --- the evaluate command ---
+
+
+@pytest.fixture(scope="module")
+def long_tiny_dir(tmp_path_factory):
+    from attnsparse.core.tiny import save_tiny
+
+    return save_tiny(str(tmp_path_factory.mktemp("tiny") / "model"), tiny_llama(max_positions=2048))
+
+
+def evaluate_cli(args: list[str]):
+    import typer
+    from typer.testing import CliRunner
+
+    from attnsparse.cli.evaluate import evaluate_command
+
+    app = typer.Typer()
+    app.command("evaluate")(evaluate_command)
+    app.callback()(lambda: None)
+    return CliRunner().invoke(app, ["evaluate", *args])
+
+
+def test_evaluate_command_runs_tasks_into_the_run_directory(long_tiny_dir, tmp_path):
+    import json
+
+    out = tmp_path / "run"
+    result = evaluate_cli([long_tiny_dir, "--tasks", "passkey,common-words", "--lengths", "1200", "--depths", "0.5",
+                           "--trials", "2", "--policies", "dense,topk:4", "--plans", "block:8:0.25", "--out", str(out),
+                           "--no-progress"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "results.json").read_text())
+    assert data["rows"] == []  # no --data: tasks only
+    assert {(r["task"], r["policy"]) for r in data["tasks"]} == {
+        (t, p) for t in ("passkey", "common-words") for p in ("dense", "topk:4", "plan:block:8:0.25")}
+    assert set(data["tasks"][0]) == {"task", "length", "depth", "policy", "trials", "correct", "accuracy"}
+    assert len(data["retrieval"]["per_head"]) == 2 * 4
+    config = json.loads((out / "config.json").read_text())["config"]
+    assert config["tasks"]["prompt_form"] == "raw" and config["tasks"]["trials"] == 2
+    names = {p.name for p in out.iterdir()}
+    assert {"tasks_dense.png", "tasks_topk_4.png", "tasks_plan_block_8_0.25.png", "retrieval_heads.png",
+            "report.html", "tasks_trials.jsonl"} <= names and "results.csv" not in names
+    assert len((out / "tasks_trials.jsonl").read_text().splitlines()) == (2 + 2) * 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tasks", "passkey,niah"], "unknown task 'niah'"),
+    (["--tasks", "passkey", "--lengths", "4096"], "exceeds the model's maximum"),
+    (["--tasks", "passkey", "--depths", "0.5,1.5"], "depth 1.5 must be in [0, 1]"),
+    (["--tasks", "passkey", "--lengths", "1200", "--chat-template"], "no chat template"),
+    (["--quick", "--trials", "0"], "trials 0 must be >= 1"),
+    (["--lengths", "1024"], "add --tasks or --quick"),
+])
+def test_evaluate_command_bad_task_options_are_one_line_before_any_write(long_tiny_dir, tmp_path, args, message):
+    out = tmp_path / "run"
+    result = evaluate_cli([long_tiny_dir, *args, "--out", str(out), "--no-progress"])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert not out.exists() or not any(out.iterdir())

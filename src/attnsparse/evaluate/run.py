@@ -9,6 +9,7 @@ Perplexity itself comes from `attnsparse.evaluate.perplexity`; this module only 
 from __future__ import annotations
 
 import csv
+import html
 import io
 import math
 import time
@@ -18,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from attnsparse.attention.policies import DENSE, Policy, parse_policies, parse_policy
@@ -29,6 +31,7 @@ from attnsparse.decode.eval import decode_perplexity, plan_label
 from attnsparse.decode.plan import DecodePlan
 from attnsparse.errors import AttnsparseError
 from attnsparse.evaluate.perplexity import PerplexityResult, perplexity
+from attnsparse.evaluate.tasks.run import TaskOptions, TaskResult, prepare_tasks, run_grid, write_trials
 
 KIND = "evaluate"
 Protocol = int | None  # None = whole text (non-overlapping windows), M = M evenly spaced windows
@@ -66,6 +69,7 @@ class EvaluationResult:
     ctx: int
     rows: list[EvaluationRow] = field(default_factory=list)
     out: Path | None = None
+    tasks: TaskResult | None = None  # the long-context task rows, when tasks were run
 
     def row(self, policy: str, protocol: str | None = None) -> EvaluationRow:
         """The row of `policy` (spec) under `protocol` (default: the first protocol evaluated)."""
@@ -77,7 +81,8 @@ class EvaluationResult:
         raise KeyError(f"no result for {spec} under {protocol}")
 
     def to_json(self) -> dict[str, Any]:
-        return {"model": self.model, "data": self.data, "ctx": self.ctx, "rows": [asdict(r) for r in self.rows]}
+        out = {"model": self.model, "data": self.data, "ctx": self.ctx, "rows": [asdict(r) for r in self.rows]}
+        return out | (self.tasks.to_json() if self.tasks is not None else {})
 
     def table(self) -> str:
         """A fixed-width summary table for the terminal."""
@@ -88,6 +93,8 @@ class EvaluationResult:
             lines.append(
                 f"{r.protocol:<12} {r.policy:<22} {r.density:>8.4f} {r.perplexity:>10.3f} {ratio:>8} {r.tokens:>9}"
             )
+        if self.tasks is not None:
+            lines = (lines if self.rows else []) + ["task accuracy over every length and depth:", self.tasks.table()]
         return "\n".join(lines)
 
 
@@ -158,6 +165,8 @@ def evaluate(
     query_chunk: int | None = None,
     plans: Sequence[str | Path | DecodePlan] = (),
     decode_tokens: int = 64,
+    tasks: TaskOptions | None = None,
+    ppl: bool = True,
     overwrite: bool = False,
     progress: bool = True,
 ) -> EvaluationResult:
@@ -168,7 +177,8 @@ def evaluate(
     a run directory (attnsparse.core.runs.RunDir: a finished evaluate run in it is replaced only with `overwrite`).
     Decode `plans` (JSON files or specs such as block:16:0.0625) add rows scored by decoding the last
     `decode_tokens` of each window from a dense prefill (`attnsparse.decode.eval`), with a dense decode row
-    (plan:dense) as their reference.
+    (plan:dense) as their reference. `tasks` also runs the long-context task suite (`attnsparse.evaluate.tasks`)
+    under dense, the same policies and the same plans; `ppl=False` skips perplexity (tasks only).
     """
     if batch_size < 1:
         raise AttnsparseError(f"batch size {batch_size} must be >= 1")
@@ -177,22 +187,34 @@ def evaluate(
     plan = _policies(policies)
     protocols = _protocols(windows)
     run = RunDir(out, KIND).check(overwrite) if out is not None else None  # read-only, before the slow load
+    if not ppl and tasks is None:
+        raise AttnsparseError("nothing to evaluate: give text for perplexity or tasks (--tasks)")
+    if tasks is not None:
+        tasks.check()
     model, tok, name = _resolve_model(model_or_spec, tokenizer)
-    check_context(ctx, ModelShape.of(model).need("max_context"))
-    ids = tokenize(tok, load_text(text_spec))
-    batches_of = {protocol: make_windows(ids, ctx, count=protocol) for protocol in protocols}  # all checked first
+    grid = None if tasks is None else prepare_tasks(
+        model, tok, tasks.tasks, tasks.lengths, tasks.depths, tasks.trials, policies=plan, plans=plans,
+        haystack=tasks.haystack, chat_template=tasks.chat_template, retrieval=tasks.retrieval, seed=tasks.seed)
+    if ppl:
+        check_context(ctx, ModelShape.of(model).need("max_context"))
+        ids = tokenize(tok, load_text(text_spec))
+        batches_of = {protocol: make_windows(ids, ctx, count=protocol) for protocol in protocols}  # all checked first
+    else:
+        ids, protocols = torch.zeros(0), []
     config = {
         "model": name, "data": text_spec or "builtin", "ctx": ctx, "policies": [p.spec for p in plan],
         "protocols": [protocol_name(p) for p in protocols], "batch_size": batch_size, "query_chunk": query_chunk,
         "plans": [plan_label(p) for p in plans], "decode_tokens": decode_tokens if plans else None,
         "text_tokens": int(ids.numel()), "dtype": str(next(model.parameters()).dtype),
-    }
+    } | ({"tasks": grid.config} if grid is not None else {})
     result = EvaluationResult(model=name, data=text_spec or "builtin", ctx=ctx,
                               out=run.start(config) if run is not None else None)
     with run.guard(lambda: _kept(run.path, result)) if run is not None else nullcontext():
         for protocol in protocols:
             _evaluate_protocol(result, model, batches_of[protocol], protocol_name(protocol), plan, plans,
                                decode_tokens, batch_size, query_chunk, progress)
+        if grid is not None:
+            result.tasks = run_grid(model, tok, grid, progress)
         if run is not None:
             write_outputs(result, run.path)
             run.finish()
@@ -241,16 +263,38 @@ def _kept(out: Path, result: EvaluationResult) -> str:
 
 def write_outputs(result: EvaluationResult, out: Path) -> None:
     """results.json, results.csv and ppl_vs_density.png (config.json is the RunDir's: written first, finished
-    last)."""
+    last); with tasks also their heatmaps, every answer (tasks_trials.jsonl) and report.html."""
     atomic_write_json(out / "results.json", result.to_json())
-    buffer = io.StringIO()
-    fields = list(EvaluationRow.__dataclass_fields__)
-    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    for row in result.rows:
-        writer.writerow(asdict(row))
-    atomic_write_text(out / "results.csv", buffer.getvalue())
-    plot_ppl_vs_density(result, out / "ppl_vs_density.png")
+    if result.rows:
+        buffer = io.StringIO()
+        fields = list(EvaluationRow.__dataclass_fields__)
+        writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        for row in result.rows:
+            writer.writerow(asdict(row))
+        atomic_write_text(out / "results.csv", buffer.getvalue())
+        plot_ppl_vs_density(result, out / "ppl_vs_density.png")
+    if result.tasks is not None:
+        write_task_outputs(result, out)
+
+
+def write_task_outputs(result: EvaluationResult, out: Path) -> None:
+    """tasks_<policy>.png, retrieval_heads.png, tasks_trials.jsonl and report.html (tasks, then perplexity)."""
+    from attnsparse.core.report import Section, table_html, write_html_report
+    from attnsparse.evaluate.tasks.plots import tasks_section, write_task_figures
+
+    if result.tasks is None:
+        return
+    sections = [tasks_section(result.tasks, write_task_figures(result.tasks, out))]
+    write_trials(result.tasks, out / "tasks_trials.jsonl")
+    if result.rows:
+        header = ["protocol", "policy", "density", "perplexity", "x dense", "tokens"]
+        rows = [[r.protocol, r.policy, r.density, r.perplexity, "" if r.ratio_to_dense is None else r.ratio_to_dense,
+                 r.tokens] for r in result.rows]
+        body = f"<p>{html.escape(result.data)}, windows of {result.ctx} tokens.</p>" + table_html(header, rows)
+        figure = (out / "ppl_vs_density.png", "perplexity against density")
+        sections.append(Section("Perplexity", body, figures=[figure]))
+    write_html_report(out / "report.html", f"evaluate {Path(result.model).name or result.model}", sections)
 
 
 def plot_ppl_vs_density(result: EvaluationResult, path: Path) -> Path:

@@ -30,7 +30,40 @@ from attnsparse.errors import AttnsparseError
 from attnsparse.evaluate.tasks.base import Prompter, Sample, Task, check_depth, parse_tasks, trial_rng
 from attnsparse.evaluate.tasks.retrieval import RetrievalScores, sample_retrieval_scores
 
-QUICK = {"lengths": [1024, 4096], "depths": [0.1, 0.5, 0.9], "trials": 3}  # the --quick preset
+ALL_TASKS = "passkey,niah-multikey,niah-multivalue,variable-tracking,common-words"
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    """The model-independent settings of a task run (what `attnsparse evaluate --tasks ...` asks for)."""
+
+    tasks: str | Sequence[str] = ALL_TASKS
+    lengths: Sequence[int] = (1024, 2048, 4096, 8192)
+    depths: Sequence[float] = (0.1, 0.5, 0.9)
+    trials: int = 20
+    haystack: str | None = None
+    chat_template: bool = False
+    retrieval: bool = True
+    seed: int = 0
+
+    def check(self) -> None:
+        """Refuse bad tasks, lengths, depths or trials before a model is even loaded (the rest: prepare_tasks)."""
+        parse_tasks(self.tasks)
+        _check_grid(self.lengths, self.depths, self.trials)
+
+
+def _check_grid(lengths: Sequence[int], depths: Sequence[float], trials: int) -> list[float]:
+    if trials < 1:
+        raise AttnsparseError(f"trials {trials} must be >= 1")
+    if not lengths or not depths:
+        raise AttnsparseError("give at least one task length and one depth")
+    for length in lengths:
+        if length < 1:
+            raise AttnsparseError(f"task length {length} must be >= 1 token")
+    return [check_depth(d) for d in depths]
+
+
+QUICK = {"lengths": (1024, 4096), "trials": 3}  # the --quick preset: every task, 1K and 4K, 3 trials per cell
 
 
 @dataclass
@@ -142,6 +175,89 @@ def _policies(policies: str | Sequence[str | Policy]) -> list[Policy]:
     return list({p.spec: p for p in parsed if not p.is_dense}.values())
 
 
+@dataclass
+class TaskGrid:
+    """A checked task run: parsed tasks, its cells, the resolved plans and policies, every prompt buildable."""
+
+    tasks: list[Task]
+    cells: list[tuple[Task, int, float | None, int]]  # (task, length, depth or None, trial)
+    prompter: Prompter
+    plans: dict[str, DecodePlan]  # label -> plan, "dense" first
+    policies: list[Policy]  # attention policies other than dense
+    retrieval: bool
+    seed: int
+    config: dict[str, Any]
+
+    def sample(self, task: Task, length: int, depth: float | None, trial: int) -> Sample:
+        return task.sample(self.prompter, length, depth, trial, trial_rng(self.seed, task.spec, length, depth, trial))
+
+
+def prepare_tasks(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: str | Sequence[str | Task],
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    trials: int = 20,
+    *,
+    policies: str | Sequence[str | Policy] = ("dense",),
+    plans: Sequence[str | Path | DecodePlan] = (),
+    haystack: str | None = None,
+    chat_template: bool = False,
+    retrieval: bool = True,
+    seed: int = 0,
+) -> TaskGrid:
+    """Check every argument and build every prompt once (then dropped), so a bad input fails before any forward."""
+    parsed = parse_tasks(tasks) if isinstance(tasks, str) else [
+        t for item in tasks for t in (parse_tasks([item]) if isinstance(item, str) else [item])]
+    depths = _check_grid(lengths, depths, trials)
+    shape = ModelShape.of(model)
+    for length in lengths:
+        check_context(length, shape.need("max_context"), "--lengths")
+    sparse = _policies(policies)
+    resolved = {"dense": make_plan(model, "dense")}
+    for plan in plans:
+        resolved.setdefault(plan_label(plan), make_plan(model, plan))
+    prompter = Prompter(tokenizer, chat=chat_template, haystack=haystack)
+    measure = retrieval and any(t.retrieval for t in parsed)
+    cells = [(task, length, depth if task.uses_depth else None, trial)
+             for task in parsed for length in lengths for depth in (depths if task.uses_depth else depths[:1])
+             for trial in range(trials)]
+    grid = TaskGrid(parsed, cells, prompter, resolved, sparse, measure, seed, {
+        "tasks": [t.spec for t in parsed], "lengths": list(lengths), "depths": depths, "trials": trials,
+        "policies": ["dense", *(p.spec for p in sparse)], "plans": [label for label in resolved if label != "dense"],
+        "haystack": haystack or "builtin", "prompt_form": prompter.form, "seed": seed, "retrieval": measure,
+    })
+    for cell in cells:
+        grid.sample(*cell)
+    return grid
+
+
+def run_grid(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, grid: TaskGrid,
+             progress: bool = True) -> TaskResult:
+    """Answer every cell of a prepared grid under dense, each policy and each plan; rows in cell order."""
+    eos = tokenizer.eos_token_id
+    shape = ModelShape.of(model)
+    scores = RetrievalScores(shape.need("layers"), shape.need("heads")) if grid.retrieval else None
+    result = TaskResult(retrieval=scores, config=dict(grid.config))
+    tally: dict[tuple[str, int, float | None, str], list[int]] = {}
+    for task, length, depth, trial in tqdm(grid.cells, desc="tasks", disable=not progress):
+        sample = grid.sample(task, length, depth, trial)
+        answers, kv = answer_all(model, sample, grid.plans, grid.policies, eos)
+        for label, (tokens, _) in answers.items():
+            text = str(tokenizer.decode(tokens, skip_special_tokens=True))
+            correct = task.correct(text, sample.answers)
+            result.trials.append(TaskTrial(task.spec, length, depth, trial, label, list(sample.answers), text, correct))
+            counts = tally.setdefault((task.spec, length, depth, label), [0, 0])
+            counts[0] += int(correct)
+            counts[1] += 1
+        if scores is not None and task.retrieval and sample.needles:
+            scores.add(task.spec, sample_retrieval_scores(model, kv, sample, eos))
+    result.rows = [TaskRow(t, length, depth, label, total, correct, correct / total)
+                   for (t, length, depth, label), (correct, total) in tally.items()]
+    return result
+
+
 def run_tasks(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -160,58 +276,13 @@ def run_tasks(
 ) -> TaskResult:
     """Accuracy rows {task, length, depth, policy, trials, correct, accuracy} for dense, each policy and each plan.
 
-    Every argument is checked before the first prefill. `retrieval` also measures per-head retrieval scores on
-    the retrieval tasks (dense, from the same prefill). Tasks without a needle depth run once per length.
+    Every argument is checked before the first prefill (`prepare_tasks`). `retrieval` also measures per-head
+    retrieval scores on the retrieval tasks (dense, from the same prefill). Tasks without a needle depth run once
+    per length.
     """
-    parsed = parse_tasks(tasks) if isinstance(tasks, str) else [
-        t for item in tasks for t in (parse_tasks([item]) if isinstance(item, str) else [item])]
-    if trials < 1:
-        raise AttnsparseError(f"trials {trials} must be >= 1")
-    if not lengths or not depths:
-        raise AttnsparseError("give at least one length and one depth")
-    shape = ModelShape.of(model)
-    for length in lengths:
-        if length < 1:
-            raise AttnsparseError(f"task length {length} must be >= 1 token")
-        check_context(length, shape.need("max_context"), "--lengths")
-    depths = [check_depth(d) for d in depths]
-    sparse = _policies(policies)
-    resolved = {"dense": make_plan(model, "dense")}
-    for plan in plans:
-        resolved.setdefault(plan_label(plan), make_plan(model, plan))
-    prompter = Prompter(tokenizer, chat=chat_template, haystack=haystack)
-    eos = tokenizer.eos_token_id
-    layers, heads = shape.need("layers"), shape.need("heads")
-    scores = RetrievalScores(layers, heads) if retrieval and any(t.retrieval for t in parsed) else None
-    cells = [(task, length, depth if task.uses_depth else None, trial)
-             for task in parsed for length in lengths for depth in (depths if task.uses_depth else depths[:1])
-             for trial in range(trials)]
-    result = TaskResult(retrieval=scores, config={
-        "tasks": [t.spec for t in parsed], "lengths": list(lengths), "depths": depths, "trials": trials,
-        "policies": ["dense", *(p.spec for p in sparse)], "plans": [label for label in resolved if label != "dense"],
-        "haystack": haystack or "builtin", "prompt_form": prompter.form, "seed": seed, "retrieval": scores is not None,
-    })
-    def make(task: Task, length: int, depth: float | None, trial: int) -> Sample:
-        return task.sample(prompter, length, depth, trial, trial_rng(seed, task.spec, length, depth, trial))
-
-    for cell in cells:  # every prompt is built once before any model work, so a bad length fails at once
-        make(*cell)
-    tally: dict[tuple[str, int, float | None, str], list[int]] = {}
-    for task, length, depth, trial in tqdm(cells, desc="tasks", disable=not progress):
-        sample = make(task, length, depth, trial)
-        answers, kv = answer_all(model, sample, resolved, sparse, eos)
-        for label, (tokens, _) in answers.items():
-            text = str(tokenizer.decode(tokens, skip_special_tokens=True))
-            correct = task.correct(text, sample.answers)
-            result.trials.append(TaskTrial(task.spec, length, depth, trial, label, list(sample.answers), text, correct))
-            tally.setdefault((task.spec, length, depth, label), [0, 0])
-            tally[(task.spec, length, depth, label)][0] += int(correct)
-            tally[(task.spec, length, depth, label)][1] += 1
-        if scores is not None and task.retrieval and sample.needles:
-            scores.add(task.spec, sample_retrieval_scores(model, kv, sample, eos))
-    result.rows = [TaskRow(t, length, depth, label, total, correct, correct / total)
-                   for (t, length, depth, label), (correct, total) in tally.items()]
-    return result
+    grid = prepare_tasks(model, tokenizer, tasks, lengths, depths, trials, policies=policies, plans=plans,
+                         haystack=haystack, chat_template=chat_template, retrieval=retrieval, seed=seed)
+    return run_grid(model, tokenizer, grid, progress)
 
 
 def write_trials(result: TaskResult, path: str | Path) -> Path:
