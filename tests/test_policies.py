@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -8,6 +10,7 @@ from attnsparse.attention.policies import (
     POLICIES,
     POLICY_HELP,
     Dense,
+    HeadBudget,
     Policy,
     SinkWindow,
     TopK,
@@ -78,9 +81,11 @@ def test_every_policy_round_trips_through_its_spec(policy):
     assert parse_policy(policy) is policy
 
 
-def test_registry_names_every_policy_and_its_usage():
-    assert sorted(POLICIES.names()) == ["dense", "sink+window", "topk"]
-    examples = {"dense": "dense", "topk": "topk:3", "sink+window": "sink+window:1:2"}
+def test_registry_names_every_policy_and_its_usage(tmp_path):
+    assert sorted(POLICIES.names()) == ["budget", "dense", "sink+window", "topk"]
+    budget = tmp_path / "budget.json"
+    budget.write_text(json.dumps(HeadBudget(((2, 3),)).to_json()))
+    examples = {"dense": "dense", "topk": "topk:3", "sink+window": "sink+window:1:2", "budget": f"budget:{budget}"}
     assert sorted(examples) == sorted(POLICIES.names())  # a new policy needs an example here
     for name, spec in examples.items():
         policy = parse_policy(spec)
