@@ -4,7 +4,7 @@ A spec is `name` followed by `:`-separated fields; a field is positional (`topk:
 or a keyword (`tail:k=16`, `adaptive:alpha=2,C=0.5` — keywords may also be separated by `,`). Each method is a
 frozen dataclass registered by name in its role's `Registry` (attention policies, decode policies, block scorers,
 losses); the registry parses a spec into an instance, renders it back (`instance.spec`), and lists every method with
-its help text, so error messages and `--help` always name what exists. Adding a method touches its own file only.
+its help text, so error messages always name what exists (tests/test_cli_help.py checks that every command's `--help` does too). Adding a method touches its own file only.
 """
 
 from __future__ import annotations

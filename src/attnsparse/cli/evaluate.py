@@ -20,7 +20,8 @@ def evaluate_command(
     ctx: int = typer.Option(1024, "--ctx", help="Tokens per window (at most the model's maximum context)."),
     policies: str = typer.Option(
         "dense,topk:8,topk:16,topk:32,topk:64,topk:128", "--policies",
-        help="Comma-separated policies: dense, topk:K, sink+window:S:W (dense is always included).",
+        help="Comma-separated policies: dense, topk:K, sink+window:S:W (alias streaming:S:W), budget:FILE.json "
+             "(per-head k, attnsparse budget); dense is always included.",
     ),
     windows: list[str] | None = typer.Option(  # noqa: B008 - typer reads the default
         None, "--windows",

@@ -18,8 +18,8 @@ def generate_command(
     prompt_file: str = typer.Option(..., "--prompt-file", help="UTF-8 text file holding the prompt."),
     policy: str = typer.Option(
         "dense", "--policy",
-        help="Plan JSON file, or one policy for every head: dense, topk:K, block:B:BUDGET[:mean|bound] (BUDGET "
-             "in tokens, or a density such as 0.0625), streaming:S:W.",
+        help="Plan JSON file, or one policy for every head: dense, topk:K, block:B:BUDGET[:mean|bound|channelsR] "
+             "(BUDGET in tokens, or a density such as 0.0625), streaming:S:W (alias sink+window:S:W).",
     ),
     profile: str | None = typer.Option(
         None, "--profile",

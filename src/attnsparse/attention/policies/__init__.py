@@ -2,7 +2,7 @@
 
 Each policy is one file here: a frozen dataclass of its parameters registered by name in `POLICIES`, with
 `from_spec`, `spec`, `keep_mask`, `kept_per_row` (hence `kept_pairs`, `density`) and `is_dense`. Adding a
-policy means adding its file and importing it below; parsing, error messages and `--help` pick it up.
+policy means adding its file and importing it below; parsing and error messages pick it up, and tests/test_cli_help.py fails until `evaluate --help` names it.
 """
 
 from __future__ import annotations
