@@ -18,7 +18,7 @@ import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from attnsparse.attention.backend import attnsparse_attention
+from attnsparse.attention.backend import attention_implementation, attnsparse_attention
 from attnsparse.core.models import ModelShape
 from attnsparse.decode.cache import DECODE_BACKEND, PENDING, SparseCache
 from attnsparse.decode.plan import DecodePlan, resolve_plan
@@ -81,31 +81,16 @@ def sparse_decoding(
     `reserve` preallocates that many tokens per full-KV head (no growth copies while generating).
     """
     resolved = make_plan(model, plan)
-    register_decode_backend()
-    previous = str(model.config._attn_implementation)
-    try:
-        model.set_attn_implementation(DECODE_BACKEND)
-    except (ValueError, NotImplementedError, AttributeError) as error:
-        raise AttnsparseError(
-            f"{type(model).__name__} cannot use a custom attention function ({str(error).splitlines()[0]})"
-        ) from error
-    try:
+    with decode_backend(model):
         yield SparseCache(resolved, model.config, reserve=reserve)
-    finally:
-        PENDING.clear()
-        if previous != DECODE_BACKEND:
-            model.set_attn_implementation(previous)
 
 
 @contextmanager
 def decode_backend(model: PreTrainedModel) -> Iterator[None]:
     """The model's attention switched to the decode backend inside the block (dense caches still work there)."""
     register_decode_backend()
-    previous = str(model.config._attn_implementation)
-    model.set_attn_implementation(DECODE_BACKEND)
-    try:
-        yield
-    finally:
-        PENDING.clear()
-        if previous != DECODE_BACKEND:
-            model.set_attn_implementation(previous)
+    with attention_implementation(model, DECODE_BACKEND):
+        try:
+            yield
+        finally:
+            PENDING.clear()
