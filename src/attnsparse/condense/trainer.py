@@ -5,6 +5,9 @@ Trainer wraps the model; DDP, FSDP and peft wrappers keep the inner attention mo
 backend finds the same state however the model is wrapped. Each step's loss components are averaged over
 gradient-accumulation micro-batches and over processes, drive the constrained λ, and are appended to a JSONL log.
 Checkpoints are written into a staging directory and renamed into place, so `checkpoint-N` is complete or absent.
+Three private Trainer methods are overridden because no public hook exists for them: `_save_checkpoint` and
+`_get_output_dir` (to write each checkpoint under a staging directory), `_get_grad_norm` (the gradient norm before
+clipping, to stop on a non-finite one). pyproject.toml pins transformers to the range tested with them (5.23-5.24).
 """
 
 from __future__ import annotations
