@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pkgutil
+
 from typer.testing import CliRunner
 
 from attnsparse.attention.policies import POLICIES as PREFILL
 from attnsparse.cli.app import app
+from attnsparse.decode import scorers
 from attnsparse.decode.policies import POLICIES as DECODE
 from attnsparse.decode.scorers import SCORERS
 
@@ -26,5 +29,7 @@ def test_generate_help_names_every_decode_policy_and_block_score() -> None:
     text = _help("generate")
     for name in DECODE.names():
         assert f"{name}:" in text or f" {name}," in text, name
-    for name in SCORERS.names():
+    shipped = {m.name for m in pkgutil.iter_modules(scorers.__path__)} - {"base"}  # tests may register their own
+    assert shipped <= set(SCORERS.names())
+    for name in shipped:
         assert name in text, name
