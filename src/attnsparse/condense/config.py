@@ -191,6 +191,25 @@ PRESETS: dict[str, dict[str, Any]] = {
         "seq_len": 1024, "lr": 1e-4, "lr_scheduler": "cosine", "warmup_steps": 10, "save_steps": 20,
         "save_total_limit": 2, "query_chunk": 128,
     },
+    # Keep the model (docs/condense.md, "Keeping the model"): distillation only (no domain credit), sparse-aware top-k
+    # annealed 64 -> 16, only the q/k projections train (the narrowest full-rank set), and a quarter of the training
+    # text is synthetic retrieval/copy documents so in-context copying is exercised. 90 steps of 2 x 1024 tokens
+    # (~184k tokens; ~45 s a step on one free core, ~80 min).
+    "smollm2-keep-top16": {
+        "model": "smollm2-135m", "k": 16, "loss": "tail", "lam": 5.0, "lambda_schedule": "warmup",
+        "lambda_ramp_steps": 15, "k_start": 64, "k_anneal_steps": 45, "k_schedule": "geometric",
+        "sparse_aware": True, "distill": "only", "trainable": "qk", "synthetic": 0.25, "steps": 90, "batch_size": 1,
+        "grad_accum": 2, "seq_len": 1024, "lr": 2e-4, "lr_scheduler": "cosine", "warmup_steps": 10, "save_steps": 15,
+        "save_total_limit": 2, "query_chunk": 128,
+    },
+    # Its control: the same data, steps and optimiser with no condensation (λ = 0, dense forward). Under
+    # distillation only, the student then starts at KL 0 with zero gradient, so the control is the original model
+    # itself; the preset exists so that this is checked rather than assumed.
+    "smollm2-keep-control": {
+        "model": "smollm2-135m", "k": 16, "lam": 0.0, "sparse_aware": False, "distill": "only", "trainable": "qk",
+        "synthetic": 0.25, "steps": 90, "batch_size": 1, "grad_accum": 2, "seq_len": 1024, "lr": 2e-4,
+        "lr_scheduler": "cosine", "warmup_steps": 10, "save_steps": 15, "save_total_limit": 2, "query_chunk": 128,
+    },
     # A short smoke run of the 15-minute recipe (a few minutes): 12 steps, batch 2 x 128.
     "smollm2-cpu-smoke": {
         "model": "smollm2-135m", "k": 16, "loss": "tail", "lam": 10.0, "trainable": "qk", "steps": 12,
