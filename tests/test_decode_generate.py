@@ -112,7 +112,7 @@ def test_plan_from_profile_marks_whole_groups():
                  "C": None, "k_at_coverage": {"0.95": {"mean": 1.0}}} for layer in range(2) for head in range(6)]
     profile = ProfileView.from_dict({"model": "m", "ctx": 64, "layers": 2, "heads": 6, "kv_heads": 2,
                                      "per_head": per_head})
-    plan = plan_from_profile(profile, retrieval="dense", streaming="streaming:4:64")
+    plan = plan_from_profile(profile, "dense", "streaming:4:64")
     kinds = [[head.kind for head in row] for row in plan.heads]
     assert kinds == [["streaming", "streaming"], ["streaming", "dense"]]
 

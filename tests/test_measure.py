@@ -50,7 +50,7 @@ def test_measure_writes_a_complete_run_directory(tmp_path, text_file, capsys) ->
     head = data["per_head"][0]
     assert set(head["k_at_coverage"]) == {"0.99", "0.95", "0.9"}
     assert head["rows"] == 3 * 64
-    assert head["class"] in {"streaming", "retrieval"}
+    assert head["class"] in {"streaming", "other"}
     csv_lines = (out / "profile.csv").read_text().splitlines()
     assert len(csv_lines) == 1 + 8 and csv_lines[0].startswith("layer,head,class")
     html = (out / "report.html").read_text()

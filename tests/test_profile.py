@@ -130,7 +130,7 @@ def test_recorder_matches_brute_force_on_gqa_model(model, ids) -> None:  # type:
         assert entry["C_r2"] == pytest.approx(r2, abs=0.02)
         assert entry["C_points"] == len(ref["xs"])
         stream = np.mean(ref["stream_long"]) >= 1 - CONFIG.stream_delta
-        assert entry["class"] == ("streaming" if stream else "retrieval")
+        assert entry["class"] == ("streaming" if stream else "other")
 
 
 def _close(a: object, b: object, path: str = "") -> None:
@@ -228,7 +228,7 @@ def test_streaming_head_is_classified_streaming() -> None:
     probs[0, 1] = visible[0, 0].float() / (pos[:, None] + 1).float()
     recorder(AttentionChunk(0, probs, visible, pos, None, 1))
     classes = [h["class"] for h in profile.to_dict()["per_head"]]
-    assert classes == ["streaming", "retrieval"]
+    assert classes == ["streaming", "other"]
     heads = profile.to_dict()["per_head"]
     assert heads[0]["k_at_coverage"]["0.95"]["max"] == 2
     assert heads[1]["C"] == pytest.approx(1.0, abs=0.02)  # uniform rows: k_{0.95} ≈ 0.95 n

@@ -6,11 +6,16 @@ The lead registers `generate_command` in cli.py (`app.command("generate")(genera
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from attnsparse.errors import AttnsparseError
+
+if TYPE_CHECKING:
+    from attnsparse.measure.profile import ProfileView
 
 
 def generate_command(
@@ -26,6 +31,20 @@ def generate_command(
         help="A measure profile.json: its streaming heads use --streaming, the others --policy.",
     ),
     streaming: str = typer.Option("streaming:4:1024", "--streaming", help="Policy for streaming heads with --profile."),
+    protect_retrieval: str | None = typer.Option(
+        None, "--protect-retrieval",
+        help="With --profile: give the N kv heads with the best retrieval scores (an int), or every kv head scoring at "
+             "least T (with a decimal point, e.g. 0.1), the --protected policy.",
+    ),
+    protected: str = typer.Option("dense", "--protected", help="Policy for the heads --protect-retrieval picks."),
+    average_density: float | None = typer.Option(
+        None, "--average-density",
+        help="With --profile: choose the block budget of the other heads (--policy, a block policy) so the plan reads "
+             "at most this share of the dense KV bytes per step at --density-context tokens.",
+    ),
+    density_context: int | None = typer.Option(
+        None, "--density-context", help="Context for --average-density (default: the prompt's tokens)."
+    ),
     save_plan: str | None = typer.Option(None, "--save-plan", help="Write the plan used as JSON."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Tokens to generate."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON record instead of text and a summary."),
@@ -33,9 +52,10 @@ def generate_command(
     """Generate a continuation of a prompt with sparse decoding; prints the text and a speed/memory summary."""
     from attnsparse.cli._common import run_or_exit
 
+    options = ProfileOptions(protect_retrieval, protected, average_density, density_context)
     record = run_or_exit(lambda: _generate(
         model, Path(prompt_file), policy, Path(profile) if profile else None, streaming,
-        Path(save_plan) if save_plan else None, max_new_tokens,
+        Path(save_plan) if save_plan else None, max_new_tokens, options,
     ))
     if as_json:
         typer.echo(json.dumps(record, indent=2))
@@ -49,8 +69,49 @@ def generate_command(
     )
 
 
+@dataclass(frozen=True)
+class ProfileOptions:
+    """How `--profile` builds its plan beyond streaming heads: retrieval protection and a target average density."""
+
+    protect_retrieval: str | None = None
+    protected: str = "dense"
+    average_density: float | None = None
+    density_context: int | None = None
+
+    def protect(self) -> int | float | None:
+        """--protect-retrieval as a head count (no decimal point) or a score threshold; one-line error otherwise."""
+        text = self.protect_retrieval
+        if text is None:
+            return None
+        try:
+            return float(text) if "." in text else int(text)
+        except ValueError:
+            raise AttnsparseError(f"--protect-retrieval {text!r} must be a kv head count such as 4 or a retrieval "
+                                  "score threshold such as 0.1") from None
+
+    def check(self, profile: ProfileView | None) -> None:
+        """Refuse options that need a profile (or its retrieval scores) before the model is loaded."""
+        from attnsparse.decode.plan import kv_retrieval_scores, parse_head_policy
+
+        used = [name for name, value in (("--protect-retrieval", self.protect_retrieval),
+                                         ("--average-density", self.average_density),
+                                         ("--density-context", self.density_context)) if value is not None]
+        if used and profile is None:
+            raise AttnsparseError(f"{used[0]} builds a plan from a measure profile; give --profile PROFILE.json")
+        protect = self.protect()
+        parse_head_policy(self.protected)
+        if self.average_density is not None and not 0.0 < self.average_density <= 1.0:
+            raise AttnsparseError(f"--average-density {self.average_density} must be in (0, 1]")
+        if self.density_context is not None and self.density_context < 1:
+            raise AttnsparseError(f"--density-context {self.density_context} must be >= 1 token")
+        if protect is not None and profile is not None and kv_retrieval_scores(profile) is None:
+            raise AttnsparseError("--protect-retrieval needs retrieval scores, and the profile has none; measure "
+                                  "them with `attnsparse measure ... --retrieval`")
+
+
 def _generate(model_spec: str, prompt_file: Path, policy: str, profile: Path | None, streaming: str,
-              save_plan: Path | None, max_new_tokens: int) -> dict[str, object]:
+              save_plan: Path | None, max_new_tokens: int,
+              options: ProfileOptions = ProfileOptions()) -> dict[str, object]:
     import torch
 
     from attnsparse.core.data import load_text, tokenize
@@ -62,6 +123,7 @@ def _generate(model_spec: str, prompt_file: Path, policy: str, profile: Path | N
     if save_plan is not None:
         _check_plan_path(save_plan)
     measured = ProfileView.read_json(profile) if profile is not None else None  # a bad profile fails before loading
+    options.check(measured)
     text = load_text(str(prompt_file))
     loaded = load_model(model_spec)
     ids = tokenize(loaded.tokenizer, text)
@@ -71,7 +133,12 @@ def _generate(model_spec: str, prompt_file: Path, policy: str, profile: Path | N
     shape = ModelShape.of(loaded.model)
     layers, kv_heads = shape.need("layers"), shape.need("kv_heads")
     if measured is not None:
-        plan: DecodePlan = plan_from_profile(measured, retrieval=policy, streaming=streaming)
+        head_dim = shape.need("head_dim")
+        itemsize = next(loaded.model.parameters()).element_size()
+        plan: DecodePlan = plan_from_profile(
+            measured, policy, streaming, protect=options.protect(), protected=options.protected,
+            average_density=options.average_density, context=options.density_context or int(ids.numel()),
+            head_dim=head_dim, itemsize=itemsize, groups=shape.need("heads") // kv_heads)
         plan.check_model(layers, kv_heads)
     else:
         plan = resolve_plan(policy, layers, kv_heads, model_spec)

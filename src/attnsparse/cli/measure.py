@@ -31,6 +31,14 @@ def measure_command(
     query_chunk: int = typer.Option(128, "--query-chunk", help="Queries per attention chunk (bounds memory)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous measure run in --out."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar over windows."),
+    retrieval: bool = typer.Option(
+        False, "--retrieval",
+        help="Also measure per-head retrieval scores on the retrieval tasks at length --ctx (docs/tasks.md).",
+    ),
+    retrieval_trials: int = typer.Option(2, "--retrieval-trials", help="Prompts per retrieval task and depth."),
+    retrieval_threshold: float = typer.Option(
+        0.1, "--retrieval-threshold", help="A head scoring at least this is classed retrieval."
+    ),
 ) -> None:
     """Per-layer, per-head attention sparsity profile: top-k mass, k at coverage, C, entropy, head classes."""
     from attnsparse.cli._common import run_or_exit
@@ -42,5 +50,6 @@ def measure_command(
         eps=tuple(split_list(eps, "--eps", float)), sink_tokens=sink,
         local_window=local_window, stream_delta=stream_delta, fit_delta=fit_delta, fit_min_n=fit_min_n,
         batch_size=batch_size, query_chunk=query_chunk, overwrite=overwrite, progress=progress,
-        echo=typer.echo,
+        echo=typer.echo, retrieval=retrieval, retrieval_trials=retrieval_trials,
+        retrieval_threshold=retrieval_threshold,
     ))

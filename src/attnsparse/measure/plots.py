@@ -134,7 +134,7 @@ def plot_head_classes(profile: Profile, path: Path) -> Path:
     cfg = profile.config
     ax.set_title(f"Head classes: streaming if sink({cfg.sink_tokens})+local({cfg.local_window}) mass "
                  f"≥ {1 - cfg.stream_delta:g}", fontsize=9)
-    ax.legend(handles=[Patch(color="#dd8452", label="streaming"), Patch(color="#4c72b0", label="retrieval")],
+    ax.legend(handles=[Patch(color="#dd8452", label="streaming"), Patch(color="#4c72b0", label="not streaming")],
               loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

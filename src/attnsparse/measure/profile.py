@@ -219,8 +219,18 @@ class LayerAccumulator:
 
 
 @dataclass
+class ProfileRetrieval:
+    """Per-head retrieval scores measured beside a profile (`measure(..., retrieval=True)`), and how."""
+
+    scores: list[list[float]]  # (layers, heads)
+    threshold: float = 0.1  # a head scoring at least this is a retrieval head
+    info: dict[str, Any] = field(default_factory=dict)  # tasks, length, depths, trials, seed, samples, ...
+
+
+@dataclass
 class Profile:
-    """A model's per-layer, per-head sparsity profile: config, model facts and mergeable accumulators."""
+    """A model's per-layer, per-head sparsity profile: config, model facts and mergeable accumulators (plus, when
+    measured, retrieval scores, which describe the model rather than the windows and are not part of the state)."""
 
     config: ProfileConfig
     model: str = ""
@@ -229,6 +239,7 @@ class Profile:
     kv_heads: int = 0
     windows: int = 0
     accumulators: dict[int, LayerAccumulator] = field(default_factory=dict)
+    retrieval: ProfileRetrieval | None = None
 
     # --- accumulating -------------------------------------------------------------------------------------
     def layer(self, layer_idx: int, heads: int) -> LayerAccumulator:
@@ -253,6 +264,7 @@ class Profile:
         self.heads = max(self.heads, other.heads)
         self.kv_heads = self.kv_heads or other.kv_heads
         self.model = self.model or other.model
+        self.retrieval = self.retrieval or other.retrieval
         return self
 
     # --- reading ------------------------------------------------------------------------------------------
@@ -319,7 +331,7 @@ class Profile:
                 "entropy_mean": float(np.mean(st["entropy"][layer])),
             })
         logn, logk, pos_rows = self.position_curves()
-        return {
+        out = {
             "schema_version": SCHEMA_VERSION,
             "model": self.model,
             "ctx": cfg.ctx,
@@ -342,6 +354,9 @@ class Profile:
             "per_head": per_head,
             "k_vs_position": _position_summary(logn, logk, pos_rows),
         }
+        if self.retrieval is not None:
+            attach_retrieval(out, self.retrieval.scores, self.retrieval.info, self.retrieval.threshold)
+        return out
 
     def csv_rows(self) -> tuple[list[str], list[list[object]]]:
         """One CSV row per (layer, head) with the scalar metrics (what a spreadsheet user wants)."""
@@ -351,11 +366,18 @@ class Profile:
         header += [f"k{coverage_key(d)}_{s}" for d in cfg.deltas for s in ("mean", "p50", "p90")]
         header += ["entropy", "effective_support", "sink_mass", "local_mass", "sink_local_mass"]
         header += [f"topk_mass_{k}" for k in cfg.ks]
+        scored = self.retrieval
+        if scored is not None:
+            header.append("retrieval_score")
         rows: list[list[object]] = []
         p50, p90 = QUANTILES.index(0.5), QUANTILES.index(0.9)
         for layer in range(st["rows"].shape[0]):
             for head in range(st["rows"].shape[1]):
-                row: list[object] = [layer, head, "streaming" if st["streaming"][layer, head] else "retrieval",
+                streaming = bool(st["streaming"][layer, head])
+                kind = "streaming" if streaming else "other"
+                if scored is not None:
+                    kind = head_class(streaming, scored.scores[layer][head], scored.threshold)
+                row: list[object] = [layer, head, kind,
                                      int(st["rows"][layer, head]), _num(st["C"][layer, head]),
                                      _num(st["C_r2"][layer, head])]
                 for d in range(len(cfg.deltas)):
@@ -363,6 +385,8 @@ class Profile:
                             int(st["kcov_quantiles"][layer, head, d, p90])]
                 row += [float(st[name][layer, head]) for name in ("entropy", "support", "sink", "local", "stream_long")]
                 row += [float(v) for v in st["topk_mass"][layer, head]]
+                if scored is not None:
+                    row.append(round(float(scored.scores[layer][head]), 6))
                 rows.append(row)
         return header, rows
 
@@ -392,6 +416,7 @@ class Profile:
 
 
 PROFILE_HELP = "pass the profile.json written by `attnsparse measure`"
+HEAD_CLASSES = ("streaming", "retrieval", "other")
 
 
 @dataclass(frozen=True)
@@ -400,10 +425,11 @@ class HeadSummary:
 
     layer: int
     head: int
-    kind: str  # "streaming" or "retrieval" (the JSON's "class")
+    kind: str  # "streaming", "retrieval" or "other" (the JSON's "class", see HEAD_CLASSES)
     C: float | None  # None: too few rows to fit the exponent
     k_at_coverage: dict[str, dict[str, Any]]  # coverage "0.95" -> {"mean", "p50", ...}
     data: dict[str, Any]
+    retrieval_score: float | None = None  # None: the profile has no retrieval scores
 
     @property
     def streaming(self) -> bool:
@@ -441,7 +467,8 @@ class ProfileView:
         rows = data.get("per_head")
         if not isinstance(rows, list) or not rows:
             raise AttnsparseError(f"{source} has no per_head list; {PROFILE_HELP}")
-        heads = [_head_summary(row, f"{source}: per_head[{i}]") for i, row in enumerate(rows)]
+        scored = isinstance(data.get("retrieval"), dict)
+        heads = [_head_summary(row, f"{source}: per_head[{i}]", scored) for i, row in enumerate(rows)]
         keys = list(heads[0].k_at_coverage)
         for i, head in enumerate(heads):
             if list(head.k_at_coverage) != keys:
@@ -493,8 +520,9 @@ def _int_field(data: dict[str, Any], name: str, where: str) -> int:
     return int(value)
 
 
-def _head_summary(row: Any, where: str) -> HeadSummary:
-    """Type one per_head row; names the first missing or malformed field."""
+def _head_summary(row: Any, where: str, scored: bool = False) -> HeadSummary:
+    """Type one per_head row; names the first missing or malformed field. Without retrieval scores (`scored`), a
+    `retrieval` class is a profile written before they existed, where it meant "not streaming": read as `other`."""
     if not isinstance(row, dict):
         raise AttnsparseError(f"{where} is not an object; {PROFILE_HELP}")
     for name in ("layer", "head", "class", "C", "k_at_coverage"):
@@ -514,13 +542,49 @@ def _head_summary(row: Any, where: str) -> HeadSummary:
         except ValueError:
             raise AttnsparseError(f"{where}: k_at_coverage key {key!r} is not a coverage such as '0.95'; "
                                   f"{PROFILE_HELP}") from None
-    if row["class"] not in ("streaming", "retrieval"):
-        raise AttnsparseError(f"{where}: 'class' is {row['class']!r}, not 'streaming' or 'retrieval'; "
+    if row["class"] not in HEAD_CLASSES:
+        raise AttnsparseError(f"{where}: 'class' is {row['class']!r}, not one of {', '.join(HEAD_CLASSES)}; "
                               f"{PROFILE_HELP}")
+    score = row.get("retrieval_score") if scored else None
+    if scored and (isinstance(score, bool) or not isinstance(score, int | float)):
+        raise AttnsparseError(f"{where}: 'retrieval_score' is {score!r}, not a number (the profile has a retrieval "
+                              f"section); {PROFILE_HELP}")
+    kind = "other" if row["class"] == "retrieval" and not scored else row["class"]
     return HeadSummary(
-        layer=_int_field(row, "layer", where), head=_int_field(row, "head", where), kind=row["class"],
+        layer=_int_field(row, "layer", where), head=_int_field(row, "head", where), kind=kind,
         C=None if c is None else float(c), k_at_coverage=coverage, data=row,
+        retrieval_score=None if score is None else float(score),
     )
+
+
+def head_class(streaming: bool, retrieval_score: float | None, threshold: float) -> str:
+    """`retrieval` when the head's retrieval score reaches the threshold (whatever its attention pattern: its keys are
+    copied from, so it must not be evicted), else `streaming` when its sink+local mass passes, else `other`."""
+    if retrieval_score is not None and retrieval_score >= threshold:
+        return "retrieval"
+    return "streaming" if streaming else "other"
+
+
+def attach_retrieval(data: dict[str, Any], scores: Any, info: dict[str, Any], threshold: float = 0.1) -> dict[str, Any]:
+    """Store (layers, heads) retrieval scores in a profile document: `retrieval_score` per head, classes relabelled
+    (`head_class`), a `retrieval` section (`info`: how they were measured, plus the threshold and the heads above
+    it) and `summary.retrieval_heads`. Returns the document, changed in place."""
+    if not 0.0 <= threshold <= 1.0:
+        raise AttnsparseError(f"retrieval threshold {threshold} must be in [0, 1]")
+    stream_delta = float(data.get("config", {}).get("stream_delta", 0.1))
+    above = []
+    for row in data["per_head"]:
+        score = round(float(scores[row["layer"]][row["head"]]), 6)
+        streaming = (float(row["sink_local_mass"]) >= 1.0 - stream_delta if "sink_local_mass" in row
+                     else row["class"] == "streaming")
+        row["retrieval_score"] = score
+        row["class"] = head_class(streaming, score, threshold)
+        if score >= threshold:
+            above.append([row["layer"], row["head"]])
+    data["retrieval"] = dict(info) | {"threshold": threshold, "heads_above_threshold": len(above),
+                                      "heads_above": above}
+    data.setdefault("summary", {})["retrieval_heads"] = len(above)
+    return data
 
 
 class Recorder:
@@ -632,7 +696,7 @@ def _head_entry(cfg: ProfileConfig, st: dict[str, np.ndarray], layer: int, head:
         "sink_mass": float(st["sink"][layer, head]),
         "local_mass": float(st["local"][layer, head]),
         "sink_local_mass": float(st["stream_long"][layer, head]),
-        "class": "streaming" if st["streaming"][layer, head] else "retrieval",
+        "class": "streaming" if st["streaming"][layer, head] else "other",
     }
 
 

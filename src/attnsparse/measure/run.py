@@ -19,11 +19,14 @@ import torch
 
 from attnsparse.core.runs import RunDir
 from attnsparse.errors import AttnsparseError
-from attnsparse.measure.profile import Profile, ProfileConfig, ProfileView, Recorder
+from attnsparse.measure.profile import Profile, ProfileConfig, ProfileRetrieval, ProfileView, Recorder
 from attnsparse.measure.report import summary_table, write_report
 
 KIND = "measure"
 DEFAULT_QUERY_CHUNK = 128
+RETRIEVAL_TASKS = "passkey,niah-multikey,niah-multivalue,variable-tracking"  # the tasks that copy from a needle
+RETRIEVAL_DEPTHS = (0.1, 0.5, 0.9)
+RETRIEVAL_SEED = 1  # not evaluate's default seed 0: heads are chosen on other prompts than the ones they are tested on
 
 
 def _model_facts(model: torch.nn.Module) -> tuple[int, int, int]:
@@ -65,12 +68,18 @@ def measure(
     overwrite: bool = False,
     progress: bool = True,
     echo: Callable[[str], None] | None = print,
+    retrieval: bool = False,
+    retrieval_trials: int = 2,
+    retrieval_threshold: float = 0.1,
 ) -> Profile:
     """Measure `model` (a spec for `load_model`, or a LoadedModel) on `windows` evenly spaced windows of `ctx` tokens.
 
     `data` is a text spec for `attnsparse.core.data.load_text` (file, hf:NAME, None = built-in), or token ids:
     a 1-D tensor (windows are cut from it) or a 2-D (M, ctx) tensor used as the windows themselves.
     `echo` prints the final summary table (None: silent). Returns the Profile; with `out`, writes the run directory.
+    `retrieval` also measures per-head retrieval scores (docs/tasks.md) on the retrieval tasks at length ctx, depths
+    0.1/0.5/0.9, `retrieval_trials` prompts each (seed 1, haystack `data` when it is a text spec), and stores them in
+    the profile with the `retrieval` class for heads scoring at least `retrieval_threshold`.
     """
     if ks is not None and len(list(ks)) == 0:
         raise AttnsparseError("the k list is empty; pass at least one k (e.g. --k 1,8,64)")
@@ -80,6 +89,10 @@ def measure(
         raise AttnsparseError(f"batch size {batch_size} must be >= 1")
     if query_chunk < 1:
         raise AttnsparseError(f"query chunk {query_chunk} must be >= 1")
+    if retrieval and retrieval_trials < 1:
+        raise AttnsparseError(f"--retrieval-trials {retrieval_trials} must be >= 1")
+    if retrieval and not 0.0 <= retrieval_threshold <= 1.0:
+        raise AttnsparseError(f"--retrieval-threshold {retrieval_threshold} must be in [0, 1]")
     config = ProfileConfig(
         ctx=ctx, ks=tuple(ks or ()), deltas=tuple(deltas), eps=tuple(eps), sink_tokens=sink_tokens,
         local_window=local_window, stream_delta=stream_delta, fit_delta=fit_delta, fit_min_n=fit_min_n,
@@ -94,6 +107,7 @@ def measure(
             f"use --ctx {loaded.max_context} or less"
         )
     batches = _windows(loaded, data, ctx, windows)
+    grid = _retrieval_grid(loaded, data, ctx, retrieval_trials) if retrieval else None  # every prompt checked now
     layers, heads, kv_heads = _model_facts(hf_model)
     profile = Profile(config, model=spec, layers=layers, heads=heads, kv_heads=kv_heads)
     run_config = {
@@ -107,6 +121,8 @@ def measure(
         "dtype": str(next(hf_model.parameters()).dtype).replace("torch.", ""),
         "metrics": config.to_dict(),
     }
+    if grid is not None:
+        run_config["retrieval"] = grid.config | {"threshold": retrieval_threshold}
     if run is not None:
         run.start(run_config)
     with run.guard() if run is not None else nullcontext():
@@ -116,11 +132,16 @@ def measure(
         elapsed = time.perf_counter() - started
         profile.windows = int(batches.shape[0])
         check_finite(profile)
+        if grid is not None:
+            profile.retrieval = _measure_retrieval(loaded, grid, retrieval_threshold, progress)
         if run is not None:
             write_run(run.path, profile, run_config, elapsed)
             run.finish()
     if echo is not None:
         echo(summary_table(profile))
+        if profile.retrieval is not None:
+            heads = sum(score >= retrieval_threshold for row in profile.retrieval.scores for score in row)
+            echo(f"retrieval heads (score >= {retrieval_threshold:g}): {heads} of {profile.layers * profile.heads}")
         echo(f"{profile.windows} windows x {ctx} tokens in {elapsed:.1f} s" + (f"; results in {out}" if out else ""))
     return profile
 
@@ -147,6 +168,34 @@ def check_finite(profile: Profile) -> None:
         f"({int(affected.sum())} of {affected.size} heads affected, from layer {layer} on); check the model's "
         "weights for NaN/inf, or load it in float32"
     )
+
+
+def _retrieval_grid(loaded: Any, data: str | torch.Tensor | None, ctx: int, trials: int) -> Any:
+    """The retrieval tasks at length ctx, every prompt built (and checked) before the first forward."""
+    from attnsparse.evaluate.tasks.run import prepare_tasks
+
+    haystack = data if isinstance(data, str) else None
+    return prepare_tasks(loaded.model, loaded.tokenizer, RETRIEVAL_TASKS, [ctx], RETRIEVAL_DEPTHS, trials,
+                         haystack=haystack, retrieval=True, seed=RETRIEVAL_SEED)
+
+
+def _measure_retrieval(loaded: Any, grid: Any, threshold: float, progress: bool) -> ProfileRetrieval:
+    """Answer every retrieval prompt densely with the retrieval observer on; mean score per (layer, head)."""
+    from attnsparse.evaluate.tasks.run import run_grid
+
+    result = run_grid(loaded.model, loaded.tokenizer, grid, progress)
+    scores = result.retrieval
+    assert scores is not None  # prepare_tasks(retrieval=True) on retrieval tasks always measures
+    accuracy = {}
+    for row in result.rows:
+        correct, total = accuracy.get(row.task, (0, 0))
+        accuracy[row.task] = (correct + row.correct, total + row.trials)
+    info = {"definition": "docs/tasks.md#retrieval-scores", "tasks": grid.config["tasks"],
+            "length": grid.config["lengths"][0], "depths": grid.config["depths"], "trials": grid.config["trials"],
+            "seed": grid.seed, "haystack": grid.config["haystack"], "prompt_form": grid.config["prompt_form"],
+            "samples": dict(scores.samples),
+            "dense_accuracy": {task: round(c / max(t, 1), 4) for task, (c, t) in accuracy.items()}}
+    return ProfileRetrieval([[float(x) for x in row] for row in scores.mean()], threshold, info)
 
 
 def _load(model: Any) -> Any:
