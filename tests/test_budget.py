@@ -96,7 +96,7 @@ def test_tail_curve_is_interpolated_and_non_increasing() -> None:
     assert curve[0] == 1.0 and curve[32] == 0.0
     assert curve[1] == pytest.approx(0.5) and curve[4] == pytest.approx(0.1) and curve[16] == pytest.approx(0.01)
     assert curve[2] == pytest.approx(0.3)  # halfway in log k between 1 and 4
-    assert all(a >= b for a, b in zip(curve, curve[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(curve))
 
 
 @pytest.mark.parametrize("total", [3, 5, 8, 11])

@@ -10,6 +10,7 @@ the summed tail mass for that total, which bounds the summed output error of top
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -23,7 +24,7 @@ def tail_curve(points: dict[int, float], ctx: int) -> list[float]:
     known = sorted((k, min(1.0, max(0.0, 1.0 - m))) for k, m in points.items() if 1 <= k < ctx)
     known = [(0, 1.0), *known, (ctx, 0.0)]
     curve = [1.0] * (ctx + 1)
-    for (k0, t0), (k1, t1) in zip(known, known[1:]):
+    for (k0, t0), (k1, t1) in itertools.pairwise(known):
         for k in range(k0, k1 + 1):
             if k0 == 0:
                 share = k / k1

@@ -16,8 +16,21 @@ from attnsparse.errors import AttnsparseError
 from attnsparse.specs import split_specs
 
 __all__ = [
-    "DENSE", "POLICIES", "POLICY_HELP", "Dense", "HeadBudget", "HeadTopK", "head_topk_keep_mask", "read_budget", "Policy", "SinkWindow", "TopK", "parse_policies", "parse_policy",
-    "sink_window_keep_mask", "topk_keep_mask",
+    "DENSE",
+    "POLICIES",
+    "POLICY_HELP",
+    "Dense",
+    "HeadBudget",
+    "HeadTopK",
+    "Policy",
+    "SinkWindow",
+    "TopK",
+    "head_topk_keep_mask",
+    "parse_policies",
+    "parse_policy",
+    "read_budget",
+    "sink_window_keep_mask",
+    "topk_keep_mask",
 ]
 
 DENSE = Dense()
