@@ -192,7 +192,8 @@ def main() -> None:
     no_depth = {t.spec for t in parse_tasks(tasks) if not t.uses_depth}
     rows: list[dict[str, Any]] = []
     retrieval_sum, retrieval_samples = None, 0
-    todo = [(task, n, d) for task in tasks for n in lengths for d in (depths[:1] if task in no_depth else depths)]
+    # Length outermost: an interrupted run has covered every task at the short lengths first.
+    todo = [(task, n, d) for n in lengths for task in tasks for d in (depths[:1] if task in no_depth else depths)]
     for index, (task, n, depth) in enumerate(todo):
         record = run_cell(loaded, task, n, depth, args.trials, plans[n], not args.no_retrieval, cells)
         rows += record["rows"]
