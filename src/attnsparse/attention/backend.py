@@ -138,7 +138,11 @@ def chunked_attention(
     `attention_mask` is transformers' 4D mask: bool (True = attend) or additive float; None means causal with
     top-left alignment when Q > 1 (the SDPA convention transformers relies on) and no mask when Q == 1.
     """
-    policy = policy.for_layer(layer_idx)
+    policy = policy.for_layer(layer_idx).prepare(query, key, scaling=scaling, layer_idx=layer_idx)
+    if not observers and dropout == 0.0 and softcap is None:
+        own = policy.attend(query, key, value, attention_mask, scaling=scaling, causal=causal)
+        if own is not None:
+            return own
     batch, heads, queries, dim = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
     if heads % kv_heads:

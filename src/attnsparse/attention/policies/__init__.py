@@ -8,6 +8,7 @@ policy means adding its file and importing it below; parsing and error messages 
 from __future__ import annotations
 
 from attnsparse.attention.policies.base import POLICIES, Policy
+from attnsparse.attention.policies.blocksparse import BlockSparse, KeptBlocks
 from attnsparse.attention.policies.budget import HeadBudget, HeadTopK, head_topk_keep_mask, read_budget
 from attnsparse.attention.policies.dense import Dense
 from attnsparse.attention.policies.sink_window import SinkWindow, sink_window_keep_mask
@@ -19,9 +20,11 @@ __all__ = [
     "DENSE",
     "POLICIES",
     "POLICY_HELP",
+    "BlockSparse",
     "Dense",
     "HeadBudget",
     "HeadTopK",
+    "KeptBlocks",
     "Policy",
     "SinkWindow",
     "TopK",

@@ -30,6 +30,17 @@ class Policy:
         """The rule layer `layer_idx` applies (the backend asks once per call); uniform policies are themselves."""
         return self
 
+    def prepare(self, query: torch.Tensor, key: torch.Tensor, *, scaling: float, layer_idx: int) -> Policy:
+        """The rule for one attention call, given its whole query (B, H, Q, D) and key (B, Hkv, K, D): block-sparse
+        prefill selects its blocks here, once per call; row-wise policies are themselves."""
+        return self
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, *, scaling: float, causal: bool) -> torch.Tensor | None:
+        """The call's output (B, Q, H, D) from the policy's own kernel, or None to use the backend's chunked path
+        (always the case with observers, dropout or soft-capping, which only the chunked path serves)."""
+        return None
+
     def keep_mask(self, scores: torch.Tensor, visible: torch.Tensor, query_positions: torch.Tensor) -> torch.Tensor:
         """Bool mask (same shape as `scores`) of the keys this policy keeps; always a subset of `visible`.
 

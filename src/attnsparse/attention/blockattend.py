@@ -1,0 +1,66 @@
+"""Attention over kept blocks only, exact within them: the compiled kernel (core/native/blocksparse.c) or torch.
+
+Inputs: query (B, H, Q, D), key/value (B, Hkv, K, D), a kept-block mask (B, Hkv, Qb, Kb) on a `BlockGrid`, causal
+inside the diagonal block (query at key position K - Q + i sees keys <= that position). Output (B, Q, H, D), the
+layout transformers' attention functions return. Key blocks a query block did not keep contribute nothing; a row
+sees at least its own position whenever its diagonal block is kept (the selection always keeps it).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attnsparse.attention.selection import BlockGrid
+
+
+def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, blocks: torch.Tensor,
+                           grid: BlockGrid, scaling: float) -> torch.Tensor:
+    """Exact softmax attention over each query block's kept key blocks: (B, Q, H, D) in the query's dtype."""
+    out = _native(query, key, value, blocks, grid, scaling)
+    if out is None:
+        out = gathered_block_attention(query, key, value, blocks, grid, scaling)
+    return out.to(query.dtype)
+
+
+def gathered_block_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, blocks: torch.Tensor,
+                             grid: BlockGrid, scaling: float) -> torch.Tensor:
+    """Torch path: per query block, gather its kept key/value blocks (padded to the most any group keeps) and run
+    one masked softmax over them. float32; (B, Q, H, D)."""
+    batch, heads, queries, dim = query.shape
+    kv_heads, groups, size = key.shape[1], heads // key.shape[1], grid.block
+    pad = grid.key_blocks * size - grid.keys
+    k_blocks = torch.nn.functional.pad(key.float(), (0, 0, 0, pad)).view(batch, kv_heads, grid.key_blocks, size, dim)
+    v_blocks = torch.nn.functional.pad(value.float(), (0, 0, 0, pad)).view_as(k_blocks)
+    q = query.float()
+    out = torch.zeros(batch, heads, queries, dim, dtype=torch.float32, device=query.device)
+    within = torch.arange(size, device=query.device)
+    for r in range(grid.query_blocks):
+        first_pos = max(grid.offset, (grid.first + r) * size)
+        last_pos = min(grid.keys, (grid.first + r + 1) * size)
+        row = blocks[:, :, r, : grid.first + r + 1]  # (B, Hkv, visible blocks)
+        count = int(row.sum(-1).max())
+        if count == 0:
+            continue
+        order = torch.sort(row.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :count]
+        valid = torch.arange(count, device=query.device) < row.sum(-1, keepdim=True)  # (B, Hkv, C)
+        index = order[..., None, None].expand(-1, -1, -1, size, dim)
+        keys_r = k_blocks.gather(2, index).reshape(batch, kv_heads, count * size, dim)
+        values_r = v_blocks.gather(2, index).reshape(batch, kv_heads, count * size, dim)
+        token_pos = (order[..., None] * size + within).reshape(batch, kv_heads, 1, count * size)
+        token_ok = valid[..., None].expand(-1, -1, -1, size).reshape(batch, kv_heads, 1, count * size)
+        positions = torch.arange(first_pos, last_pos, device=query.device)
+        see = token_ok & (token_pos <= positions[:, None])  # (B, Hkv, nq, C * size)
+        nq = last_pos - first_pos
+        q_r = q[:, :, first_pos - grid.offset: last_pos - grid.offset].reshape(batch, kv_heads, groups, nq, dim)
+        scores = (q_r @ keys_r[:, :, None].transpose(-1, -2)) * scaling  # (B, Hkv, G, nq, C * size)
+        scores = scores.masked_fill(~see[:, :, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+        result = probs @ values_r[:, :, None]  # (B, Hkv, G, nq, D)
+        out[:, :, first_pos - grid.offset: last_pos - grid.offset] = result.reshape(batch, heads, nq, dim)
+    return out.transpose(1, 2).contiguous()
+
+
+def _native(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, blocks: torch.Tensor, grid: BlockGrid,
+            scaling: float) -> torch.Tensor | None:
+    """The compiled kernel's result, or None where it does not apply (not CPU, not float32, no compiler)."""
+    return None

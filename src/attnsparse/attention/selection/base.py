@@ -1,0 +1,228 @@
+"""Block selection for block-sparse prefill: estimators score (query block, key block) pairs; one rule keeps blocks.
+
+Geometry (`BlockGrid`): queries (B, H, Q, D) and keys (B, Hkv, K, D) with Q <= K, query i at key position
+K - Q + i (prefill: Q == K). Blocks of `block` positions tile the key axis from 0; a query block is the set of
+queries whose key position falls in one such block (the first and last may be partial). Query block r may see
+key blocks 0 .. first + r, where first is the block of the first query (causal at block level; inside the
+diagonal block the token-level causal mask still applies).
+
+Head axis: one selection per **kv group**, (B, Hkv, Qb, Kb). The G query heads of a group share their keys and
+values, so a kept key block is read once for the whole group (by the kernel and by a GPU block mask alike), and
+the group's estimate is the mean of its heads' estimated block masses.
+
+Estimators return block log-masses: `softmax` over a row's visible key blocks is the estimator's guess of how a
+query block's attention mass spreads over key blocks (mean over its queries and the group's heads). The selection
+rule reads only that distribution, so a learned gate and a hand-made estimate plug in the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from attnsparse.errors import AttnsparseError
+from attnsparse.specs import ParsedSpec, Registry, expect_fields
+
+ESTIMATORS: Registry[BlockEstimator] = Registry("block estimator")
+
+
+@dataclass(frozen=True)
+class BlockGrid:
+    """Block geometry of one attention call: `queries` queries ending at the last of `keys` key positions."""
+
+    block: int
+    queries: int
+    keys: int
+
+    def __post_init__(self) -> None:
+        if self.block < 1 or self.queries < 1 or self.queries > self.keys:
+            raise AttnsparseError(f"bad block grid: block {self.block}, {self.queries} queries, {self.keys} keys")
+
+    @property
+    def offset(self) -> int:
+        """Key position of the first query."""
+        return self.keys - self.queries
+
+    @property
+    def first(self) -> int:
+        """Key block holding the first query."""
+        return self.offset // self.block
+
+    @property
+    def key_blocks(self) -> int:
+        return -(-self.keys // self.block)
+
+    @property
+    def query_blocks(self) -> int:
+        return self.key_blocks - self.first
+
+    def query_block_of(self, positions: torch.Tensor) -> torch.Tensor:
+        """Row index (query block) of each key-axis query position."""
+        return torch.div(positions, self.block, rounding_mode="floor") - self.first
+
+    def causal(self, device: torch.device | None = None) -> torch.Tensor:
+        """(Qb, Kb) bool: key block j is visible to query block r when j <= first + r."""
+        rows = torch.arange(self.query_blocks, device=device)[:, None] + self.first
+        return torch.arange(self.key_blocks, device=device)[None, :] <= rows
+
+    def causal_pairs(self) -> int:
+        """Visible (query block, key block) pairs: the denominator of a block density."""
+        return sum(self.first + r + 1 for r in range(self.query_blocks))
+
+    def pool_queries(self, query: torch.Tensor) -> torch.Tensor:
+        """Mean query of each query block: (B, H, Q, D) -> (B, H, Qb, D) float32 (partial blocks: their queries)."""
+        return _pool(query.float(), self.offset, self.block, self.query_blocks)
+
+    def pool_keys(self, key: torch.Tensor) -> torch.Tensor:
+        """Mean key of each key block: (B, Hkv, K, D) -> (B, Hkv, Kb, D) float32 (the last block: its keys)."""
+        return _pool(key.float(), 0, self.block, self.key_blocks)
+
+    def counts(self, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries per query block (Qb,) and keys per key block (Kb,), as float32."""
+        starts = torch.arange(self.key_blocks, device=device) * self.block
+        keys = (starts + self.block).clamp(max=self.keys) - starts
+        q_starts = starts[self.first:].clamp(min=self.offset)
+        queries = (starts[self.first:] + self.block).clamp(max=self.keys) - q_starts
+        return queries.float(), keys.float()
+
+
+def _pool(x: torch.Tensor, start: int, block: int, blocks: int) -> torch.Tensor:
+    """Means of x (..., N, D) over the position blocks its rows fall in, rows being positions start .. start + N."""
+    lead = start % block
+    padded = torch.nn.functional.pad(x, (0, 0, lead, blocks * block - lead - x.shape[-2]))
+    sums = padded.view(*x.shape[:-2], blocks, block, x.shape[-1]).sum(dim=-2)
+    index = torch.arange(blocks * block, device=x.device).view(blocks, block) + (start - lead)
+    present = ((index >= start) & (index < start + x.shape[-2])).sum(dim=-1).clamp(min=1)
+    return sums / present.to(x.dtype)[:, None]
+
+
+class BlockEstimator:
+    """A way of guessing block attention masses; subclasses are frozen dataclasses registered in ESTIMATORS."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    def from_spec(cls, spec: ParsedSpec) -> BlockEstimator:
+        expect_fields(spec, 0)
+        return cls()
+
+    @property
+    def spec(self) -> str:
+        """The canonical spec, `ESTIMATORS.parse(e.spec) == e`."""
+        return self.name
+
+    def log_mass(self, query: torch.Tensor, key: torch.Tensor, grid: BlockGrid, *, scaling: float,
+                 layer_idx: int) -> torch.Tensor:
+        """Block log-masses (B, Hkv, Qb, Kb) float32 for query (B, H, Q, D) and key (B, Hkv, K, D).
+
+        Only entries visible under `grid.causal()` are read; -inf marks a block guessed to hold no mass.
+        """
+        raise NotImplementedError
+
+
+def group_mean_log(log_mass: torch.Tensor, groups: int, causal: torch.Tensor) -> torch.Tensor:
+    """Per query head log-masses (B, H, Qb, Kb) -> per kv group (B, Hkv, Qb, Kb): each head's row normalised over
+    its visible blocks, then the mean mass of the group's G heads (in log)."""
+    batch, heads, rows, cols = log_mass.shape
+    probs = torch.softmax(log_mass.masked_fill(~causal, float("-inf")), dim=-1).nan_to_num(0.0)
+    return probs.view(batch, heads // groups, groups, rows, cols).mean(dim=2).log()
+
+
+@dataclass(frozen=True)
+class Density:
+    """Keep `round(density x causal block pairs)` blocks per (batch, kv group), forced blocks included."""
+
+    density: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.density <= 1.0:
+            raise AttnsparseError(f"block density must be in (0, 1], got {self.density}")
+
+
+@dataclass(frozen=True)
+class Mass:
+    """Per query block, keep the fewest blocks whose estimated mass reaches `gamma` (FlexPrefill's threshold)."""
+
+    gamma: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.gamma <= 1.0:
+            raise AttnsparseError(f"cumulative mass threshold must be in (0, 1], got {self.gamma}")
+
+
+Budget = Density | Mass
+
+
+def forced_blocks(grid: BlockGrid, sink: int, local: int, device: torch.device | None = None) -> torch.Tensor:
+    """(Qb, Kb) bool: the first `sink` key blocks and the `local` blocks ending at the diagonal, where visible."""
+    causal = grid.causal(device)
+    cols = torch.arange(grid.key_blocks, device=device)[None, :]
+    diagonal = torch.arange(grid.query_blocks, device=device)[:, None] + grid.first
+    return causal & ((cols < sink) | (cols > diagonal - local))
+
+
+def select_blocks(log_mass: torch.Tensor, grid: BlockGrid, budget: Budget, *, sink: int = 1,
+                  local: int = 1) -> torch.Tensor:
+    """Kept-block mask (B, Hkv, Qb, Kb) bool from block log-masses: causal; forced blocks always; then the rest.
+
+    `Density`: the remaining budget (round(density x causal pairs) minus the forced blocks, at least 0) goes to the
+    blocks of highest estimated mass over the whole map of a (batch, kv group), which keeps the most estimated mass
+    (summed over query blocks) any selection of that size can; ties go to the earlier (row, column). `Mass`: per
+    query block, blocks in order of estimated mass (forced first) until the kept mass reaches gamma.
+    """
+    causal = grid.causal(log_mass.device)
+    forced = forced_blocks(grid, sink, local, log_mass.device)
+    probs = torch.softmax(log_mass.float().masked_fill(~causal, float("-inf")), dim=-1).nan_to_num(0.0)
+    if isinstance(budget, Density):
+        return _select_density(probs, causal, forced, budget.density, grid)
+    return _select_mass(probs, causal, forced, budget.gamma)
+
+
+def density_budget(grid: BlockGrid, density: float) -> int:
+    """Blocks a density keeps per (batch, kv group): round(density x causal pairs), at least one."""
+    return max(1, math.floor(density * grid.causal_pairs() + 0.5))
+
+
+def _select_density(probs: torch.Tensor, causal: torch.Tensor, forced: torch.Tensor, density: float,
+                    grid: BlockGrid) -> torch.Tensor:
+    batch, heads, rows, cols = probs.shape
+    extra = max(0, density_budget(grid, density) - int(forced.sum()))
+    keep = forced.expand(batch, heads, rows, cols).clone()
+    if extra == 0:
+        return keep
+    candidates = (causal & ~forced).expand_as(probs)
+    ranked = probs.masked_fill(~candidates, -1.0).reshape(batch, heads, -1)
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :extra]
+    chosen = torch.zeros_like(ranked, dtype=torch.bool).scatter_(-1, order, True)
+    return keep | (chosen.view_as(keep) & candidates)
+
+
+def _select_mass(probs: torch.Tensor, causal: torch.Tensor, forced: torch.Tensor, gamma: float) -> torch.Tensor:
+    forced = forced.expand_as(probs)
+    # forced blocks sort first (key 2 + mass), then candidates by mass; invisible blocks last
+    key = torch.where(forced, probs + 2.0, torch.where(causal, probs, torch.full_like(probs, -1.0)))
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    sorted_mass = probs.gather(-1, order)
+    before = sorted_mass.cumsum(dim=-1) - sorted_mass  # mass kept before each block is added
+    take = (before < gamma - 1e-6) | forced.gather(-1, order)
+    take &= causal.expand_as(probs).gather(-1, order)
+    return torch.zeros_like(take).scatter_(-1, order, take)
+
+
+def expand_to_keys(blocks: torch.Tensor, grid: BlockGrid, positions: torch.Tensor, width: int,
+                   groups: int) -> torch.Tensor:
+    """Token-level kept mask (B, H, Qc, width) for queries at `positions` from a block mask (B, Hkv, Qb, Kb)."""
+    rows = blocks[:, :, grid.query_block_of(positions.to(blocks.device))]  # (B, Hkv, Qc, Kb)
+    columns = torch.div(torch.arange(width, device=blocks.device), grid.block, rounding_mode="floor")
+    tokens = rows[..., columns]  # (B, Hkv, Qc, width)
+    batch, kv_heads, chunk, _ = tokens.shape
+    return tokens[:, :, None].expand(batch, kv_heads, groups, chunk, width).reshape(batch, kv_heads * groups,
+                                                                                   chunk, width)
+
+
+def parse_estimator(spec: str | BlockEstimator) -> BlockEstimator:
+    """An estimator from its spec (`antidiag`, `mean`, ...); an instance passes through."""
+    return spec if isinstance(spec, BlockEstimator) else ESTIMATORS.parse(spec)

@@ -1,0 +1,151 @@
+"""Block-sparse prefill: the selection rule, the estimators, the attention over kept blocks, the policy end to end.
+
+References are written from the definitions (docs/prefill.md) with python loops in tests/reference.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from attnsparse.attention.backend import chunked_attention, sparse_attention
+from attnsparse.attention.blockattend import block_sparse_attention, gathered_block_attention
+from attnsparse.attention.policies import BlockSparse, parse_policy
+from attnsparse.attention.selection import (
+    ESTIMATORS,
+    BlockGrid,
+    Density,
+    Mass,
+    forced_blocks,
+    parse_estimator,
+    select_blocks,
+)
+from attnsparse.errors import AttnsparseError
+from tests import reference as R
+
+
+def _inputs(batch: int, heads: int, kv_heads: int, n: int, dim: int, seed: int, queries: int | None = None):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, queries or n, dim, generator=gen)
+    k = torch.randn(batch, kv_heads, n, dim, generator=gen) * 1.5
+    v = torch.randn(batch, kv_heads, n, dim, generator=gen)
+    return q, k, v
+
+
+# ---- the selection rule -------------------------------------------------------------------------------------
+grids = st.builds(lambda block, n, q_share: BlockGrid(block, max(1, int(n * q_share)), n),
+                  st.integers(1, 8), st.integers(1, 40), st.sampled_from([1.0, 1.0, 0.5, 0.01]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(grid=grids, density=st.floats(0.01, 1.0), sink=st.integers(0, 2), local=st.integers(1, 3),
+       seed=st.integers(0, 1000))
+def test_density_selection_is_causal_keeps_forced_and_respects_the_budget(grid, density, sink, local, seed):
+    gen = torch.Generator().manual_seed(seed)
+    log_mass = torch.randn(2, 3, grid.query_blocks, grid.key_blocks, generator=gen)
+    keep = select_blocks(log_mass, grid, Density(density), sink=sink, local=local)
+    causal, forced = R.block_causal(grid), R.block_forced(grid, sink, local)
+    assert not (keep & ~causal).any()
+    assert (keep | ~forced).all()
+    budget = max(1, math.floor(density * int(causal.sum()) + 0.5))
+    assert (keep.sum(dim=(-1, -2)) == max(budget, int(forced.sum()))).all()
+    assert torch.equal(keep, R.density_select(log_mass, causal, forced, budget))
+
+
+@settings(max_examples=60, deadline=None)
+@given(grid=grids, gamma=st.floats(0.05, 1.0), seed=st.integers(0, 1000))
+def test_mass_selection_keeps_the_fewest_blocks_reaching_gamma(grid, gamma, seed):
+    gen = torch.Generator().manual_seed(seed)
+    log_mass = torch.randn(1, 2, grid.query_blocks, grid.key_blocks, generator=gen) * 2
+    keep = select_blocks(log_mass, grid, Mass(gamma))
+    causal, forced = R.block_causal(grid), R.block_forced(grid, 1, 1)
+    assert torch.equal(keep, R.mass_select(log_mass, causal, forced, gamma))
+
+
+def test_forced_blocks_are_sink_and_diagonal():
+    grid = BlockGrid(4, 16, 16)
+    assert forced_blocks(grid, 1, 1).int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1]]
+    late = BlockGrid(4, 3, 14)  # queries at 11, 12, 13: key blocks 2 and 3
+    assert late.first == 2 and late.query_blocks == 2 and late.key_blocks == 4
+    assert forced_blocks(late, 1, 2).int().tolist() == [[1, 1, 1, 0], [1, 0, 1, 1]]
+
+
+# ---- attention over kept blocks -----------------------------------------------------------------------------
+def _random_blocks(grid: BlockGrid, batch: int, kv_heads: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    keep = torch.rand(batch, kv_heads, grid.query_blocks, grid.key_blocks, generator=gen) < 0.4
+    return (keep | forced_blocks(grid, 1, 1)) & grid.causal()
+
+
+@pytest.mark.parametrize("batch,heads,kv_heads,n,dim,block,queries", [
+    (1, 4, 2, 37, 16, 8, None),  # GQA, partial last block
+    (2, 3, 3, 50, 8, 16, None),  # batch 2, MHA
+    (1, 6, 2, 40, 24, 8, 13),  # fewer queries than keys, first query block partial
+    (1, 2, 1, 5, 4, 8, None),  # one partial block
+])
+def test_gathered_attention_matches_brute_force_over_the_same_blocks(batch, heads, kv_heads, n, dim, block, queries):
+    q, k, v = _inputs(batch, heads, kv_heads, n, dim, seed=n, queries=queries)
+    grid = BlockGrid(block, q.shape[2], n)
+    blocks = _random_blocks(grid, batch, kv_heads, seed=1)
+    keep = R.block_keep_tokens(blocks, grid, heads // kv_heads)
+    expected = R.attention(q, k, v, dim**-0.5, keep=keep).transpose(1, 2)
+    torch.testing.assert_close(gathered_block_attention(q, k, v, blocks, grid, dim**-0.5), expected,
+                               atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(block_sparse_attention(q, k, v, blocks, grid, dim**-0.5), expected,
+                               atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("estimator", ["mean"])
+def test_covering_density_reproduces_dense_through_the_backend(estimator):
+    q, k, v = _inputs(2, 4, 2, 45, 16, seed=3)
+    policy = parse_policy(f"blocksparse:8:1:{estimator}")
+    expected = R.attention(q, k, v, 0.25, keep=torch.ones(45, 45).tril().bool()).transpose(1, 2)
+    out = chunked_attention(q, k, v, None, scaling=0.25, policy=policy, query_chunk=16)
+    torch.testing.assert_close(out, expected, atol=2e-6, rtol=1e-5)
+    assert policy.density(45) == 1.0
+
+
+def test_observers_see_the_block_mask_expanded_to_keys():
+    q, k, v = _inputs(1, 4, 2, 30, 8, seed=4)
+    policy = parse_policy("blocksparse:8:0.3:mean")
+    seen = []
+    out = chunked_attention(q, k, v, None, scaling=0.3, policy=policy, query_chunk=7,
+                            observers=[lambda chunk: seen.append(chunk.kept)])
+    prepared = policy.prepare(q, k, scaling=0.3, layer_idx=0)
+    full = R.block_keep_tokens(prepared.blocks, prepared.grid, 2)
+    for start, chunk in zip(range(0, 30, 7), seen, strict=True):
+        assert torch.equal(chunk, full[:, :, start:start + chunk.shape[2], :chunk.shape[-1]])
+    expected = R.attention(q, k, v, 0.3, keep=full).transpose(1, 2)
+    torch.testing.assert_close(out, expected, atol=2e-6, rtol=1e-5)
+
+
+# ---- the policy ---------------------------------------------------------------------------------------------
+def test_specs_round_trip_and_errors():
+    for spec in ["blocksparse:64:0.1:mean", "blockmass:32:0.9:mean", "blocksparse:16:0.05:mean:sink=2,local=3"]:
+        policy = parse_policy(spec)
+        assert isinstance(policy, BlockSparse) and policy.spec == spec and parse_policy(policy.spec) == policy
+    for bad in ["blocksparse:64", "blocksparse:0:0.1", "blocksparse:64:0", "blocksparse:64:1.5",
+                "blockmass:64:0", "blocksparse:64:0.1:nosuch", "blocksparse:x:0.1"]:
+        with pytest.raises(AttnsparseError) as error:
+            parse_policy(bad)
+        assert "\n" not in str(error.value)
+    assert "mean" in ESTIMATORS.usage() and parse_estimator("mean").spec == "mean"
+
+
+def test_sparse_prefill_on_a_tiny_model_covering_budget_equals_dense():
+    from attnsparse.core.tiny import tiny_llama
+
+    model = tiny_llama(seed=0).eval()
+    ids = torch.randint(0, 97, (2, 41), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        dense = model(ids).logits
+        with sparse_attention(model, "blocksparse:8:1:mean"):
+            sparse = model(ids).logits
+        with sparse_attention(model, "blocksparse:8:0.2:mean"):
+            thin = model(ids).logits
+    torch.testing.assert_close(sparse, dense, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(thin, dense, atol=1e-3)
