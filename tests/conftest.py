@@ -15,6 +15,11 @@ settings.register_profile("ci", derandomize=True, deadline=None, max_examples=10
 settings.register_profile("explore", deadline=None, max_examples=1000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+# Without CUDA the Triton kernels' tests run under Triton's interpreter, which must be chosen before anything imports
+# Triton (torch._dynamo does, through transformers).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 WIKITEXT_TEST = SHARED_DATA / "wikitext-2" / "test.txt"
 

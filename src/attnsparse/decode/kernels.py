@@ -151,12 +151,15 @@ def block_decode(
 ) -> torch.Tensor:
     """Exact attention over the selected blocks only; positions >= n in a partly filled last block are masked.
 
-    On CPU float32 the compiled kernel (native/blockattn.c) reads the selected blocks in place; otherwise the
-    blocks are gathered into a copy for SDPA.
+    On CPU float32 the compiled kernel (native/blockattn.c) reads the selected blocks in place; on CUDA the Triton
+    kernel (decode/triton_block.py) does; otherwise the blocks are gathered into a copy for SDPA.
     """
     kernel = _native_block_attend() if _native_fits(q, key_blocks, value_blocks) else None
     if kernel is not None:
         return _block_decode_native(kernel, q, key_blocks, value_blocks, index, n, scaling)
+    gpu = gpu_kernels(q, key_blocks, value_blocks)
+    if gpu is not None:
+        return gpu.attend(q, key_blocks, value_blocks, index, n, scaling)
     keys = gather_blocks(key_blocks, index)
     values = gather_blocks(value_blocks, index)
     size = key_blocks.shape[-2]
@@ -165,6 +168,24 @@ def block_decode(
         positions = index.unsqueeze(-1) * size + _arange(size, q.device)
         mask = (positions < n).view(*index.shape[:2], 1, -1)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling)
+
+
+@functools.cache
+def _triton_block():  # type: ignore[no-untyped-def]
+    """decode/triton_block.py, or None when Triton is not installed (the `gpu` extra)."""
+    try:
+        from attnsparse.decode import triton_block
+    except ImportError:
+        return None
+    return triton_block
+
+
+def gpu_kernels(q: torch.Tensor, key_blocks: torch.Tensor, value_blocks: torch.Tensor):  # type: ignore[no-untyped-def]
+    """The Triton block kernels for CUDA tensors they take (`triton_block.fits`), else None (CPU: the C kernels)."""
+    if not q.is_cuda:
+        return None
+    gpu = _triton_block()
+    return gpu if gpu is not None and gpu.fits(q, key_blocks, value_blocks) else None
 
 
 def _native_fits(q: torch.Tensor, key_blocks: torch.Tensor, value_blocks: torch.Tensor, contiguous: bool = True) -> bool:
@@ -217,10 +238,14 @@ def mean_block_decode(
     sink_blocks: int, recent_blocks: int, scaling: float,
 ) -> torch.Tensor | None:
     """Block top-k by mean key, selection and attention in one compiled call (no copies, torch's thread count for
-    large steps); None when the kernel or the tensors do not fit (CPU float32 contiguous): use the torch path.
+    large steps); on CUDA the Triton kernels (decode/triton_block.py); None when neither fits (CPU float32
+    contiguous, or CUDA with Triton): use the torch path.
 
     Same result as `block_means` + `select_blocks` + `block_decode` (ties at the threshold: lower block first).
     """
+    gpu = gpu_kernels(q, key_blocks, value_blocks)
+    if gpu is not None:
+        return gpu.mean_block_decode(q, key_blocks, value_blocks, sums, n, count, sink_blocks, recent_blocks, scaling)
     kernel = _native_mean_decode() if _native_fits(q, key_blocks, value_blocks) and sums.is_contiguous() else None
     if kernel is None:
         return None
