@@ -177,3 +177,101 @@ def block_keep_tokens(blocks: torch.Tensor, grid, groups: int) -> torch.Tensor:
             column = blocks[:, :, pos // grid.block - first, t // grid.block]  # (B, Hkv)
             keep[:, :, i, t] = column.repeat_interleave(groups, dim=1)
     return keep
+
+
+def _group_block_probs(per_head: list, groups: int, causal: torch.Tensor) -> torch.Tensor:
+    """Per head block masses (nested lists [h][r][j], >= 0) -> (Hkv, Qb, Kb): rows normalised over visible
+    blocks, then the mean over each kv group's heads."""
+    heads, rows, cols = len(per_head), causal.shape[0], causal.shape[1]
+    out = torch.zeros(heads // groups, rows, cols, dtype=torch.float64)
+    for h in range(heads):
+        for r in range(rows):
+            total = sum(per_head[h][r][j] for j in range(cols) if causal[r, j])
+            for j in range(cols):
+                if causal[r, j] and total > 0:
+                    out[h // groups, r, j] += per_head[h][r][j] / total / groups
+    return out
+
+
+def _block_members(grid) -> tuple[list[list[int]], list[list[int]]]:
+    """Query indices (into the call's queries) of each query block, key positions of each key block."""
+    offset = grid.keys - grid.queries
+    first = offset // grid.block
+    key_blocks = -(-grid.keys // grid.block)
+    q_members = [[i for i in range(grid.queries) if (offset + i) // grid.block == first + r]
+                 for r in range(key_blocks - first)]
+    k_members = [[t for t in range(grid.keys) if t // grid.block == j] for j in range(key_blocks)]
+    return q_members, k_members
+
+
+def mean_key_block_probs(q: torch.Tensor, k: torch.Tensor, grid, scaling: float) -> torch.Tensor:
+    """One batch row: q (H, Q, D), k (Hkv, K, D). Mass of block j for block r ∝ |j| exp(scaling q̄_r · k̄_j)."""
+    groups = q.shape[0] // k.shape[0]
+    q_members, k_members = _block_members(grid)
+    per_head = []
+    for h in range(q.shape[0]):
+        rows = []
+        for qs in q_members:
+            q_mean = q[h, qs].double().mean(0)
+            rows.append([len(ks) * math.exp(scaling * float(q_mean @ k[h // groups, ks].double().mean(0)))
+                         for ks in k_members])
+        per_head.append(rows)
+    return _group_block_probs(per_head, groups, block_causal(grid))
+
+
+def antidiagonal_block_probs(q: torch.Tensor, k: torch.Tensor, grid, scaling: float, stride: int) -> torch.Tensor:
+    """One batch row. Runs of `stride` key-axis positions; for query run a and key run c the antidiagonal sum
+    sum_t q[a·S + S-1-t] · k[c·S + t] (absent positions are zero vectors), scaled by scaling / S; each run of
+    queries (that holds one) softmaxes over key runs c <= a inside the sequence; a block pair's mass is the sum."""
+    groups = q.shape[0] // k.shape[0]
+    offset = grid.keys - grid.queries
+    first = offset // grid.block
+    dim = q.shape[-1]
+
+    def q_at(h: int, pos: int) -> torch.Tensor:
+        return q[h, pos - offset].double() if offset <= pos < grid.keys else torch.zeros(dim, dtype=torch.float64)
+
+    def k_at(h: int, pos: int) -> torch.Tensor:
+        return k[h // groups, pos].double() if pos < grid.keys else torch.zeros(dim, dtype=torch.float64)
+
+    key_blocks = -(-grid.keys // grid.block)
+    per_head = []
+    for h in range(q.shape[0]):
+        mass = [[0.0] * key_blocks for _ in range(key_blocks - first)]
+        for a in range(first * grid.block // stride, key_blocks * grid.block // stride):
+            if not any(offset <= a * stride + t < grid.keys for t in range(stride)):
+                continue
+            cols = [c for c in range(a + 1) if c * stride < grid.keys]
+            logits = [scaling / stride * sum(float(q_at(h, a * stride + stride - 1 - t) @ k_at(h, c * stride + t))
+                                              for t in range(stride)) for c in cols]
+            top = max(logits)
+            weights = [math.exp(x - top) for x in logits]
+            for c, w in zip(cols, weights, strict=True):
+                mass[a * stride // grid.block - first][c * stride // grid.block] += w / sum(weights)
+        per_head.append(mass)
+    return _group_block_probs(per_head, groups, block_causal(grid))
+
+
+def vertical_slash_block_probs(q: torch.Tensor, k: torch.Tensor, grid, scaling: float, last: int) -> torch.Tensor:
+    """One batch row. The last `last` queries' causal softmax rows give vertical[t] (mean mass on key t) and
+    slash[d] (mean mass at distance d = position - key); query p guesses vertical[t] + slash[p - t] for t <= p, a
+    block pair's mass is the mean over the block's queries of the sum over its keys."""
+    groups = q.shape[0] // k.shape[0]
+    offset, n = grid.keys - grid.queries, grid.keys
+    last = min(last, grid.queries)
+    q_members, k_members = _block_members(grid)
+    per_head = []
+    for h in range(q.shape[0]):
+        vertical, slash = [0.0] * n, [0.0] * n
+        for i in range(grid.queries - last, grid.queries):
+            pos = offset + i
+            logits = [scaling * float(q[h, i].double() @ k[h // groups, t].double()) for t in range(pos + 1)]
+            top = max(logits)
+            weights = [math.exp(x - top) for x in logits]
+            for t, w in enumerate(weights):
+                vertical[t] += w / sum(weights) / last
+                slash[pos - t] += w / sum(weights) / last
+        mass = [[sum(sum(vertical[t] + slash[offset + i - t] for t in ks if t <= offset + i) for i in qs) / len(qs)
+                 for ks in k_members] for qs in q_members]
+        per_head.append(mass)
+    return _group_block_probs(per_head, groups, block_causal(grid))

@@ -99,7 +99,7 @@ def test_gathered_attention_matches_brute_force_over_the_same_blocks(batch, head
                                atol=2e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("estimator", ["mean"])
+@pytest.mark.parametrize("estimator", ["mean", "antidiag", "vslash"])
 def test_covering_density_reproduces_dense_through_the_backend(estimator):
     q, k, v = _inputs(2, 4, 2, 45, 16, seed=3)
     policy = parse_policy(f"blocksparse:8:1:{estimator}")
@@ -149,3 +149,31 @@ def test_sparse_prefill_on_a_tiny_model_covering_budget_equals_dense():
             thin = model(ids).logits
     torch.testing.assert_close(sparse, dense, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(thin, dense, atol=1e-3)
+
+
+# ---- estimators ---------------------------------------------------------------------------------------------
+def _estimated_probs(estimator, q, k, grid, scaling):
+    log_mass = parse_estimator(estimator).log_mass(q, k, grid, scaling=scaling, layer_idx=0)
+    causal = grid.causal()
+    return torch.softmax(log_mass.masked_fill(~causal, float("-inf")), dim=-1).nan_to_num(0.0).double()
+
+
+@pytest.mark.parametrize("n,block,queries,heads,kv_heads", [(21, 4, None, 4, 2), (16, 8, None, 2, 2),
+                                                            (19, 4, 6, 3, 1)])
+@pytest.mark.parametrize("estimator", ["mean", "antidiag:stride=2", "antidiag:stride=3", "vslash:last=5"])
+def test_estimators_match_brute_force_block_masses(estimator, n, block, queries, heads, kv_heads):
+    q, k, _ = _inputs(2, heads, kv_heads, n, 8, seed=n + block, queries=queries)
+    grid = BlockGrid(block, q.shape[2], n)
+    got = _estimated_probs(estimator, q, k, grid, 0.4)
+    name, _, arg = estimator.partition(":")
+    value = int(arg.split("=")[1]) if arg else 0
+    if name == "antidiag":
+        value = max(d for d in range(1, min(block, value) + 1) if block % d == 0)  # runs tile the block
+    for b in range(2):
+        if name == "mean":
+            expected = R.mean_key_block_probs(q[b], k[b], grid, 0.4)
+        elif name == "antidiag":
+            expected = R.antidiagonal_block_probs(q[b], k[b], grid, 0.4, value)
+        else:
+            expected = R.vertical_slash_block_probs(q[b], k[b], grid, 0.4, value)
+        torch.testing.assert_close(got[b], expected, atol=1e-5, rtol=1e-4)

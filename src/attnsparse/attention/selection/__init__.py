@@ -7,6 +7,7 @@ the head axis: one selection per kv group).
 
 from __future__ import annotations
 
+from attnsparse.attention.selection.antidiag import Antidiagonal
 from attnsparse.attention.selection.base import (
     ESTIMATORS,
     BlockEstimator,
@@ -22,15 +23,18 @@ from attnsparse.attention.selection.base import (
     select_blocks,
 )
 from attnsparse.attention.selection.mean import MeanKey
+from attnsparse.attention.selection.vslash import VerticalSlash
 
 __all__ = [
     "ESTIMATORS",
+    "Antidiagonal",
     "BlockEstimator",
     "BlockGrid",
     "Budget",
     "Density",
     "Mass",
     "MeanKey",
+    "VerticalSlash",
     "density_budget",
     "expand_to_keys",
     "forced_blocks",
