@@ -1,4 +1,5 @@
-"""Attention over kept blocks only, exact within them: the compiled kernel (core/native/blocksparse.c) or torch.
+"""Attention over kept blocks only, exact within them: the compiled kernel (core/native/blocksparse.c), FlexAttention
+on CUDA (attention/flexblock.py), or torch.
 
 Inputs: query (B, H, Q, D), key/value (B, Hkv, K, D), a kept-block mask (B, Hkv, Qb, Kb) on a `BlockGrid`, causal
 inside the diagonal block (query at key position K - Q + i sees keys <= that position). Output (B, Q, H, D), the
@@ -17,6 +18,8 @@ def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
                            grid: BlockGrid, scaling: float) -> torch.Tensor:
     """Exact softmax attention over each query block's kept key blocks: (B, Q, H, D) in the query's dtype."""
     out = _native(query, key, value, blocks, grid, scaling)
+    if out is None:
+        out = _flex(query, key, value, blocks, grid, scaling)
     if out is None:
         out = gathered_block_attention(query, key, value, blocks, grid, scaling)
     return out.to(query.dtype)
@@ -64,3 +67,13 @@ def _native(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, blocks:
             scaling: float) -> torch.Tensor | None:
     """The compiled kernel's result, or None where it does not apply (not CPU, not float32, no compiler)."""
     return None
+
+
+def _flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, blocks: torch.Tensor, grid: BlockGrid,
+          scaling: float) -> torch.Tensor | None:
+    """On CUDA, FlexAttention over the same selection (attention/flexblock.py); None elsewhere."""
+    from attnsparse.attention import flexblock
+
+    if not query.is_cuda or not flexblock.fits(grid):
+        return None
+    return flexblock.flex_block_attention(query, key, value, blocks, grid, scaling)
