@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from attnsparse.core.devices import resolve_device
 from attnsparse.core.plotting import pyplot
 from attnsparse.core.report import Section, write_html_report
 from attnsparse.core.runs import RunDir, atomic_write_json, read_run
@@ -37,6 +38,8 @@ class PipelineConfig:
     policies: str = "dense,topk:4,topk:8,topk:16,topk:32,topk:64"
     steps: int | None = None  # override the preset's step count (None: keep it)
     overrides: dict[str, Any] = field(default_factory=dict)
+    device: str | None = None  # cpu, cuda or cuda:N (None: cuda when available); every stage runs there
+    dtype: str = "float32"  # model precision of measure and evaluate, mixed precision of condense
 
 
 @dataclass
@@ -73,6 +76,7 @@ def run_pipeline(
     run = RunDir(out, KIND)
     previous = run.inspect()
     settings = json.loads(json.dumps(_config_json(config)))
+    settings["device"] = str(resolve_device(config.device))  # the device it resolved to (a missing one fails here)
     stage = {name: out / name for name in STAGES}
     started = [name for name in STAGES if stage[name].exists()]
     if previous is not None and previous.config != settings and started and not overwrite:
@@ -99,8 +103,9 @@ def run_pipeline(
         if not _finished(stage["condense"], "condense"):
             echo(f"== condense ({config.preset})")
             resuming = bool(checkpoints(stage["condense"] / "checkpoints"))
-            condense(condense_config, stage["condense"], resume=resuming, progress=progress, model=loaded, echo=echo)
-        condensed = load_model(str(stage["condense"] / "model"))
+            trainee = loaded if config.dtype == "float32" else None  # mixed precision trains float32 weights it loads
+            condense(condense_config, stage["condense"], resume=resuming, progress=progress, model=trainee, echo=echo)
+        condensed = load_model(str(stage["condense"] / "model"), config.dtype, device=config.device)
         condensed = LoadedModel(condensed.model, condensed.tokenizer, f"{config.model} (condensed)",
                                 condensed.source, condensed.load_seconds)
         profile_and_score(condensed, "after", "condensed")
@@ -125,7 +130,7 @@ def _validated(config: PipelineConfig) -> tuple[Any, Any]:
     from attnsparse.core.models import load_model
 
     condense_config = preset_config(config.preset, model=config.model, data=config.train_data, steps=config.steps,
-                                    **config.overrides)
+                                    device=config.device, dtype=config.dtype, **config.overrides)
     condense_config.validate()
     for option, count in (("--measure-windows", config.measure_windows), ("--eval-windows", config.eval_windows)):
         if count < 1:
@@ -133,7 +138,7 @@ def _validated(config: PipelineConfig) -> tuple[Any, Any]:
     if config.ctx < 2:
         raise AttnsparseError(f"--ctx {config.ctx} is too small; use --ctx 2 or more")
     parse_policies(config.policies)
-    loaded = load_model(config.model)
+    loaded = load_model(config.model, config.dtype, device=config.device)
     check_context(config.ctx, loaded.max_context)
     check_context(condense_config.seq_len, loaded.max_context)
     eval_ids = tokenize(loaded.tokenizer, load_text(config.eval_data))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from attnsparse.cli._common import device_option
 from attnsparse.specs import split_list
 
 
@@ -64,10 +65,17 @@ def condense_command(
     save_steps: int | None = typer.Option(None, "--save-steps", help="Checkpoint every N steps."),
     save_total_limit: int | None = typer.Option(None, "--keep-checkpoints", help="Checkpoints to keep (at least 1)."),
     query_chunk: int | None = typer.Option(None, "--query-chunk", help="Queries per attention chunk."),
-    fsdp: str | None = typer.Option(None, "--fsdp", help="FSDP mode passed to Trainer, e.g. 'full_shard auto_wrap'."),
+    fsdp: str | None = typer.Option(
+        None, "--fsdp", help="Shard under torchrun / accelerate launch (FSDP2, CPU or GPU): 'full_shard auto_wrap', "
+        "'shard_grad_op auto_wrap', add 'offload' to keep weights on the host."
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous condense run in --out."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar with the loss components."),
+    device: str | None = device_option(),
+    dtype: str | None = typer.Option(
+        None, "--dtype", help="float32 (default), or bfloat16 / float16 mixed precision (weights stay float32)."
+    ),
 ) -> None:
     """Fine-tune a model so each query's attention mass concentrates in its top-k keys (LM + λ·condensation loss)."""
     from attnsparse.cli._common import run_or_exit
@@ -83,6 +91,7 @@ def condense_command(
             "lora_rank": lora_rank, "lora_targets": lora_targets, "steps": steps, "batch_size": batch_size, "grad_accum": grad_accum,
             "seq_len": seq_len, "lr": lr, "lr_scheduler": lr_scheduler, "warmup_steps": warmup_steps, "seed": seed,
             "save_steps": save_steps, "save_total_limit": save_total_limit, "query_chunk": query_chunk, "fsdp": fsdp,
+            "device": device, "dtype": dtype,
         }
         if preset is not None:
             config = preset_config(preset, **overrides)

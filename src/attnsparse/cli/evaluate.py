@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from attnsparse.cli._common import device_option, dtype_option
 from attnsparse.specs import split_list
 
 if TYPE_CHECKING:
@@ -68,6 +69,8 @@ def evaluate_command(
     seed: int = typer.Option(0, "--seed", help="Seed of the task prompts."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous evaluate run in --out."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    device: str | None = device_option(),
+    dtype: str = dtype_option(),
 ) -> None:
     """Perplexity, density and ratio to dense for each attention policy, and long-context task accuracy (--tasks);
     JSON, CSV, plots and, with tasks, an HTML report."""
@@ -82,6 +85,7 @@ def evaluate_command(
             batch_size=batch_size, query_chunk=query_chunk, overwrite=overwrite, progress=progress,
             plans=split_list(plans, "--plans") if plans else (),
             decode_tokens=decode_tokens, tasks=task_options, ppl=task_options is None or data is not None,
+            device=device, dtype=dtype,
         )
         return result.table() + (f"\nwritten to {result.out}" if result.out is not None else "")
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from attnsparse.cli._common import device_option, dtype_option
 from attnsparse.errors import AttnsparseError
 
 if TYPE_CHECKING:
@@ -48,6 +49,8 @@ def generate_command(
     save_plan: str | None = typer.Option(None, "--save-plan", help="Write the plan used as JSON."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Tokens to generate."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON record instead of text and a summary."),
+    device: str | None = device_option(),
+    dtype: str = dtype_option(),
 ) -> None:
     """Generate a continuation of a prompt with sparse decoding; prints the text and a speed/memory summary."""
     from attnsparse.cli._common import run_or_exit
@@ -55,7 +58,7 @@ def generate_command(
     options = ProfileOptions(protect_retrieval, protected, average_density, density_context)
     record = run_or_exit(lambda: _generate(
         model, Path(prompt_file), policy, Path(profile) if profile else None, streaming,
-        Path(save_plan) if save_plan else None, max_new_tokens, options,
+        Path(save_plan) if save_plan else None, max_new_tokens, options, device, dtype,
     ))
     if as_json:
         typer.echo(json.dumps(record, indent=2))
@@ -111,21 +114,24 @@ class ProfileOptions:
 
 def _generate(model_spec: str, prompt_file: Path, policy: str, profile: Path | None, streaming: str,
               save_plan: Path | None, max_new_tokens: int,
-              options: ProfileOptions = ProfileOptions()) -> dict[str, object]:
+              options: ProfileOptions = ProfileOptions(), device: str | None = None,
+              dtype: str | None = None) -> dict[str, object]:
     import torch
 
     from attnsparse.core.data import load_text, tokenize
+    from attnsparse.core.devices import model_device, model_dtype, placement, resolve_device, resolve_dtype
     from attnsparse.core.models import ModelShape, load_model
     from attnsparse.decode.generate import generate
     from attnsparse.decode.plan import DecodePlan, plan_from_profile, resolve_plan
     from attnsparse.measure.profile import ProfileView
 
+    target, precision = resolve_device(device), resolve_dtype(dtype)  # a device this machine lacks fails first
     if save_plan is not None:
         _check_plan_path(save_plan)
     measured = ProfileView.read_json(profile) if profile is not None else None  # a bad profile fails before loading
     options.check(measured)
     text = load_text(str(prompt_file))
-    loaded = load_model(model_spec)
+    loaded = load_model(model_spec, precision, device=target)
     ids = tokenize(loaded.tokenizer, text)
     if ids.numel() == 0:
         raise AttnsparseError(f"prompt file {prompt_file} gives no tokens")
@@ -160,6 +166,7 @@ def _generate(model_spec: str, prompt_file: Path, policy: str, profile: Path | N
         "kv_mb_held": result.kv_bytes_held / 1e6,
         "attention_mb_per_step": result.attention_bytes_per_step / 1e6,
         "threads": torch.get_num_threads(),
+        **placement(model_device(loaded.model), model_dtype(loaded.model)),
     }
 
 

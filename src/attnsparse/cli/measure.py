@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from attnsparse.cli._common import device_option, dtype_option
 from attnsparse.specs import split_list
 
 
@@ -39,6 +40,8 @@ def measure_command(
     retrieval_threshold: float = typer.Option(
         0.1, "--retrieval-threshold", help="A head scoring at least this is classed retrieval."
     ),
+    device: str | None = device_option(),
+    dtype: str = dtype_option(),
 ) -> None:
     """Per-layer, per-head attention sparsity profile: top-k mass, k at coverage, C, entropy, head classes."""
     from attnsparse.cli._common import run_or_exit
@@ -51,5 +54,5 @@ def measure_command(
         local_window=local_window, stream_delta=stream_delta, fit_delta=fit_delta, fit_min_n=fit_min_n,
         batch_size=batch_size, query_chunk=query_chunk, overwrite=overwrite, progress=progress,
         echo=typer.echo, retrieval=retrieval, retrieval_trials=retrieval_trials,
-        retrieval_threshold=retrieval_threshold,
+        retrieval_threshold=retrieval_threshold, device=device, dtype=dtype,
     ))

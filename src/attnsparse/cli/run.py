@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from attnsparse.cli._common import run_or_exit
+from attnsparse.cli._common import device_option, dtype_option, run_or_exit
 
 
 def run_command(
@@ -19,11 +19,13 @@ def run_command(
     policies: str = typer.Option("dense,topk:4,topk:8,topk:16,topk:32,topk:64", help="Policies to evaluate."),
     steps: int | None = typer.Option(None, help="Override the preset's number of training steps."),
     overwrite: bool = typer.Option(False, help="Start over: replace the run in --out (needed to change its settings)."),
+    device: str | None = device_option(),
+    dtype: str = dtype_option(),
 ) -> None:
     """The main job: measure, condense, evaluate original against condensed, one before/after HTML report."""
     from attnsparse.pipeline import PipelineConfig, run_pipeline
 
     config = PipelineConfig(model=model, train_data=train_data, eval_data=eval_data, preset=preset, ctx=ctx,
                             measure_windows=measure_windows, eval_windows=eval_windows, policies=policies,
-                            steps=steps)
+                            steps=steps, device=device, dtype=dtype)
     run_or_exit(lambda: run_pipeline(config, out, overwrite=overwrite, echo=typer.echo))

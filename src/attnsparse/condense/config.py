@@ -6,15 +6,18 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+import torch
+
 from attnsparse.attention.policies.budget import read_budget
 from attnsparse.condense.losses import parse_loss
 from attnsparse.condense.schedules import K_SCHEDULES, LAMBDA_SCHEDULES
 from attnsparse.condense.trainable import TRAINABLE_SETS
+from attnsparse.core.devices import resolve_device, resolve_dtype
 from attnsparse.errors import AttnsparseError
 
 DISTILL_MODES: tuple[str, ...] = ("none", "add", "only")
 # Settings that may differ between the first run and a resume without changing the result.
-RESUME_FREE: tuple[str, ...] = ("save_steps", "save_total_limit", "query_chunk", "fsdp", "preset")
+RESUME_FREE: tuple[str, ...] = ("save_steps", "save_total_limit", "query_chunk", "fsdp", "preset", "device")
 # transformers' learning-rate schedulers that need nothing beyond warmup and step counts (the others want an
 # evaluation loop or extra scheduler arguments this command does not take).
 LR_SCHEDULERS: tuple[str, ...] = (
@@ -68,12 +71,14 @@ class CondenseConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 0
+    dtype: str = "float32"  # float32, or bfloat16 / float16 mixed precision (autocast; weights and AdamW stay float32)
     # bookkeeping (does not change the result)
     save_steps: int = 25
     save_total_limit: int | None = 2  # checkpoints kept, at least 1 (None: all)
     query_chunk: int | None = None
     fsdp: str = ""
     preset: str | None = None
+    device: str | None = None  # cpu or cuda (None: cuda when available); under torchrun each process its local GPU
 
     def validate(self) -> None:
         """Raise AttnsparseError on the first bad setting, with what to do."""
@@ -112,6 +117,17 @@ class CondenseConfig:
         _choice("learning-rate scheduler (--lr-scheduler)", self.lr_scheduler, LR_SCHEDULERS)
         for word in self.fsdp.split():
             _choice("FSDP option (--fsdp)", word, FSDP_OPTIONS)
+        if "full_shard" in self.fsdp.split() and "shard_grad_op" in self.fsdp.split():
+            raise AttnsparseError("--fsdp: choose one of full_shard and shard_grad_op")
+        device = resolve_device(self.device)
+        if device.type == "cuda" and device.index not in (None, 0):
+            raise AttnsparseError(f"--device {self.device}: condense trains on the first visible GPU per process; "
+                                  f"pick GPU {device.index} with CUDA_VISIBLE_DEVICES={device.index} and --device cuda")
+        if device.type == "meta":
+            raise AttnsparseError("--device meta cannot train; use cpu or cuda")
+        if resolve_dtype(self.dtype) == torch.float16 and device.type != "cuda":
+            raise AttnsparseError("--dtype float16 training (mixed precision with loss scaling) needs CUDA; use "
+                                  "--dtype bfloat16 or float32 on the CPU")
         if self.margin is not None:
             if not (self.margin >= 0 and math.isfinite(self.margin)):
                 raise AttnsparseError(f"--margin must be a number of nats >= 0, got {self.margin}")

@@ -35,8 +35,9 @@ from attnsparse.condense.mixture import mix_synthetic
 from attnsparse.condense.plots import plot_curves, read_log
 from attnsparse.condense.schedules import ConstrainedLambda
 from attnsparse.condense.trainable import add_lora, merged, set_trainable
-from attnsparse.condense.trainer import CondenseTrainer, NonFiniteStop, _barrier, install_callbacks
+from attnsparse.condense.trainer import CondenseTrainer, NonFiniteStop, _barrier, full_state_dict, install_callbacks
 from attnsparse.core.data import check_context, load_text, tokenize, windows
+from attnsparse.core.devices import device_name, resolve_device, resolve_dtype
 from attnsparse.core.models import LoadedModel, ModelShape, load_model, save_atomically
 from attnsparse.core.runs import RunDir, RunRecord
 from attnsparse.errors import AttnsparseError
@@ -71,9 +72,25 @@ class WindowDataset(torch.utils.data.Dataset):
         return {"input_ids": self.windows[index]}
 
 
+def _fsdp_config(words: str) -> dict[str, Any] | None:
+    """--fsdp words as Trainer's FSDP2 settings: full_shard (default) reshards after the forward, shard_grad_op keeps
+    the gathered weights until the backward, offload keeps them on the host; auto_wrap (transformers' default
+    policy) shards each decoder layer."""
+    chosen = words.split()
+    if not chosen:
+        return None
+    return {"version": 2, "reshard_after_forward": "shard_grad_op" not in chosen, "cpu_offload": "offload" in chosen}
+
+
 def training_arguments(config: CondenseConfig, out: Path, progress: bool) -> TrainingArguments:
-    """Trainer settings; creating them also sets up torch.distributed under torchrun / accelerate launch."""
-    cpu = not torch.cuda.is_available()
+    """Trainer settings; creating them also sets up torch.distributed under torchrun / accelerate launch.
+
+    `config.device` cpu trains on the CPU (gloo between processes), cuda on each process's GPU (nccl); `config.dtype`
+    bfloat16 / float16 is autocast mixed precision over float32 weights.
+    """
+    cpu = resolve_device(config.device).type == "cpu"
+    dtype = resolve_dtype(config.dtype)
+    fsdp = _fsdp_config(config.fsdp)
     return TrainingArguments(
         output_dir=str(out / "checkpoints"),
         max_steps=config.steps,
@@ -93,11 +110,14 @@ def training_arguments(config: CondenseConfig, out: Path, progress: bool) -> Tra
         report_to="none",
         disable_tqdm=not progress,
         use_cpu=cpu,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
         ddp_backend="gloo" if cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
         remove_unused_columns=False,
-        fsdp=config.fsdp,
+        fsdp=fsdp is not None,
+        fsdp_config=fsdp,
     )
 
 
@@ -207,7 +227,8 @@ def condense(
     main = args.process_index == 0
 
     set_seed(config.seed)
-    loaded = model if model is not None else load_model(config.model)
+    # loaded on the host in float32 (the master weights); Trainer moves it to its device, autocast gives the dtype
+    loaded = model if model is not None else load_model(config.model, device="cpu")
     net, tokenizer = loaded.model, loaded.tokenizer
     shape = ModelShape.of(net)
     check_context(config.seq_len, shape.need("max_context"), option="--seq-len")
@@ -220,7 +241,7 @@ def condense(
 
     _barrier()  # every process has read the directory before process 0 changes it
     if main:
-        run.start(_settings(config, "running"), clear=not resume)
+        run.start(_settings(config, "running", _placement(args, config)), clear=not resume)
         if resume:
             for bad, why in broken:
                 shutil.rmtree(bad, ignore_errors=True)
@@ -274,15 +295,23 @@ def condense(
     model_dir = out / "model"
     _barrier()
     record = trainer.last_record or {}
+    weights = full_state_dict(final_model)  # FSDP: every process takes part in gathering the whole weights
     if main:
         with run.guard(lambda: _kept(out)):
-            _save_model(final_model, tokenizer, model_dir)
+            _save_model(final_model, tokenizer, model_dir, weights)
             plot_curves(read_log(out / LOG_NAME), out / "curves.png", title=f"condense {config.model} k={config.k}")
-            run.finish(_settings(config, "finished", {
+            run.finish(_settings(config, "finished", _placement(args, config) | {
                 "final": record, "steps": trainer.state.global_step,
                 "resumed_from": None if checkpoint is None else str(checkpoint)}))
     _barrier()
     return CondenseResult(out, model_dir, final_model, trainer.state.global_step, record, checkpoint)
+
+
+def _placement(args: TrainingArguments, config: CondenseConfig) -> dict[str, Any]:
+    """Where the run trains and in what precision, as config.json records it."""
+    precision = "float32" if config.dtype == "float32" else f"{config.dtype} autocast, float32 weights"
+    return {"device": device_name(args.device), "dtype": config.dtype, "precision": precision,
+            "processes": args.world_size, "fsdp": config.fsdp or None}
 
 
 def _controller(config: CondenseConfig, net: torch.nn.Module, token_windows: torch.Tensor,
@@ -300,6 +329,7 @@ def _controller(config: CondenseConfig, net: torch.nn.Module, token_windows: tor
     return controller
 
 
-def _save_model(model: PreTrainedModel, tokenizer: Any, target: Path) -> None:
+def _save_model(model: PreTrainedModel, tokenizer: Any, target: Path,
+                state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """save_pretrained (safetensors) + tokenizer, atomically (see models.save_atomically)."""
-    save_atomically(model, tokenizer, target)
+    save_atomically(model, tokenizer, target, state_dict)

@@ -101,6 +101,34 @@ class CondenseTrainer(Trainer):
         self._budgets: dict[int, HeadBudget] = {}
         self._started = time.perf_counter()
 
+    # ---- FSDP on CPU ------------------------------------------------------------------------------
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """Trainer's accelerator; FSDP requested across CPU processes (gloo) is switched on here, because accelerate
+        enables its FSDP plugin only for accelerator devices while torch's FSDP2 (`fully_shard`) also shards over
+        CPU processes. Anywhere else a requested FSDP that accelerate did not enable is a one-line error."""
+        super().create_accelerator_and_postprocess()
+        if self.args.fsdp_plugin_args is None or self.is_fsdp_enabled:
+            return
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+        state = self.accelerator.state
+        if state.distributed_type != DistributedType.MULTI_CPU:
+            raise AttnsparseError(f"--fsdp needs several processes (torchrun / accelerate launch); this run is "
+                                  f"{state.distributed_type.value.lower()} with {state.num_processes} process(es)")
+        state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+        state.distributed_type = DistributedType.FSDP
+        self.is_fsdp_enabled = True
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Under FSDP every process gathers the full weights (a collective) and process 0 saves them as usual."""
+        if not self.is_fsdp_enabled:
+            return super().save_model(output_dir, _internal_call)
+        state = full_state_dict(self.model)
+        if self.args.should_save:
+            self._save(output_dir or self.args.output_dir, state_dict=state)
+        return None
+
     # ---- schedules ------------------------------------------------------------------------------
 
     def current_k(self) -> int:
@@ -263,6 +291,18 @@ class CondenseTrainer(Trainer):
             if parameter.requires_grad and not torch.isfinite(parameter.detach()).all():
                 raise NonFiniteStop(f"parameter {name} is non-finite (no checkpoint written for it)", step, {},
                                     self.last_checkpoint)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The whole model's weights on process 0's host when FSDP shards them (every process must call it), None
+    when the model is not sharded (its own state_dict is whole)."""
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def _fsync_tree(directory: Path) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from attnsparse.core.devices import resolve_device, resolve_dtype
 from attnsparse.core.hub import OFFLINE_HINT, hub_endpoint, hub_offline, hub_unreachable
 from attnsparse.core.runs import cache_root
 from attnsparse.errors import AttnsparseError
@@ -117,11 +118,15 @@ def embedded_gguf(name: str = DEFAULT_MODEL) -> Path:
     return path
 
 
-def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, probe: bool = True) -> LoadedModel:
-    """Load `spec` (embedded name, hub id, local HF directory or .gguf path) in eval mode.
+def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = torch.float32, probe: bool = True, *,
+               device: str | torch.device | None = None) -> LoadedModel:
+    """Load `spec` (embedded name, hub id, local HF directory or .gguf path) in eval mode, in `dtype` (float32,
+    bfloat16, float16) on `device` (None: cuda when available, else cpu; checked before anything is read).
 
     With `probe`, a tiny forward checks that every layer's attention goes through the attnsparse backend.
     """
+    target = resolve_device(device)
+    dtype = resolve_dtype(dtype)
     started = time.perf_counter()
     path = Path(spec).expanduser()
     if spec in _EMBEDDED:
@@ -140,7 +145,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, pr
     else:
         model, tokenizer = _load_hub(spec, dtype)
         source = "hub"
-    model.eval()
+    model.to(target).eval()
     loaded = LoadedModel(model, tokenizer, spec, source, time.perf_counter() - started)
     if probe:
         check_backend_support(model)
@@ -161,13 +166,15 @@ def _load_embedded(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreT
     return model.to(dtype), tokenizer, "embedded"
 
 
-def save_atomically(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
-    """Save to a temporary sibling and rename, so a crash never leaves a half-written cache entry."""
+def save_atomically(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path,
+                    state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Save to a temporary sibling and rename, so a crash never leaves a half-written cache entry; `state_dict`
+    replaces the model's own (the gathered weights of a sharded model)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
         staging.chmod(0o755)
-        model.save_pretrained(staging, safe_serialization=True)
+        model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(staging)
         if target.exists():
             shutil.rmtree(target)

@@ -43,12 +43,12 @@ class SparseLayer(CacheLayerMixin):
         for head, policy in enumerate(policies):
             groups.setdefault(policy, []).append(head)
         self.stores: list[Store] = [policy.store(heads) for policy, heads in groups.items()]
-        self.index = [torch.tensor(s.heads) for s in self.stores]
+        self.index: list[torch.Tensor] = []  # each store's kv heads, made on the states' device at the first update
         self.n = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.index = [i.to(self.device) for i in self.index]
+        self.index = [torch.tensor(s.heads, device=self.device) for s in self.stores]
         self.is_initialized = True
 
     def _split(self, states: torch.Tensor, i: int) -> torch.Tensor:

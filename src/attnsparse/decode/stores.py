@@ -191,18 +191,18 @@ class StreamStore:
             self.values[:, :, slot] = values[:, :, 0]
             self.n += 1
             return
-        positions = torch.arange(self.n, self.n + count)
+        positions = torch.arange(self.n, self.n + count, device=keys.device)
         keep = (positions < sink) | (positions >= self.n + count - window)  # the rest would be overwritten anyway
         positions = positions[keep]
-        slots = torch.where(positions < sink, positions, sink + (positions - sink) % window).to(keys.device)
-        source = keep.nonzero().squeeze(1).to(keys.device)
+        slots = torch.where(positions < sink, positions, sink + (positions - sink) % window)
+        source = keep.nonzero().squeeze(1)
         self.keys.index_copy_(2, slots, keys.index_select(2, source))
         self.values.index_copy_(2, slots, values.index_select(2, source))
         self.n += count
 
     def held_positions(self) -> torch.Tensor:
         """Token position in each held slot, (held,) long; for tests and inspection."""
-        slots = torch.arange(self.held)
+        slots = torch.arange(self.held, device=self.keys.device)
         sink, window = self.policy.sink, self.policy.window
         if self.n <= self.slots:
             return slots

@@ -53,12 +53,12 @@ def perplexity(
     `policy` is already parsed (`attnsparse.attention.policies.parse_policy`): specs are parsed once, at the edge.
     """
     count, ctx = windows.shape
-    nll_sum = 0.0
+    nll_sum = torch.zeros((), dtype=torch.float64, device=model.device)  # summed on the device, read once
     with sparse_attention(model, policy, query_chunk=query_chunk):
         for start in tqdm(range(0, count, batch_size), desc=f"ppl {policy.spec}", disable=not progress, leave=False):
             batch = windows[start : start + batch_size].to(model.device)
             logits = model(batch).logits[:, :-1].float()
             nll_sum += F.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-            ).item()
-    return PerplexityResult(policy.spec, nll_sum, count * (ctx - 1), count, ctx, policy.density(ctx))
+            )
+    return PerplexityResult(policy.spec, float(nll_sum), count * (ctx - 1), count, ctx, policy.density(ctx))

@@ -25,6 +25,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from attnsparse.attention.policies import DENSE, Policy, parse_policies, parse_policy
 from attnsparse.core.data import check_context, load_text, tokenize
 from attnsparse.core.data import windows as make_windows
+from attnsparse.core.devices import (
+    check_placement,
+    model_device,
+    model_dtype,
+    placement,
+    resolve_device,
+    resolve_dtype,
+)
 from attnsparse.core.models import LoadedModel, ModelShape, load_model
 from attnsparse.core.runs import RunDir, atomic_write_bytes, atomic_write_json, atomic_write_text
 from attnsparse.decode.eval import decode_perplexity, plan_label
@@ -139,11 +147,14 @@ def _protocols(windows: Protocol | Sequence[Protocol]) -> list[Protocol]:
 
 
 def _resolve_model(
-    model_or_spec: str | LoadedModel | PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
+    model_or_spec: str | LoadedModel | PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None,
+    device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
+    """A spec is loaded on `device` in `dtype`; a model object stays where it is (a mismatch is an error)."""
     if isinstance(model_or_spec, str):
-        loaded = load_model(model_or_spec)
+        loaded = load_model(model_or_spec, dtype, device=device)
         return loaded.model, loaded.tokenizer, loaded.spec
+    check_placement(model_or_spec.model if isinstance(model_or_spec, LoadedModel) else model_or_spec, device, dtype)
     if isinstance(model_or_spec, LoadedModel):
         return model_or_spec.model, tokenizer or model_or_spec.tokenizer, model_or_spec.spec
     if tokenizer is None:
@@ -169,6 +180,8 @@ def evaluate(
     ppl: bool = True,
     overwrite: bool = False,
     progress: bool = True,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> EvaluationResult:
     """Perplexity and density of every policy (dense always included, first) under every window protocol.
 
@@ -179,6 +192,8 @@ def evaluate(
     `decode_tokens` of each window from a dense prefill (`attnsparse.decode.eval`), with a dense decode row
     (plan:dense) as their reference. `tasks` also runs the long-context task suite (`attnsparse.evaluate.tasks`)
     under dense, the same policies and the same plans; `ppl=False` skips perplexity (tasks only).
+    `device` / `dtype` load a model spec there (defaults: cuda when available, float32); a model object stays where
+    it is. Windows, attention, losses and decode caches live on the model's device.
     """
     if batch_size < 1:
         raise AttnsparseError(f"batch size {batch_size} must be >= 1")
@@ -191,7 +206,11 @@ def evaluate(
         raise AttnsparseError("nothing to evaluate: give text for perplexity or tasks (--tasks)")
     if tasks is not None:
         tasks.check()
-    model, tok, name = _resolve_model(model_or_spec, tokenizer)
+    if device is not None:
+        resolve_device(device)  # a device this machine lacks fails before the slow load
+    if dtype is not None:
+        resolve_dtype(dtype)
+    model, tok, name = _resolve_model(model_or_spec, tokenizer, device, dtype)
     grid = None if tasks is None else prepare_tasks(
         model, tok, tasks.tasks, tasks.lengths, tasks.depths, tasks.trials, policies=plan, plans=plans,
         haystack=tasks.haystack, chat_template=tasks.chat_template, retrieval=tasks.retrieval, seed=tasks.seed)
@@ -205,7 +224,7 @@ def evaluate(
         "model": name, "data": text_spec or "builtin", "ctx": ctx, "policies": [p.spec for p in plan],
         "protocols": [protocol_name(p) for p in protocols], "batch_size": batch_size, "query_chunk": query_chunk,
         "plans": [plan_label(p) for p in plans], "decode_tokens": decode_tokens if plans else None,
-        "text_tokens": int(ids.numel()), "dtype": str(next(model.parameters()).dtype),
+        "text_tokens": int(ids.numel()), **placement(model_device(model), model_dtype(model)),
     } | ({"tasks": grid.config} if grid is not None else {})
     result = EvaluationResult(model=name, data=text_spec or "builtin", ctx=ctx,
                               out=run.start(config) if run is not None else None)

@@ -89,18 +89,23 @@ def coverage_key(delta: float) -> str:
     return f"{round(1.0 - delta, 10):g}"
 
 
-def _zeros(heads: int, *shape: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    return torch.zeros(heads, *shape, dtype=dtype)
-
-
 class LayerAccumulator:
-    """Sums over rows for every head of one layer; `update` reduces a RowMetrics block, `merge` adds another."""
+    """Sums over rows for every head of one layer; `update` reduces a RowMetrics block, `merge` adds another.
 
-    def __init__(self, config: ProfileConfig, heads: int) -> None:
+    The sums live on `device`, the device of the rows they reduce: a measure on a GPU accumulates there and copies
+    the sums to the host once, when they are read (`Profile.stacked`).
+    """
+
+    def __init__(self, config: ProfileConfig, heads: int, device: torch.device | str = "cpu") -> None:
         nk, nd, ne, nb = len(config.ks), len(config.deltas), len(config.eps), config.position_bins
         self.config = config
         self.heads = heads
+        self.device = torch.device(device)
         i64 = torch.int64
+
+        def _zeros(heads: int, *shape: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+            return torch.zeros(heads, *shape, dtype=dtype, device=self.device)
+
         self.t: dict[str, torch.Tensor] = {
             "rows": _zeros(heads, dtype=i64),
             "topk_sum": _zeros(heads, nk),
@@ -128,10 +133,13 @@ class LayerAccumulator:
             "pos_logk": _zeros(heads, nd, nb),
         }
 
-    def update(self, m: RowMetrics) -> None:
-        """Add a block of rows shaped (B, H, Qc, ...) to the sums; rows with n_i = 0 (padding) are skipped."""
+    def update(self, m: RowMetrics, keys: int | None = None) -> None:
+        """Add a block of rows shaped (B, H, Qc, ...) to the sums; rows with n_i = 0 (padding) are skipped.
+
+        `keys`, the rows' width when known, bounds k at coverage without reading it back from the device.
+        """
         cfg = self.config
-        n = m.n.to("cpu", torch.int64)
+        n = m.n.to(self.device, torch.int64)
         valid = n > 0
         heads = n.shape[1]
         if heads != self.heads:
@@ -145,10 +153,10 @@ class LayerAccumulator:
             return (x * w).sum(dim=(0, 2))
 
         t = self.t
-        top = m.topk_mass.to("cpu", torch.float64)
-        kcov = m.k_cov.to("cpu", torch.int64)
-        ks = torch.tensor(cfg.ks, dtype=torch.int64)
-        eps_counts = m.count_above.to("cpu", torch.int64)
+        top = m.topk_mass.to(self.device, torch.float64)
+        kcov = m.k_cov.to(self.device, torch.int64)
+        ks = torch.tensor(cfg.ks, dtype=torch.int64, device=self.device)
+        eps_counts = m.count_above.to(self.device, torch.int64)
         t["rows"] += vi.sum(dim=(0, 2))
         t["topk_sum"] += hsum(top, v)
         longer = (n[..., None] > ks) & valid[..., None]
@@ -158,13 +166,13 @@ class LayerAccumulator:
         t["kcov_sum"] += hsum(kcov.to(torch.float64), v)
         n_safe = n.clamp_min(1).to(torch.float64)
         t["kcov_frac_sum"] += hsum(kcov.to(torch.float64) / n_safe[..., None], v)
-        self._add_hist(kcov, valid)
-        ent = m.entropy.to("cpu", torch.float64)
+        self._add_hist(kcov, valid, keys)
+        ent = m.entropy.to(self.device, torch.float64)
         t["entropy_sum"] += hsum(ent, v)
         t["support_sum"] += hsum(torch.exp(ent), v)
-        t["sink_sum"] += hsum(m.sink.to("cpu", torch.float64), v)
-        t["local_sum"] += hsum(m.local.to("cpu", torch.float64), v)
-        stream = m.streaming.to("cpu", torch.float64)
+        t["sink_sum"] += hsum(m.sink.to(self.device, torch.float64), v)
+        t["local_sum"] += hsum(m.local.to(self.device, torch.float64), v)
+        stream = m.streaming.to(self.device, torch.float64)
         t["stream_sum"] += hsum(stream, v)
         long_stream = valid & (n > cfg.sink_tokens + cfg.local_window)
         t["stream_long_rows"] += long_stream.sum(dim=(0, 2))
@@ -181,36 +189,45 @@ class LayerAccumulator:
         t["fit_sxy"] += hsum(x[..., None] * y, fit)
         self._add_positions(n, valid, x, y)
 
-    def _add_hist(self, kcov: torch.Tensor, valid: torch.Tensor) -> None:
+    def _add_hist(self, kcov: torch.Tensor, valid: torch.Tensor, keys: int | None = None) -> None:
+        """Count every valid row's k at coverage; k <= n <= keys, so a known width sizes the histogram without
+        a device sync (and without one, the largest k is read back)."""
         hist = self.t["kcov_hist"]
         size = hist.shape[-1]
-        top = int(kcov.max()) if kcov.numel() else 0
+        top = keys if keys is not None else (int(kcov.max()) if kcov.numel() else 0)
         if top >= size:  # cannot happen for rows of length <= ctx; grow rather than lose counts
             hist = torch.nn.functional.pad(hist, (0, top + 1 - size))
             self.t["kcov_hist"] = hist
             size = hist.shape[-1]
         heads, nd = hist.shape[0], hist.shape[1]
-        head_idx = torch.arange(heads).view(1, heads, 1, 1)
-        d_idx = torch.arange(nd).view(1, 1, 1, nd)
+        head_idx = torch.arange(heads, device=self.device).view(1, heads, 1, 1)
+        d_idx = torch.arange(nd, device=self.device).view(1, 1, 1, nd)
         flat = (head_idx * nd + d_idx) * size + kcov
-        flat = flat[valid[..., None].expand_as(kcov)]
-        hist += torch.bincount(flat, minlength=heads * nd * size).view(heads, nd, size)
+        counts = valid[..., None].expand_as(kcov).to(torch.int64)  # padded rows add 0 (no boolean indexing: no sync)
+        hist.view(-1).index_add_(0, flat.reshape(-1), counts.reshape(-1))
 
     def _add_positions(self, n: torch.Tensor, valid: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
-        nb = self.config.position_bins
+        """Rows, log n and log k per query-position bin; each chunk is summed apart, then added (as bincount did)."""
+        nb, nd = self.config.position_bins, y.shape[-1]
         bins = torch.floor(x * (self.config.bins_per_octave / math.log(2)) + 1e-9).to(torch.int64).clamp(0, nb - 1)
         heads = n.shape[1]
-        flat = (torch.arange(heads).view(1, heads, 1) * nb + bins)[valid]
-        size = heads * nb
-        self.t["pos_rows"] += torch.bincount(flat, minlength=size).view(heads, nb)
-        self.t["pos_logn"] += torch.bincount(flat, weights=x[valid], minlength=size).view(heads, nb)
-        for d in range(y.shape[-1]):
-            yd = y[..., d][valid]
-            self.t["pos_logk"][:, d] += torch.bincount(flat, weights=yd, minlength=size).view(heads, nb)
+        head_idx = torch.arange(heads, device=self.device).view(1, heads, 1)
+        flat = (head_idx * nb + bins).reshape(-1)
+        weight = valid.to(torch.float64)  # padded rows add 0 (no boolean indexing: no device sync)
+        t = self.t
+        t["pos_rows"] += torch.zeros_like(t["pos_rows"]).view(-1).index_add_(
+            0, flat, valid.to(torch.int64).reshape(-1)).view(heads, nb)
+        t["pos_logn"] += torch.zeros_like(t["pos_logn"]).view(-1).index_add_(
+            0, flat, (x * weight).reshape(-1)).view(heads, nb)
+        d_idx = torch.arange(nd, device=self.device).view(1, 1, 1, nd)
+        flat_k = ((head_idx[..., None] * nd + d_idx) * nb + bins[..., None]).reshape(-1)
+        t["pos_logk"] += torch.zeros_like(t["pos_logk"]).view(-1).index_add_(
+            0, flat_k, (y * weight[..., None]).reshape(-1)).view(heads, nd, nb)
 
     def merge(self, other: LayerAccumulator) -> None:
         for name, value in other.t.items():
             mine = self.t[name]
+            value = value.to(mine.device)
             if name == "kcov_hist" and value.shape[-1] != mine.shape[-1]:
                 width = max(value.shape[-1], mine.shape[-1])
                 mine = torch.nn.functional.pad(mine, (0, width - mine.shape[-1]))
@@ -242,10 +259,11 @@ class Profile:
     retrieval: ProfileRetrieval | None = None
 
     # --- accumulating -------------------------------------------------------------------------------------
-    def layer(self, layer_idx: int, heads: int) -> LayerAccumulator:
+    def layer(self, layer_idx: int, heads: int, device: torch.device | str = "cpu") -> LayerAccumulator:
+        """Layer `layer_idx`'s accumulator, created on `device` at its first rows."""
         acc = self.accumulators.get(layer_idx)
         if acc is None:
-            acc = self.accumulators[layer_idx] = LayerAccumulator(self.config, heads)
+            acc = self.accumulators[layer_idx] = LayerAccumulator(self.config, heads, device)
             self.layers = max(self.layers, layer_idx + 1)
             self.heads = max(self.heads, heads)
         return acc
@@ -269,10 +287,11 @@ class Profile:
 
     # --- reading ------------------------------------------------------------------------------------------
     def stacked(self, name: str) -> torch.Tensor:
-        """Accumulator `name` for all layers stacked: (layers, heads, ...)."""
+        """Accumulator `name` for all layers stacked: (layers, heads, ...), on the host (the one copy back from a
+        device that measuring makes)."""
         if not self.accumulators:
             raise AttnsparseError("the profile holds no rows; nothing was measured")
-        return torch.stack([self.accumulators[i].t[name] for i in sorted(self.accumulators)])
+        return torch.stack([self.accumulators[i].t[name].cpu() for i in sorted(self.accumulators)])
 
     def head_stats(self) -> dict[str, np.ndarray]:
         """Per (layer, head) summary arrays (numpy, layers x heads [x grid]) that the JSON, CSV and plots share."""
@@ -393,7 +412,7 @@ class Profile:
     # --- persistence of the mergeable state ----------------------------------------------------------------
     def save_state(self, path: str | Path) -> None:
         """Write the raw accumulators (npz) so a later run can `merge` more windows into this profile."""
-        arrays = {f"{layer}/{name}": value.numpy() for layer, acc in self.accumulators.items()
+        arrays = {f"{layer}/{name}": value.cpu().numpy() for layer, acc in self.accumulators.items()
                   for name, value in acc.t.items()}
         meta = np.array([self.layers, self.heads, self.kv_heads, self.windows], dtype=np.int64)
         with open(path, "wb") as handle:
@@ -598,7 +617,7 @@ class Recorder:
     def __call__(self, chunk: Any) -> None:
         probs = chunk.probs.detach()
         metrics = row_metrics(probs, chunk.visible, chunk.query_positions, self.spec)
-        self.profile.layer(int(chunk.layer_idx), int(probs.shape[1])).update(metrics)
+        self.profile.layer(int(chunk.layer_idx), int(probs.shape[1]), probs.device).update(metrics, probs.shape[-1])
         self.chunks += 1
 
 
@@ -646,7 +665,7 @@ def _hist_quantiles(hist: torch.Tensor, qs: Iterable[float]) -> np.ndarray:
 
 def _hist_max(hist: torch.Tensor) -> np.ndarray:
     size = hist.shape[-1]
-    index = torch.arange(size).expand_as(hist)
+    index = torch.arange(size, device=hist.device).expand_as(hist)
     return torch.where(hist > 0, index, 0).amax(-1).numpy()
 
 

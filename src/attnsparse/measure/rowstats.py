@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from attnsparse.core.devices import require_cpu
+
 # Rows smaller than this are sorted on one thread: a thread pool costs more than it saves on small work.
 _PARALLEL_MIN_ELEMENTS = 1 << 20
 
@@ -155,7 +157,7 @@ def count_above_from_sorted(sorted_rows: SortedRows, eps: Sequence[float]) -> to
     columns = []
     for e in eps:
         # compare exactly as in float64: x > e for a float32 x is x > rounded(e), or x >= rounded(e) if it rounded up
-        rounded = torch.tensor(e, dtype=ascending.dtype)
+        rounded = torch.tensor(e, dtype=ascending.dtype, device="cpu")  # a host scalar: rounding decided here
         side = "left" if float(rounded) > e else "right"
         values = rounded.to(ascending.device).expand(ascending.shape[0], 1).contiguous()
         columns.append(ascending.shape[-1] - torch.searchsorted(ascending, values, side=side))
@@ -536,6 +538,7 @@ def _cpu_row_stats(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """top-k masses, raw k at coverage (not clamped to n), ε counts and entropy of 2-D CPU rows, without a
     full sort (see `_select_block`); blocks whose values do not fit the key fall back to `sort_rows`."""
+    require_cpu(rows, "the row-metrics selection kernel")
     source = rows if rows.dtype == torch.float32 else rows.float()
     view = source.numpy()
     nrows, width = view.shape
@@ -617,6 +620,12 @@ def _sorted_block(block: np.ndarray, spec: MetricSpec) -> tuple[np.ndarray, np.n
     )
 
 
+def host_rows(rows: torch.Tensor) -> bool:
+    """Whether `row_metrics` takes the CPU path (selection kernel, numpy) for these rows; any other device takes
+    the torch path on that device. The one switch between them (tests force the torch path on the CPU with it)."""
+    return rows.device.type == "cpu"
+
+
 def row_metrics(
     probs: torch.Tensor, visible: torch.Tensor, query_positions: torch.Tensor, spec: MetricSpec
 ) -> RowMetrics:
@@ -624,17 +633,20 @@ def row_metrics(
 
     Keys after the last column any row can see are dropped first (under a causal mask that halves the work on
     average); they hold zeros, so no metric changes. On CPU the rows are not fully sorted (`_select_block`:
-    radix order on a 16-bit key, exact fix-ups where needed); on other devices one torch sort per row serves all.
+    radix order on a 16-bit key, exact fix-ups where needed); on other devices one torch sort per row serves all,
+    on the device (no copy to the host; the compiled kernel is CPU-only), and every result stays there.
     """
     probs = probs.detach()
     lead = tuple(probs.shape[:-1])
     n = row_lengths(visible).expand(lead)
-    cols_seen = visible.reshape(-1, visible.shape[-1]).any(0).nonzero()
-    width = int(cols_seen.max()) + 1 if cols_seen.numel() else 1
+    width = probs.shape[-1]
+    if host_rows(probs):  # on a device, finding the width would cost a sync per chunk: keep every column
+        cols_seen = visible.reshape(-1, visible.shape[-1]).any(0).nonzero()
+        width = int(cols_seen.max()) + 1 if cols_seen.numel() else 1
     narrow = probs[..., :width]
     rows = probs.reshape(-1, probs.shape[-1])[:, :width]  # a view: blocks are copied only where not contiguous
     n_flat = n.reshape(-1)
-    if rows.device.type == "cpu":
+    if host_rows(rows):
         top, k_raw, above, ent = _cpu_row_stats(rows, spec)
         k_cov = torch.minimum(k_raw, n_flat.reshape(-1, 1).to(k_raw.dtype)).clamp_min(1)
     else:

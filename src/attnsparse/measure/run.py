@@ -17,6 +17,14 @@ from typing import Any
 
 import torch
 
+from attnsparse.core.devices import (
+    check_placement,
+    model_device,
+    model_dtype,
+    placement,
+    resolve_device,
+    resolve_dtype,
+)
 from attnsparse.core.runs import RunDir
 from attnsparse.errors import AttnsparseError
 from attnsparse.measure.profile import Profile, ProfileConfig, ProfileRetrieval, ProfileView, Recorder
@@ -71,6 +79,8 @@ def measure(
     retrieval: bool = False,
     retrieval_trials: int = 2,
     retrieval_threshold: float = 0.1,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> Profile:
     """Measure `model` (a spec for `load_model`, or a LoadedModel) on `windows` evenly spaced windows of `ctx` tokens.
 
@@ -80,6 +90,9 @@ def measure(
     `retrieval` also measures per-head retrieval scores (docs/tasks.md) on the retrieval tasks at length ctx, depths
     0.1/0.5/0.9, `retrieval_trials` prompts each (seed 1, haystack `data` when it is a text spec), and stores them in
     the profile with the `retrieval` class for heads scoring at least `retrieval_threshold`.
+    `device` / `dtype` load a model spec there (defaults: cuda when available, float32); a LoadedModel stays where
+    it is, and a device or dtype it does not have is an error. Windows, attention rows and the profile's
+    accumulators live on the model's device; the sums come back to the host once, at the end.
     """
     if ks is not None and len(list(ks)) == 0:
         raise AttnsparseError("the k list is empty; pass at least one k (e.g. --k 1,8,64)")
@@ -97,9 +110,13 @@ def measure(
         ctx=ctx, ks=tuple(ks or ()), deltas=tuple(deltas), eps=tuple(eps), sink_tokens=sink_tokens,
         local_window=local_window, stream_delta=stream_delta, fit_delta=fit_delta, fit_min_n=fit_min_n,
     )
+    if device is not None:
+        resolve_device(device)  # a device this machine lacks fails before anything is read or written
+    if dtype is not None:
+        resolve_dtype(dtype)
     run = RunDir(out, KIND).check(overwrite) if out is not None else None  # read-only, before the slow load
 
-    loaded = _load(model)
+    loaded = _load(model, device, dtype)
     hf_model, spec = loaded.model, loaded.spec
     if ctx > loaded.max_context:
         raise AttnsparseError(
@@ -118,7 +135,7 @@ def measure(
         "window_placement": "evenly spaced: window i starts at i * (tokens // windows)",
         "batch_size": batch_size,
         "query_chunk": query_chunk,
-        "dtype": str(next(hf_model.parameters()).dtype).replace("torch.", ""),
+        **placement(model_device(hf_model), model_dtype(hf_model)),
         "metrics": config.to_dict(),
     }
     if grid is not None:
@@ -198,12 +215,13 @@ def _measure_retrieval(loaded: Any, grid: Any, threshold: float, progress: bool)
     return ProfileRetrieval([[float(x) for x in row] for row in scores.mean()], threshold, info)
 
 
-def _load(model: Any) -> Any:
+def _load(model: Any, device: str | torch.device | None, dtype: str | torch.dtype | None) -> Any:
     if isinstance(model, (str, Path)):
         from attnsparse.core.models import load_model
 
-        return load_model(str(model))
+        return load_model(str(model), dtype, device=device)
     if hasattr(model, "model") and hasattr(model, "max_context"):
+        check_placement(model.model, device, dtype)
         return model
     raise AttnsparseError(f"measure needs a model spec or a LoadedModel, got {type(model).__name__}")
 

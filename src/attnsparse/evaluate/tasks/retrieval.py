@@ -43,15 +43,16 @@ def sample_retrieval_scores(model: PreTrainedModel, kv: KV, sample: Sample, eos:
     """
     shape = ModelShape.of(model)
     layers, heads = shape.need("layers"), shape.need("heads")
-    hits = torch.zeros(layers, heads)
     denominator = sum(needle.length for needle in sample.needles)
     if denominator == 0:
-        return hits
-    in_needle = torch.zeros(sample.ids.numel() + sample.answer_tokens, dtype=torch.bool)
+        return torch.zeros(layers, heads)
+    device = model.device  # the hits are counted where the attention is: one copy to the host per sample
+    hits = torch.zeros(layers, heads, device=device)
+    in_needle = torch.zeros(sample.ids.numel() + sample.answer_tokens, dtype=torch.bool, device=device)
     for needle in sample.needles:
         for start, stop in needle.spans:
             in_needle[start:stop] = True
-    sequence = torch.cat([sample.ids, torch.zeros(sample.answer_tokens, dtype=torch.long)])
+    sequence = torch.cat([sample.ids.to(device), torch.zeros(sample.answer_tokens, dtype=torch.long, device=device)])
     cache = DynamicCache(config=model.config)
     for layer, (keys, values) in enumerate(kv):
         cache.update(keys[:, :, :-1], values[:, :, :-1], layer)
@@ -63,14 +64,13 @@ def sample_retrieval_scores(model: PreTrainedModel, kv: KV, sample: Sample, eos:
             logits = model(token, past_key_values=cache, use_cache=True).logits[0, -1]
             generated = int(logits.argmax())
             for layer, top in observer.top.items():
-                top = top.cpu()
                 hits[layer] += (in_needle[top] & (sequence[top] == generated)).float()
             sequence[position] = generated
             position += 1
             if generated == eos:
                 break
             token = torch.tensor([[generated]], device=model.device)
-    return hits / denominator
+    return (hits / denominator).cpu()
 
 
 @dataclass
