@@ -177,3 +177,24 @@ def test_estimators_match_brute_force_block_masses(estimator, n, block, queries,
         else:
             expected = R.vertical_slash_block_probs(q[b], k[b], grid, 0.4, value)
         torch.testing.assert_close(got[b], expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("batch,heads,kv_heads,n,dim,block,queries", [
+    (1, 4, 2, 37, 16, 8, None),  # GQA, partial last block, tiles of 4 rows and a remainder
+    (2, 3, 3, 50, 32, 16, None),  # batch 2, MHA
+    (1, 6, 2, 40, 24, 8, 13),  # head dim not a multiple of 16, fewer queries than keys
+    (1, 9, 3, 150, 64, 64, None),  # SmolLM2's heads and head dim, block 64
+    (1, 2, 1, 20, 8, 32, None),  # one partial block wider than the sequence
+])
+def test_kernel_matches_brute_force_over_the_same_blocks(kernel_build, batch, heads, kv_heads, n, dim, block, queries):
+    from attnsparse.core import native
+
+    q, k, v = _inputs(batch, heads, kv_heads, n, dim, seed=n + dim, queries=queries)
+    grid = BlockGrid(block, q.shape[2], n)
+    blocks = _random_blocks(grid, batch, kv_heads, seed=2)
+    keep = R.block_keep_tokens(blocks, grid, heads // kv_heads)
+    expected = R.attention(q, k, v, dim**-0.5, keep=keep).transpose(1, 2)
+    kernel = native.load("blocksparse")
+    assert kernel is not None and kernel.vector_paths() == (0 if kernel_build == "portable" else 1)
+    torch.testing.assert_close(block_sparse_attention(q, k, v, blocks, grid, dim**-0.5), expected,
+                               atol=3e-6, rtol=2e-5)

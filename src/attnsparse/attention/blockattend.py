@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from attnsparse.attention.selection import BlockGrid
+from attnsparse.core import native
 
 
 def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, blocks: torch.Tensor,
@@ -65,8 +66,33 @@ def gathered_block_attention(query: torch.Tensor, key: torch.Tensor, value: torc
 
 def _native(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, blocks: torch.Tensor, grid: BlockGrid,
             scaling: float) -> torch.Tensor | None:
-    """The compiled kernel's result, or None where it does not apply (not CPU, not float32, no compiler)."""
-    return None
+    """The compiled kernel's result, or None where it does not apply (not CPU float32, no compiler)."""
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (query, key, value)):
+        return None
+    kernel = native.function("blocksparse", "block_sparse_prefill", "ppppp" + "n" * 9 + "fnp")
+    if kernel is None:
+        return None
+    batch, heads, queries, dim = query.shape
+    kv_heads = key.shape[1]
+    q, k, v = query.contiguous(), key.contiguous(), value.contiguous()
+    offsets, index = block_lists(blocks)
+    out = torch.empty(batch, queries, heads, dim, dtype=torch.float32)
+    status = kernel(q.data_ptr(), k.data_ptr(), v.data_ptr(), offsets.data_ptr(), index.data_ptr(), batch, kv_heads,
+                    heads // kv_heads, queries, grid.keys, dim, grid.block, grid.first, grid.query_blocks,
+                    scaling, torch.get_num_threads(), out.data_ptr())
+    if status != 0:
+        raise MemoryError("block-sparse prefill kernel could not allocate its scratch")
+    return out
+
+
+def block_lists(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block mask (B, Hkv, Qb, Kb) as compressed rows: offsets (B*Hkv*Qb + 1,) and ascending key-block indices,
+    int64 (the kernel's input; row (b, h, r) keeps index[offsets[i] : offsets[i + 1]] with i = (b*Hkv + h)*Qb + r)."""
+    flat = blocks.reshape(-1, blocks.shape[-1])
+    offsets = torch.zeros(flat.shape[0] + 1, dtype=torch.int64)
+    offsets[1:] = flat.sum(-1).cumsum(0)
+    index = flat.nonzero()[:, 1].contiguous()
+    return offsets, index
 
 
 def _flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, blocks: torch.Tensor, grid: BlockGrid,
