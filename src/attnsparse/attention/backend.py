@@ -44,6 +44,8 @@ class AttentionChunk:
     query_positions: torch.Tensor  # (Qc,) long, index of each query in the key axis
     kept: torch.Tensor | None  # (B, H, Qc, K) bool, keys the policy kept; None under dense
     num_key_value_groups: int
+    query: torch.Tensor | None = None  # (B, H, Qc, D) the chunk's queries as the backend got them (after RoPE)
+    key: torch.Tensor | None = None  # (B, Hkv, K, D) the layer's keys as the backend got them (all K, after RoPE)
 
 
 Observer = Callable[[AttentionChunk], None]
@@ -180,7 +182,8 @@ def chunked_attention(
         need_dense = policy.is_dense or bool(observers)
         dense_probs = _softmax_visible(scores, None if plain_causal else visible) if need_dense else None
         if observers:
-            record = AttentionChunk(layer_idx, dense_probs, visible, positions, kept, groups)  # type: ignore[arg-type]
+            record = AttentionChunk(layer_idx, dense_probs, visible, positions, kept, groups,  # type: ignore[arg-type]
+                                    query[:, :, start:stop], key)
             for observer in observers:
                 observer(record)
         probs = dense_probs if kept is None else _masked_softmax(scores, kept)

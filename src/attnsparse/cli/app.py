@@ -39,6 +39,7 @@ def _register_commands() -> None:
     from attnsparse.cli.budget import budget_command
     from attnsparse.cli.condense import condense_command
     from attnsparse.cli.evaluate import evaluate_command
+    from attnsparse.cli.gate import gate_command
     from attnsparse.cli.generate import generate_command
     from attnsparse.cli.info import info_command
     from attnsparse.cli.measure import measure_command
@@ -53,6 +54,7 @@ def _register_commands() -> None:
     app.command("generate")(generate_command)
     app.command("theory")(theory_command)
     app.command("budget")(budget_command)
+    app.command("gate")(gate_command)
 
 
 _register_commands()

@@ -1,0 +1,188 @@
+"""The learned block gate (SeerAttention's AttnGate): per layer, a rank-r projection of block-pooled queries and keys.
+
+For query block i of head h and key block j, the gate's logit is (pooled_q[h, i] @ Wq[h]) . (pooled_k[g, j] @ Wk[g])
+/ sqrt(r), g the kv head of h; a softmax over the causally visible key blocks (j <= i) estimates the share of
+block i's attention that falls on block j. Pooled queries are the mean of the block's queries, pooled keys the
+element-wise [mean | max | min] of its keys, both after RoPE as the attention backend sees them. The model's own
+weights are never touched; only Wq and Wk are trained (`attnsparse.gate.train`). A gate is a directory holding
+`gate.safetensors` and `gate.json` (its config), written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from attnsparse.errors import AttnsparseError
+
+GATE_FORMAT = "attnsparse-gate"
+GATE_VERSION = 1
+WEIGHTS_FILE = "gate.safetensors"
+CONFIG_FILE = "gate.json"
+KEY_FEATURES = 3  # pooled keys are [mean | max | min]
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """The model shape a gate was trained for, its block size and rank, and where it came from (`notes`)."""
+
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    block: int = 64
+    rank: int = 16
+    model: str = ""
+
+    def __post_init__(self) -> None:
+        if min(self.layers, self.heads, self.kv_heads, self.head_dim) < 1 or self.heads % self.kv_heads:
+            raise AttnsparseError(f"gate shape {self.layers} layers x {self.heads} heads / {self.kv_heads} kv heads "
+                                  f"x {self.head_dim} dims is not a model's attention shape")
+        if self.block < 1 or self.rank < 1:
+            raise AttnsparseError(f"gate block {self.block} and rank {self.rank} must be >= 1")
+
+    @property
+    def groups(self) -> int:
+        return self.heads // self.kv_heads
+
+    def check_model(self, layers: int, heads: int, kv_heads: int, head_dim: int, where: str = "the gate") -> None:
+        """One-line error when this gate was trained for another attention shape."""
+        if (self.layers, self.heads, self.kv_heads, self.head_dim) != (layers, heads, kv_heads, head_dim):
+            raise AttnsparseError(
+                f"{where} was trained for {self.layers} layers x {self.heads} heads / {self.kv_heads} kv heads x "
+                f"{self.head_dim} dims ({self.model or 'unknown model'}) but the model has {layers} x {heads} / "
+                f"{kv_heads} x {head_dim}; train a gate for this model with `attnsparse gate MODEL --out DIR`")
+
+    def check_block(self, block: int, where: str) -> None:
+        if block != self.block:
+            raise AttnsparseError(f"{where} uses blocks of {block} tokens but the gate was trained on blocks of "
+                                  f"{self.block}; train a gate with --block {block} or use block size {self.block}")
+
+
+class BlockGate(torch.nn.Module):
+    """Per-layer query and key projections; `log_probs` gives the gate's distribution over key blocks."""
+
+    def __init__(self, config: GateConfig, seed: int = 0) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        generator = torch.Generator().manual_seed(seed)
+        self.wq = torch.nn.Parameter(torch.randn(c.layers, c.heads, c.head_dim, c.rank, generator=generator)
+                                     / math.sqrt(c.head_dim))
+        self.wk = torch.nn.Parameter(torch.randn(c.layers, c.kv_heads, KEY_FEATURES * c.head_dim, c.rank,
+                                                 generator=generator) / math.sqrt(KEY_FEATURES * c.head_dim))
+
+    def project_queries(self, layer: int, pooled_q: torch.Tensor) -> torch.Tensor:
+        """(B, H, N, D) pooled (or single) queries -> (B, H, N, r), scaled by 1 / sqrt(r)."""
+        return pooled_q.to(self.wq.dtype) @ self.wq[layer] / math.sqrt(self.config.rank)
+
+    def project_keys(self, layer: int, pooled_k: torch.Tensor) -> torch.Tensor:
+        """(B, Hkv, M, 3D) pooled keys -> (B, Hkv, M, r)."""
+        return pooled_k.to(self.wk.dtype) @ self.wk[layer]
+
+    def logits(self, layer: int, pooled_q: torch.Tensor, pooled_k: torch.Tensor,
+               query_blocks: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, H, Nq, Nk) gate logits, -inf on key blocks after the query's own block (causal).
+
+        `query_blocks` (Nq,) is the key-block index of each pooled query; default: the last Nq key blocks."""
+        batch, heads, queries, _ = pooled_q.shape
+        kv_heads, keys = pooled_k.shape[1], pooled_k.shape[2]
+        qp = self.project_queries(layer, pooled_q).view(batch, kv_heads, heads // kv_heads * queries, -1)
+        kp = self.project_keys(layer, pooled_k)
+        scores = (qp @ kp.transpose(-1, -2)).view(batch, heads, queries, keys)
+        if query_blocks is None:
+            query_blocks = torch.arange(keys - queries, keys, device=scores.device)
+        hidden = torch.arange(keys, device=scores.device)[None, :] > query_blocks[:, None]
+        return scores.masked_fill(hidden, float("-inf"))
+
+    def log_probs(self, layer: int, pooled_q: torch.Tensor, pooled_k: torch.Tensor,
+                  query_blocks: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.log_softmax(self.logits(layer, pooled_q, pooled_k, query_blocks), dim=-1)
+
+    def save(self, directory: str | Path, notes: dict[str, Any] | None = None) -> Path:
+        """Write gate.safetensors and gate.json into `directory` (atomically, weights first)."""
+        from safetensors.torch import save
+
+        from attnsparse.core.runs import atomic_write_bytes, atomic_write_json
+
+        directory = Path(directory)
+        tensors = {"wq": self.wq.detach().float().contiguous(), "wk": self.wk.detach().float().contiguous()}
+        atomic_write_bytes(directory / WEIGHTS_FILE, save(tensors, metadata={"format": GATE_FORMAT}))
+        atomic_write_json(directory / CONFIG_FILE, {"format": GATE_FORMAT, "version": GATE_VERSION,
+                                                    "config": asdict(self.config), "notes": notes or {}})
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> BlockGate:
+        """A gate saved by `save`; one-line errors for a missing, foreign or inconsistent directory."""
+        directory = Path(directory)
+        hint = "train one with `attnsparse gate MODEL --out DIR`"
+        config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+        if not config_path.is_file() or not weights_path.is_file():
+            raise AttnsparseError(f"gate {directory} has no {CONFIG_FILE} and {WEIGHTS_FILE}; {hint}")
+        try:
+            stored = json.loads(config_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise AttnsparseError(f"gate config {config_path} is not valid JSON: {error}") from None
+        if not isinstance(stored, dict) or stored.get("format") != GATE_FORMAT:
+            raise AttnsparseError(f"{config_path} is not a gate config (expected \"format\": \"{GATE_FORMAT}\")")
+        if stored.get("version") != GATE_VERSION:
+            raise AttnsparseError(f"gate version {stored.get('version')} is not supported (need {GATE_VERSION})")
+        known = {f.name for f in fields(GateConfig)}
+        try:
+            config = GateConfig(**{k: v for k, v in dict(stored.get("config", {})).items() if k in known})
+        except TypeError as error:
+            raise AttnsparseError(f"gate config {config_path} is incomplete: {error}") from None
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(weights_path))
+        except (SafetensorError, OSError) as error:
+            raise AttnsparseError(f"gate weights {weights_path} cannot be read: {error}") from None
+        gate = cls(config)
+        for name in ("wq", "wk"):
+            expected = getattr(gate, name).shape
+            if name not in tensors or tensors[name].shape != expected:
+                got = tuple(tensors[name].shape) if name in tensors else "missing"
+                raise AttnsparseError(f"gate weights {weights_path}: {name} is {got}, its config needs "
+                                      f"{tuple(expected)}; the two files are from different gates")
+            getattr(gate, name).data.copy_(tensors[name])
+        return gate.requires_grad_(False)
+
+
+def pool_queries(query: torch.Tensor, block: int) -> torch.Tensor:
+    """(B, H, Q, D) -> (B, H, ceil(Q / block), D): the mean query of each block (a partial last block: its own)."""
+    batch, heads, length, dim = query.shape
+    blocks = -(-length // block)
+    padded = torch.nn.functional.pad(query.float(), (0, 0, 0, blocks * block - length))
+    counts = torch.full((blocks,), float(block), device=query.device)
+    counts[-1] = length - (blocks - 1) * block
+    return padded.view(batch, heads, blocks, block, dim).sum(3) / counts[:, None]
+
+
+def pool_keys(key: torch.Tensor, block: int) -> torch.Tensor:
+    """(B, Hkv, K, D) -> (B, Hkv, ceil(K / block), 3D): each block's [mean | max | min] key over its own keys."""
+    batch, heads, length, dim = key.shape
+    blocks = -(-length // block)
+    pad = blocks * block - length
+    k = key.float()
+    mean = pool_queries(k, block)
+    top = torch.nn.functional.pad(k, (0, 0, 0, pad), value=float("-inf")).view(batch, heads, blocks, block, dim)
+    bottom = torch.nn.functional.pad(k, (0, 0, 0, pad), value=float("inf")).view(batch, heads, blocks, block, dim)
+    return torch.cat([mean, top.amax(3), bottom.amin(3)], dim=-1)
+
+
+def block_kl(target: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of KL(target || gate) = sum_j t_j (log t_j - log g_j), with 0 log 0 = 0.
+
+    Rows are the last axis; entries where the target is 0 contribute nothing (also where the gate is -inf)."""
+    positive = target > 0
+    log_target = torch.where(positive, target, torch.ones_like(target)).log()
+    gate = torch.where(positive, log_probs, torch.zeros_like(log_probs))
+    return (target * (log_target - gate)).sum(-1).mean()

@@ -1,0 +1,253 @@
+"""Train a block gate by self-distillation on the frozen model (`attnsparse gate MODEL --out DIR`).
+
+Two phases. Collect: each training window goes through the model once, forward only (inference mode), with the
+`BlockPoolRecorder` observer; its per-layer targets and gate inputs are saved to `features/window-NNNN.safetensors`
+as they come, so an interrupted run started again with the same settings reuses them (the model's forward is the
+whole cost). Fit: Adam on the gate's projections only, full batch over the training windows, loss = mean over
+layers of KL(block-pooled attention || gate); the last `holdout` windows are never trained on and report the
+held-out KL, beside the KL of the training-free estimate softmax(pooled q . mean key / sqrt(D)) on them.
+The run directory follows `attnsparse.core.runs.RunDir` (config.json status running, then finished) and ends with
+gate.safetensors + gate.json, loadable by `BlockGate.load(DIR)`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from attnsparse.attention.backend import sparse_attention
+from attnsparse.core.runs import RunDir, atomic_write_bytes, atomic_write_text
+from attnsparse.errors import AttnsparseError
+from attnsparse.gate.model import BlockGate, GateConfig, block_kl
+from attnsparse.gate.observer import BlockPoolRecorder, PooledLayer
+
+KIND = "gate"
+Features = list[PooledLayer]  # one window: a record per layer, in layer order
+
+
+@dataclass(frozen=True)
+class GateTrainConfig:
+    """Everything a gate run depends on (its config.json); equal settings let an unfinished run reuse features."""
+
+    model: str = "smollm2-135m"
+    data: str | None = None  # text spec (attnsparse.core.data.load_text); None: the built-in text
+    synthetic: float = 0.25  # share of synthetic retrieval/copy documents (attnsparse.condense.mixture)
+    ctx: int = 2048
+    positions: int = 0  # windows start at random positions in [0, positions - ctx] (0: at position 0)
+    windows: int = 16  # windows in all, `holdout` of them held out
+    holdout: int = 2
+    block: int = 64
+    rank: int = 16
+    steps: int = 300
+    lr: float = 1e-2
+    seed: int = 0
+
+    def check(self) -> None:
+        """One-line errors for settings that cannot work, before the model is loaded."""
+        if self.ctx < 2 * self.block:
+            raise AttnsparseError(f"--ctx {self.ctx} must hold at least two blocks of --block {self.block}")
+        if self.block < 1 or self.rank < 1:
+            raise AttnsparseError(f"--block {self.block} and --rank {self.rank} must be >= 1")
+        if not 0 <= self.holdout < self.windows:
+            raise AttnsparseError(f"--holdout {self.holdout} must leave training windows of --windows {self.windows}")
+        if self.steps < 1 or not self.lr > 0:
+            raise AttnsparseError(f"--steps {self.steps} must be >= 1 and --lr {self.lr} > 0")
+        if self.positions and self.positions < self.ctx:
+            raise AttnsparseError(f"--positions {self.positions} must be 0 or at least --ctx {self.ctx}")
+        if not 0.0 <= self.synthetic < 1.0:
+            raise AttnsparseError(f"--synthetic {self.synthetic} must be a share in [0, 1)")
+
+
+@dataclass
+class GateResult:
+    gate: BlockGate
+    notes: dict[str, Any]
+    out: Path | None
+
+
+def collect_features(model: PreTrainedModel, ids: torch.Tensor, block: int, offset: int = 0) -> Features:
+    """One window (1, T) through the frozen model with the recorder: its per-layer records, in layer order.
+
+    `offset` shifts the window's positions (RoPE sees positions offset..offset + T - 1): post-RoPE queries and keys
+    depend on absolute position, so a gate meant for long contexts must see long positions, at short-window cost."""
+    recorder = BlockPoolRecorder(block)
+    positions = torch.arange(offset, offset + ids.shape[1], device=ids.device)[None]
+    with torch.no_grad(), sparse_attention(model, "dense", observers=[recorder]):
+        model(ids, position_ids=positions)
+    layers = recorder.layers()
+    return [layers[index] for index in sorted(layers)]
+
+
+def stack_windows(features: list[Features]) -> Features:
+    """Windows of one length batched per layer (one gate call per layer and step instead of one per window)."""
+    if not features:
+        return []
+    return [PooledLayer(*(torch.cat([getattr(window[layer], name) for window in features])
+                          for name in ("target", "pooled_q", "pooled_k")), features[0][layer].query_blocks)
+            for layer in range(len(features[0]))]
+
+
+def features_kl(gate: BlockGate, batched: Features) -> torch.Tensor:
+    """Mean over layers of KL(target || gate), each layer's rows being every window's (`stack_windows`)."""
+    losses = [block_kl(record.target, gate.log_probs(layer, record.pooled_q, record.pooled_k, record.query_blocks))
+              for layer, record in enumerate(batched)]
+    return torch.stack(losses).mean()
+
+
+def mean_key_kl(batched: Features, head_dim: int) -> float:
+    """KL of the training-free estimate softmax(pooled q . mean key / sqrt(D)) over the same blocks (a baseline)."""
+    losses = []
+    for record in batched:
+        heads, kv_heads = record.pooled_q.shape[1], record.pooled_k.shape[1]
+        mean_k = record.pooled_k[..., :head_dim].repeat_interleave(heads // kv_heads, dim=1)
+        logits = record.pooled_q @ mean_k.transpose(-1, -2) / math.sqrt(head_dim)
+        hidden = torch.arange(logits.shape[-1])[None, :] > record.query_blocks[:, None]
+        losses.append(block_kl(record.target, torch.log_softmax(logits.masked_fill(hidden, -math.inf), -1)))
+    return float(torch.stack(losses).mean())
+
+
+def fit_gate(gate: BlockGate, train: Features, steps: int, lr: float,
+             log: list[dict[str, Any]] | None = None, holdout: Features | None = None) -> BlockGate:
+    """Adam on the gate's parameters only (the features carry no graph), full batch over `stack_windows` records;
+    appends the KL to `log` about ten times."""
+    gate.requires_grad_(True)
+    optimizer = torch.optim.Adam(gate.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    every = max(1, steps // 10)
+    for step in range(1, steps + 1):
+        optimizer.zero_grad(set_to_none=True)
+        loss = features_kl(gate, train)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if log is not None and (step % every == 0 or step in (1, steps)):
+            row: dict[str, Any] = {"step": step, "train_kl": float(loss.detach())}
+            if holdout:
+                with torch.no_grad():
+                    row["holdout_kl"] = float(features_kl(gate, holdout))
+            log.append(row)
+    return gate.requires_grad_(False)
+
+
+def training_windows(tokenizer: PreTrainedTokenizerBase, config: GateTrainConfig) -> torch.Tensor:
+    """(windows, ctx) evenly spaced windows of the text with the synthetic retrieval/copy documents mixed in."""
+    from attnsparse.condense.mixture import mix_synthetic
+    from attnsparse.core.data import load_text, tokenize, windows
+
+    text = mix_synthetic(load_text(config.data), config.synthetic, seed=config.seed)
+    return windows(tokenize(tokenizer, text), config.ctx, count=config.windows)
+
+
+def window_offsets(config: GateTrainConfig) -> list[int]:
+    """Each window's first position: 0, or seeded random multiples of the block in [0, positions - ctx]."""
+    if not config.positions:
+        return [0] * config.windows
+    rng = random.Random(config.seed)
+    slots = (config.positions - config.ctx) // config.block
+    return [rng.randint(0, slots) * config.block for _ in range(config.windows)]
+
+
+def train_gate(config: GateTrainConfig, out: str | Path | None = None, *, overwrite: bool = False,
+               model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
+               progress: bool = False) -> GateResult:
+    """Collect the frozen model's block-pooled attention, fit the gate, save it into `out` (a run directory)."""
+    from attnsparse.core.data import check_context
+    from attnsparse.core.models import ModelShape, load_model
+
+    config.check()
+    run = RunDir(out, KIND) if out is not None else None
+    previous = run.check(overwrite).previous if run is not None else None
+    if model is None or tokenizer is None:
+        loaded = load_model(config.model)
+        model, tokenizer = loaded.model, loaded.tokenizer
+    shape = ModelShape.of(model)
+    check_context(max(config.ctx, config.positions), shape.need("max_context"), "--ctx / --positions")
+    ids = training_windows(tokenizer, config)
+    offsets = window_offsets(config)
+    resume = previous is not None and not previous.finished and previous.config == asdict(config)
+    path = run.start(asdict(config), clear=not resume) if run is not None else None
+    with run.guard(lambda: f"{path} keeps the features collected so far; run the same command again to go on"
+                   ) if run is not None else nullcontext():
+        started = time.perf_counter()
+        features, reused = [], 0
+        for index in range(len(ids)):
+            stored = _read_features(path, index) if path is not None else None
+            if stored is None:
+                stored = collect_features(model, ids[index : index + 1], config.block, offsets[index])
+                if path is not None:
+                    _write_features(path, index, stored)
+            else:
+                reused += 1
+            features.append(stored)
+            if progress:
+                print(f"collected window {index + 1}/{len(ids)}", flush=True)
+        collect_seconds = time.perf_counter() - started
+        gate_config = GateConfig(shape.need("layers"), shape.need("heads"), shape.need("kv_heads"),
+                                 shape.need("head_dim"), config.block, config.rank, config.model)
+        gate = BlockGate(gate_config, seed=config.seed)
+        train = stack_windows(features[: len(features) - config.holdout])
+        held = stack_windows(features[len(features) - config.holdout:])
+        log: list[dict[str, Any]] = []
+        started = time.perf_counter()
+        with torch.no_grad():
+            initial = {"train_kl": float(features_kl(gate, train))}
+            if held:
+                initial["holdout_kl"] = float(features_kl(gate, held))
+        fit_gate(gate, train, config.steps, config.lr, log, held)
+        fit_seconds = time.perf_counter() - started
+        notes: dict[str, Any] = {
+            "tokens": int(ids.numel()), "train_windows": config.windows - config.holdout, "holdout_windows": config.holdout,
+            "ctx": config.ctx, "offsets": offsets, "data": config.data, "synthetic": config.synthetic,
+            "collect_seconds": round(collect_seconds, 2), "fit_seconds": round(fit_seconds, 2),
+            "windows_reused": reused, "threads": torch.get_num_threads(),
+            "initial": initial, "final": log[-1],
+            "mean_key_holdout_kl": mean_key_kl(held, gate_config.head_dim) if held else None,
+        }
+        if path is not None:
+            atomic_write_text(path / "train_log.jsonl", "".join(json.dumps(row) + "\n" for row in log))
+            gate.save(path, notes)
+            run.finish(asdict(config))  # type: ignore[union-attr]
+    return GateResult(gate, notes, path)
+
+
+def _feature_file(path: Path, index: int) -> Path:
+    return path / "features" / f"window-{index:04d}.safetensors"
+
+
+def _write_features(path: Path, index: int, features: Features) -> None:
+    from safetensors.torch import save
+
+    tensors = {}
+    for layer, record in enumerate(features):
+        for name in ("target", "pooled_q", "pooled_k", "query_blocks"):
+            tensors[f"{layer}.{name}"] = getattr(record, name).contiguous()
+    atomic_write_bytes(_feature_file(path, index), save(tensors))
+
+
+def _read_features(path: Path, index: int) -> Features | None:
+    """A window's stored features, or None when absent or unreadable (it is collected again)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    file = _feature_file(path, index)
+    if not file.is_file():
+        return None
+    try:
+        tensors = load_file(str(file))
+    except (SafetensorError, OSError):
+        return None
+    layers = sorted({int(name.split(".")[0]) for name in tensors})
+    try:
+        return [PooledLayer(*(tensors[f"{layer}.{name}"] for name in ("target", "pooled_q", "pooled_k",
+                                                                       "query_blocks"))) for layer in layers]
+    except KeyError:
+        return None
