@@ -1,4 +1,4 @@
-"""FlexAttention over a kept-block selection (attention/flexblock.py) against brute force and the torch block path.
+"""FlexAttention over a kept-block selection (attention/flexblock.py) against brute force and the CPU block paths.
 
 On CPU flex_attention runs eagerly (inference; it reads only the mask function), so the block tables the compiled
 GPU kernel reads are checked separately: they list exactly the kept blocks, split into partial and full blocks.
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from attnsparse.attention import flexblock
-from attnsparse.attention.blockattend import gathered_block_attention
+from attnsparse.attention.blockattend import block_sparse_attention, gathered_block_attention
 from attnsparse.attention.selection import BlockGrid, Density, MeanKey, expand_to_keys, select_blocks
 from tests.reference import attention
 
@@ -44,6 +44,7 @@ def test_flex_over_the_selection_equals_brute_force_and_the_torch_path(queries, 
     got = flexblock.flex_block_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), blocks.to(DEVICE), grid, 0.25)
     assert torch.allclose(got.cpu().double(), brute_force(q, k, v, blocks, grid, 0.25), atol=2e-5, rtol=1e-4)
     assert torch.allclose(got.cpu(), gathered_block_attention(q, k, v, blocks, grid, 0.25), atol=2e-5, rtol=1e-4)
+    assert torch.allclose(got.cpu(), block_sparse_attention(q, k, v, blocks, grid, 0.25), atol=2e-5, rtol=1e-4)
 
 
 def test_block_tables_list_the_kept_blocks_full_below_the_diagonal():
