@@ -69,7 +69,7 @@ def sort_rows(rows: torch.Tensor) -> SortedRows:
         raise ValueError(f"sort_rows expects (rows, keys), got shape {tuple(rows.shape)}")
     rows = rows.detach()
     dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
-    if rows.device.type != "cpu":
+    if not host_rows(rows):
         ascending = torch.sort(rows.to(dtype), dim=-1).values
         top_mass = torch.cumsum(ascending.flip(-1), dim=-1, dtype=torch.float64)
         ent = torch.special.entr(ascending).sum(-1, dtype=torch.float64)

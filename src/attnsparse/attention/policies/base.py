@@ -54,7 +54,7 @@ class Policy:
 
     def kept_pairs(self, n: int) -> int:
         """Kept (query, key) pairs for one causal sequence of n tokens with no padding."""
-        return int(self.kept_per_row(torch.arange(1, n + 1)).sum())
+        return int(self.kept_per_row(torch.arange(1, n + 1, device="cpu")).sum())  # host bookkeeping
 
     def density(self, n: int) -> float:
         """Kept pairs over causal pairs, n(n+1)/2, for a causal sequence of n tokens."""

@@ -75,12 +75,12 @@ class HeadBudget(Policy):
 
     def kept_per_row(self, rows: torch.Tensor) -> torch.Tensor:
         """Mean over (layer, head) of the keys kept by a query seeing `rows` keys."""
-        ks = torch.tensor(self.ks, dtype=torch.float64).flatten()
+        ks = torch.tensor(self.ks, dtype=torch.float64, device=rows.device).flatten()
         return rows.to(torch.float64)[..., None].clamp(max=ks).mean(-1)
 
     def density(self, n: int) -> float:
         """Mean over heads of kept pairs over causal pairs (not rounded to whole pairs, unlike `kept_pairs`)."""
-        return float(self.kept_per_row(torch.arange(1, n + 1)).sum()) / (n * (n + 1) / 2)
+        return float(self.kept_per_row(torch.arange(1, n + 1, device="cpu")).sum()) / (n * (n + 1) / 2)
 
     def scaled(self, mean_k: float) -> HeadBudget:
         """The same allocation with every k_h multiplied so the mean is about `mean_k` (k annealing in training)."""
@@ -108,7 +108,7 @@ class HeadTopK(Policy):
         return head_topk_keep_mask(scores, visible, self.ks)
 
     def kept_per_row(self, rows: torch.Tensor) -> torch.Tensor:
-        ks = torch.tensor(self.ks, dtype=torch.float64)
+        ks = torch.tensor(self.ks, dtype=torch.float64, device=rows.device)
         return rows.to(torch.float64)[..., None].clamp(max=ks).mean(-1)
 
 

@@ -56,7 +56,7 @@ def adaptive_topk_tail_mass(probs: Tensor, visible: Tensor, alpha: float, C: flo
     k_rows = adaptive_k(lengths, alpha, C)
     mask = lengths > k_rows
     # k is non-decreasing in n and n_i ≤ K, so k(K) bounds every k_i without a device sync.
-    k_max = min(probs.shape[-1], int(adaptive_k(torch.tensor(probs.shape[-1]), alpha, C)))
+    k_max = min(probs.shape[-1], int(adaptive_k(torch.tensor(probs.shape[-1], device="cpu"), alpha, C)))
     filled = probs.masked_fill(~visible, -1.0)
     top = filled.topk(k_max, dim=-1, sorted=True).values.cumsum(-1)
     index = (k_rows.clamp(max=k_max) - 1).unsqueeze(-1)
