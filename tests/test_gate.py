@@ -9,7 +9,8 @@ import torch
 
 from attnsparse.attention.backend import sparse_attention
 from attnsparse.errors import AttnsparseError
-from attnsparse.gate import BlockGate, BlockPoolRecorder, GateConfig, block_kl
+from attnsparse.gate import BlockGate, GateConfig, block_kl
+from attnsparse.gate.observer import BlockPoolRecorder
 from attnsparse.gate.train import collect_features, features_kl, fit_gate, stack_windows
 from tests.model_reference import float64_twin, reference_attention, sharpened_llama
 
@@ -131,3 +132,154 @@ def test_training_lowers_the_kl() -> None:
     assert after < 0.6 * before
     assert not gate.wq.requires_grad and gate.wq.grad is not None
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))  # the model is never touched
+
+
+# --- the gate as a selector: prefill estimator `gate:path=DIR`, decode block score `gate` -------------------------
+
+
+@pytest.fixture
+def tiny_gate(tmp_path):
+    """A random gate for the default tiny Llama (2 layers, 4 heads / 2 kv heads, D 8), blocks of 8."""
+    gate = BlockGate(GateConfig(2, 4, 2, 8, block=8, rank=4, model="tiny"), seed=5).requires_grad_(False)
+    gate.save(tmp_path / "gate")
+    return gate, str(tmp_path / "gate")
+
+
+def _gate_log_mass_by_hand(gate, layer, q, k, block):
+    """Per head: softmax over causal key blocks of (mean q Wq) . ([mean|max|min] k Wk) / sqrt(r); group mean."""
+    heads, kv_heads, length = q.shape[1], k.shape[1], q.shape[2]
+    blocks = -(-length // block)
+    out = torch.zeros(1, kv_heads, blocks, blocks)
+    rank = gate.config.rank
+    for g in range(kv_heads):
+        for h in range(g * heads // kv_heads, (g + 1) * heads // kv_heads):
+            for i in range(blocks):
+                qi = q[0, h, i * block:(i + 1) * block].mean(0) @ gate.wq[layer, h] / math.sqrt(rank)
+                logits = []
+                for j in range(i + 1):
+                    keys = k[0, g, j * block:(j + 1) * block]
+                    pooled = torch.cat([keys.mean(0), keys.amax(0), keys.amin(0)])
+                    logits.append(float(qi @ (pooled @ gate.wk[layer, g].detach())))
+                out[0, g, i, : i + 1] += torch.softmax(torch.tensor(logits), 0) / (heads // kv_heads)
+    return out
+
+
+def test_prefill_estimator_is_the_gate_distribution(tiny_gate) -> None:
+    from attnsparse.attention.selection import BlockGrid, Density, parse_estimator, select_blocks
+
+    gate, path = tiny_gate
+    q, k = torch.randn(1, 4, 20, 8), torch.randn(1, 2, 20, 8)
+    grid = BlockGrid(8, 20, 20)
+    log_mass = parse_estimator(f"gate:path={path}").log_mass(q, k, grid, scaling=8**-0.5, layer_idx=1)
+    expected = _gate_log_mass_by_hand(gate, 1, q, k, 8)
+    causal = grid.causal()
+    torch.testing.assert_close(log_mass.exp() * causal, expected, atol=1e-5, rtol=1e-5)
+    kept = select_blocks(log_mass, grid, Density(0.5))
+    assert not bool((kept & ~causal).any()) and bool(kept[..., 0].all())  # causal, sink kept
+
+
+def test_prefill_with_a_covering_gate_budget_equals_dense(tiny_gate) -> None:
+    from attnsparse.core.tiny import tiny_llama
+
+    _, path = tiny_gate
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        dense = model(ids).logits
+        with sparse_attention(model, f"blocksparse:8:1.0:gate:path={path}"):
+            sparse = model(ids).logits
+        with sparse_attention(model, f"blocksparse:8:0.2:gate:path={path}"):
+            thinned = model(ids).logits
+    torch.testing.assert_close(sparse, dense, atol=1e-5, rtol=1e-5)
+    assert float((thinned - dense).abs().max()) > 1e-3  # the low budget does drop blocks
+
+
+def test_prefill_estimator_errors(tiny_gate, tmp_path) -> None:
+    from attnsparse.attention.policies import parse_policy
+    from attnsparse.attention.selection import BlockGrid, parse_estimator
+
+    _, path = tiny_gate
+    with pytest.raises(AttnsparseError, match="gate:path=DIR"):
+        parse_policy("blocksparse:8:0.1:gate")
+    with pytest.raises(AttnsparseError, match="has no gate.json"):
+        parse_policy(f"blocksparse:8:0.1:gate:path={tmp_path / 'none'}")
+    estimator = parse_estimator(f"gate:path={path}")
+    with pytest.raises(AttnsparseError, match="--block 16"):
+        estimator.log_mass(torch.randn(1, 4, 32, 8), torch.randn(1, 2, 32, 8), BlockGrid(16, 32, 32), scaling=1.0,
+                           layer_idx=0)
+    with pytest.raises(AttnsparseError, match="train a gate for this model"):
+        estimator.log_mass(torch.randn(1, 6, 32, 8), torch.randn(1, 2, 32, 8), BlockGrid(8, 32, 32), scaling=1.0,
+                           layer_idx=0)
+
+
+def test_decode_scorer_scores_are_the_gate_distribution(tiny_gate) -> None:
+    """Data kept by prompt and single-token appends scores every block as the gate does, from the held keys."""
+    from attnsparse.decode.plan import DecodePlan
+    from attnsparse.decode.stores import BlockStore
+
+    gate, path = tiny_gate
+    policy = DecodePlan.uniform("block:8:16:gate", 2, 2).with_gate(path).heads[1][0]
+    store = BlockStore(policy, [0, 1])
+    store.bind(1)
+    keys, values = torch.randn(1, 2, 29, 8), torch.randn(1, 2, 29, 8)
+    store.append(keys[:, :, :21], values[:, :, :21])  # the prompt: a partial third block
+    for t in range(21, 29):  # decode steps fill it and open a fourth
+        store.append(keys[:, :, t : t + 1], values[:, :, t : t + 1])
+    q = torch.randn(1, 2, 2, 8)  # (B, kv heads, G, D)
+    scores = store.scorer.scores(store.selection, store.key_blocks(), q, store.n)
+    expected = torch.zeros(1, 2, 4)
+    for g in range(2):
+        for h in range(2):
+            logits = []
+            for j in range(4):
+                held = keys[0, g, j * 8:min((j + 1) * 8, 29)]
+                pooled = torch.cat([held.mean(0), held.amax(0), held.amin(0)])
+                logits.append(float((q[0, g, h] @ gate.wq[1, 2 * g + h]) @ (pooled @ gate.wk[1, g])) / 2.0)
+            expected[0, g] += torch.softmax(torch.tensor(logits), 0) / 2
+    torch.testing.assert_close(scores.exp(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_with_gate_selects_and_covers(tiny_gate) -> None:
+    from attnsparse.core.tiny import tiny_llama
+    from attnsparse.decode.generate import generate
+    from attnsparse.decode.plan import DecodePlan
+
+    _, path = tiny_gate
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (1, 50), generator=torch.Generator().manual_seed(4))
+    dense = generate(model, ids, "dense", max_new_tokens=6, keep_logits=True)
+    covering = generate(model, ids, DecodePlan.uniform("block:8:1.0:gate", 2, 2).with_gate(path), max_new_tokens=6,
+                        keep_logits=True)
+    torch.testing.assert_close(torch.stack(covering.logits), torch.stack(dense.logits), atol=1e-4, rtol=1e-4)
+    sparse = generate(model, ids, DecodePlan.uniform("block:8:24:gate", 2, 2).with_gate(path), max_new_tokens=6)
+    assert sparse.attention_bytes_per_step < dense.attention_bytes_per_step
+    with pytest.raises(AttnsparseError, match="needs a trained gate"):
+        generate(model, ids, "block:8:24:gate", max_new_tokens=2)
+    with pytest.raises(AttnsparseError, match="blocks of 8"):
+        generate(model, ids, DecodePlan.uniform("block:16:32:gate", 2, 2).with_gate(path), max_new_tokens=2)
+
+
+def test_generate_gate_option_errors(tiny_dir, tiny_gate, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from attnsparse.cli.app import app
+
+    _, path = tiny_gate
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("the quick brown fox jumps over the lazy dog " * 3)
+    base = ["generate", str(tiny_dir), "--prompt-file", str(prompt), "--max-new-tokens", "2"]
+    other = BlockGate(GateConfig(3, 4, 2, 8, block=8))
+    other.save(tmp_path / "other")
+    for args, message in [
+        (["--policy", "block:8:16:gate", "--gate", str(tmp_path / "none")], "has no gate.json"),
+        (["--policy", "block:8:16", "--gate", path], "no head's block score is gate"),
+        (["--policy", "block:8:16:gate"], "needs a trained gate"),
+        (["--policy", "block:16:32:gate", "--gate", path], "--block 16"),
+        (["--policy", "block:8:16:gate", "--gate", str(tmp_path / "other")], "trained for 3 layers"),
+    ]:
+        result = CliRunner().invoke(app, base + args)
+        assert result.exit_code == 2, (args, result.output)
+        errors = [line for line in result.output.splitlines() if line.startswith("error:")]  # beside loading bars
+        assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.output, result.output
+    result = CliRunner().invoke(app, [*base, "--policy", "block:8:16:gate", "--gate", path, "--json"])
+    assert result.exit_code == 0, result.output

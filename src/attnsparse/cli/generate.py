@@ -16,6 +16,8 @@ from attnsparse.cli._common import device_option, dtype_option
 from attnsparse.errors import AttnsparseError
 
 if TYPE_CHECKING:
+    from attnsparse.core.models import ModelShape
+    from attnsparse.decode.plan import DecodePlan
     from attnsparse.measure.profile import ProfileView
 
 
@@ -24,7 +26,7 @@ def generate_command(
     prompt_file: str = typer.Option(..., "--prompt-file", help="UTF-8 text file holding the prompt."),
     policy: str = typer.Option(
         "dense", "--policy",
-        help="Plan JSON file, or one policy for every head: dense, topk:K, block:B:BUDGET[:mean|bound|channelsR] "
+        help="Plan JSON file, or one policy for every head: dense, topk:K, block:B:BUDGET[:mean|bound|channelsR|gate] "
              "(BUDGET in tokens, or a density such as 0.0625), streaming:S:W (alias sink+window:S:W).",
     ),
     profile: str | None = typer.Option(
@@ -46,6 +48,9 @@ def generate_command(
     density_context: int | None = typer.Option(
         None, "--density-context", help="Context for --average-density (default: the prompt's tokens)."
     ),
+    gate: str | None = typer.Option(
+        None, "--gate", help="Gate directory (attnsparse gate) for the heads whose block score is gate.",
+    ),
     save_plan: str | None = typer.Option(None, "--save-plan", help="Write the plan used as JSON."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Tokens to generate."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON record instead of text and a summary."),
@@ -58,7 +63,7 @@ def generate_command(
     options = ProfileOptions(protect_retrieval, protected, average_density, density_context)
     record = run_or_exit(lambda: _generate(
         model, Path(prompt_file), policy, Path(profile) if profile else None, streaming,
-        Path(save_plan) if save_plan else None, max_new_tokens, options, device, dtype,
+        Path(save_plan) if save_plan else None, max_new_tokens, options, device, dtype, gate,
     ))
     if as_json:
         typer.echo(json.dumps(record, indent=2))
@@ -115,14 +120,14 @@ class ProfileOptions:
 def _generate(model_spec: str, prompt_file: Path, policy: str, profile: Path | None, streaming: str,
               save_plan: Path | None, max_new_tokens: int,
               options: ProfileOptions = ProfileOptions(), device: str | None = None,
-              dtype: str | None = None) -> dict[str, object]:
+              dtype: str | None = None, gate: str | None = None) -> dict[str, object]:
     import torch
 
     from attnsparse.core.data import load_text, tokenize
     from attnsparse.core.devices import model_device, model_dtype, placement, resolve_device, resolve_dtype
     from attnsparse.core.models import ModelShape, load_model
     from attnsparse.decode.generate import generate
-    from attnsparse.decode.plan import DecodePlan, plan_from_profile, resolve_plan
+    from attnsparse.decode.plan import plan_from_profile, resolve_plan
     from attnsparse.measure.profile import ProfileView
 
     target, precision = resolve_device(device), resolve_dtype(dtype)  # a device this machine lacks fails first
@@ -130,6 +135,10 @@ def _generate(model_spec: str, prompt_file: Path, policy: str, profile: Path | N
         _check_plan_path(save_plan)
     measured = ProfileView.read_json(profile) if profile is not None else None  # a bad profile fails before loading
     options.check(measured)
+    if gate is not None:
+        from attnsparse.gate.model import BlockGate
+
+        BlockGate.load(gate)  # a missing or foreign gate directory fails before the model loads
     text = load_text(str(prompt_file))
     loaded = load_model(model_spec, precision, device=target)
     ids = tokenize(loaded.tokenizer, text)
@@ -148,6 +157,7 @@ def _generate(model_spec: str, prompt_file: Path, policy: str, profile: Path | N
         plan.check_model(layers, kv_heads)
     else:
         plan = resolve_plan(policy, layers, kv_heads, model_spec)
+    plan = _gated(plan, gate, shape)
     if save_plan is not None:
         plan.save(save_plan)
     result = generate(loaded.model, ids[None], plan, max_new_tokens=max_new_tokens,
@@ -168,6 +178,26 @@ def _generate(model_spec: str, prompt_file: Path, policy: str, profile: Path | N
         "threads": torch.get_num_threads(),
         **placement(model_device(loaded.model), model_dtype(loaded.model)),
     }
+
+
+def _gated(plan: DecodePlan, gate: str | None, shape: ModelShape) -> DecodePlan:
+    """The plan with `--gate` filled in where a head's block score is gate; its gates checked against the model."""
+    from attnsparse.decode.policies import BlockPolicy
+    from attnsparse.decode.scorers.gate import GateScore
+
+    if gate is not None:
+        if not plan.uses_gate():
+            raise AttnsparseError(f"--gate {gate} is given but no head's block score is gate; use a policy such as "
+                                  "block:16:0.0625:gate")
+        plan = plan.with_gate(gate)
+    for row in plan.heads:
+        for head in row:
+            if isinstance(head, BlockPolicy) and isinstance(head.score, GateScore):
+                config = head.score.load().config
+                config.check_model(shape.need("layers"), shape.need("heads"), shape.need("kv_heads"),
+                                   shape.need("head_dim"), f"the gate {head.score.gate}")
+                config.check_block(head.block_size, head.spec)
+    return plan
 
 
 def _check_plan_path(path: Path) -> None:

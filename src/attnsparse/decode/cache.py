@@ -18,7 +18,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from attnsparse.core.models import ModelShape
-from attnsparse.decode.stores import FullStore, Store
+from attnsparse.decode.stores import BlockStore, FullStore, Store
 from attnsparse.errors import AttnsparseError
 
 if TYPE_CHECKING:
@@ -36,13 +36,17 @@ class SparseLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = False
 
-    def __init__(self, policies: list[HeadPolicy]) -> None:
+    def __init__(self, policies: list[HeadPolicy], layer: int = 0) -> None:
         super().__init__()
+        self.layer = layer
         self.kv_heads = len(policies)
         groups: dict[HeadPolicy, list[int]] = {}  # equal policies share one store and one batched kernel call
         for head, policy in enumerate(policies):
             groups.setdefault(policy, []).append(head)
         self.stores: list[Store] = [policy.store(heads) for policy, heads in groups.items()]
+        for store in self.stores:
+            if isinstance(store, BlockStore):
+                store.bind(layer)
         self.index: list[torch.Tensor] = []  # each store's kv heads, made on the states' device at the first update
         self.n = 0
 
@@ -107,7 +111,7 @@ class SparseLayer(CacheLayerMixin):
         for store in self.stores:
             for head in store.heads:
                 policies[head] = store.policy
-        self.__init__(policies)  # type: ignore[misc, arg-type]
+        self.__init__(policies, self.layer)  # type: ignore[misc, arg-type]
 
     def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         if self.n:
@@ -137,7 +141,7 @@ class SparseCache(Cache):
     """Cache for `model.generate(past_key_values=...)` under a `DecodePlan`; needs the attnsparse-decode backend."""
 
     def __init__(self, plan: DecodePlan, config: object | None = None, reserve: int = 0) -> None:
-        self.sparse_layers = [SparseLayer(row) for row in plan.heads]
+        self.sparse_layers = [SparseLayer(row, layer) for layer, row in enumerate(plan.heads)]
         super().__init__(layers=list(self.sparse_layers))
         self.plan = plan
         self._config = config

@@ -59,6 +59,20 @@ class DecodePlan:
                 out[head.spec] = out.get(head.spec, 0) + 1
         return out
 
+    def with_gate(self, directory: str | Path) -> DecodePlan:
+        """This plan with every block head scored by `gate` and naming no gate directory given `directory`."""
+        from attnsparse.decode.scorers.gate import with_gate
+
+        heads = [[replace(head, score=with_gate(head.score, str(directory))) if isinstance(head, BlockPolicy)
+                  else head for head in row] for row in self.heads]
+        return DecodePlan(heads, self.model, dict(self.notes))
+
+    def uses_gate(self) -> bool:
+        from attnsparse.decode.scorers.gate import GateScore
+
+        return any(isinstance(head, BlockPolicy) and isinstance(head.score, GateScore) for row in self.heads
+                   for head in row)
+
     def check_model(self, layers: int, kv_heads: int) -> None:
         if (self.layers, self.kv_heads) != (layers, kv_heads):
             raise AttnsparseError(

@@ -132,6 +132,10 @@ class BlockStore(FullStore):
         self.scorer = policy.score
         self.selection = torch.empty(0)
 
+    def bind(self, layer: int) -> None:
+        """Let the scorer take what it keeps per layer (`BlockScorer.bind`): this store holds `heads` of `layer`."""
+        self.scorer = self.policy.score.bind(layer, self.heads)
+
     def reserve(self, like: torch.Tensor, tokens: int) -> bool:
         grew = super().reserve(like, tokens)
         if grew:

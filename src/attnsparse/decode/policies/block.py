@@ -81,7 +81,7 @@ class BlockPolicy(HeadPolicy):
     def attend(self, store: BlockStore, q: torch.Tensor, scaling: float) -> torch.Tensor:  # type: ignore[override]
         """The scorer's compiled selection + attention where it has one, else its scores, then block attention."""
         n, key_blocks, value_blocks = store.n, store.key_blocks(), store.value_blocks()
-        out = self.score.decode(q, key_blocks, value_blocks, store.selection, n, self.selected_blocks(n),
+        out = store.scorer.decode(q, key_blocks, value_blocks, store.selection, n, self.selected_blocks(n),
                                 self.sink_blocks, self.recent_blocks, scaling)
         return K.block_decode(q, key_blocks, value_blocks, store.select(q), n, scaling) if out is None else out
 

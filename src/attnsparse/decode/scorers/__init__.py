@@ -2,7 +2,7 @@
 
 # registration order is the order help and error messages list the scorers in
 # isort: off
-from attnsparse.decode.scorers import mean, bound, channels  # noqa: F401
+from attnsparse.decode.scorers import mean, bound, channels, gate  # noqa: F401
 # isort: on
 
 from attnsparse.decode.scorers.base import (
@@ -15,7 +15,8 @@ from attnsparse.decode.scorers.base import (
 )
 from attnsparse.decode.scorers.bound import BoundScore
 from attnsparse.decode.scorers.channels import ChannelScore
+from attnsparse.decode.scorers.gate import GateScore
 from attnsparse.decode.scorers.mean import MeanScore
 
-__all__ = ["SCORERS", "SCORER_TYPES", "BlockScorer", "BoundScore", "ChannelScore", "MeanScore", "parse_scorer",
+__all__ = ["SCORERS", "SCORER_TYPES", "BlockScorer", "BoundScore", "ChannelScore", "GateScore", "MeanScore", "parse_scorer",
            "register_scorer", "scorer_from_fields"]

@@ -55,6 +55,11 @@ class BlockScorer:
         """The scorer's parameters as they are written in a plan entry (beside `"score": name`)."""
         return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}  # type: ignore[arg-type]
 
+    def bind(self, layer: int, heads: list[int]) -> BlockScorer:
+        """The scorer the store of kv heads `heads` of decoder layer `layer` uses: itself, unless the scorer has
+        per-layer parameters (the learned gate picks that layer's weights here)."""
+        return self
+
     def grow(self, old: torch.Tensor, key_blocks: torch.Tensor, n: int) -> torch.Tensor:
         """The selection data for the (new, larger) key buffer `key_blocks`, holding what `old` held for n tokens
         (`old` is an empty tensor at the first allocation, when n is 0)."""
