@@ -53,7 +53,7 @@ class Antidiagonal(BlockEstimator):
         k = F.pad(key.float(), (0, 0, 0, grid.key_blocks * grid.block - grid.keys))
         batch, heads, padded_q, dim = q.shape
         q_runs = q.view(batch, heads, padded_q // stride, stride, dim).flip(3).reshape(batch, heads, -1, stride * dim)
-        k_runs = k.view(batch, key.shape[1], -1, stride * dim).repeat_interleave(groups, dim=1)
+        k_runs = k.reshape(batch, key.shape[1], -1, stride * dim).repeat_interleave(groups, dim=1)
         scores = (q_runs @ k_runs.transpose(-1, -2)) * (scaling / stride)  # (B, H, Qr, Kr)
         row_run = torch.arange(q_runs.shape[2], device=q.device)[:, None] + q_start // stride
         col_run = torch.arange(k_runs.shape[2], device=q.device)[None, :]
