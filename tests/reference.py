@@ -275,3 +275,33 @@ def vertical_slash_block_probs(q: torch.Tensor, k: torch.Tensor, grid, scaling: 
                  for ks in k_members] for qs in q_members]
         per_head.append(mass)
     return _group_block_probs(per_head, groups, block_causal(grid))
+
+
+# ---- block top-k decoding, row by row (decode policy `block:B:BUDGET`, mean-key score) -------------------------
+def decode_block_keep(q: torch.Tensor, k: torch.Tensor, block: int, budget: int = 0, density: float = 0.0,
+                      sink: int = 1, recent: int = 2) -> torch.Tensor:
+    """Keys read by block top-k decoding for each query row t (context t + 1), (B, H, Q, Q) bool; Q = K.
+
+    Per (batch, kv head, row): blocks of `block` keys; the first `sink` and last `recent` blocks always; then blocks
+    by q . (sum of the block's keys), max over the kv group's query heads, highest first, ties to the lower block,
+    until max(ceil(tokens / block), sink + recent) blocks (tokens = budget or ceil(density * (t + 1))), or all.
+    """
+    batch, heads, n, _ = q.shape
+    kv_heads = k.shape[1]
+    groups = heads // kv_heads
+    keep = torch.zeros(batch, heads, n, n, dtype=torch.bool)
+    for b in range(batch):
+        for h in range(kv_heads):
+            for t in range(n):
+                context = t + 1
+                total = math.ceil(context / block)
+                tokens = budget if budget else math.ceil(density * context)
+                count = min(total, max(math.ceil(tokens / block), sink + recent))
+                chosen = {j for j in range(total) if j < sink or j >= total - recent}
+                score = {j: max(float(q[b, h * groups + g, t] @ k[b, h, j * block : (j + 1) * block].sum(0))
+                                for g in range(groups)) for j in range(total)}
+                rest = sorted((j for j in range(total) if j not in chosen), key=lambda j: (-score[j], j))
+                chosen |= set(rest[: max(count - len(chosen), 0)])
+                for j in chosen:
+                    keep[b, h * groups : (h + 1) * groups, t, j * block : min((j + 1) * block, context)] = True
+    return keep

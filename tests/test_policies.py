@@ -82,11 +82,12 @@ def test_every_policy_round_trips_through_its_spec(policy):
 
 
 def test_registry_names_every_policy_and_its_usage(tmp_path):
-    assert sorted(POLICIES.names()) == ["blockmass", "blocksparse", "budget", "dense", "sink+window", "topk"]
+    assert sorted(POLICIES.names()) == ["blockmass", "blocksparse", "budget", "decodeblock", "dense", "sink+window", "topk"]
     budget = tmp_path / "budget.json"
     budget.write_text(json.dumps(HeadBudget(((2, 3),)).to_json()))
     examples = {"dense": "dense", "topk": "topk:3", "sink+window": "sink+window:1:2", "budget": f"budget:{budget}",
-                "blocksparse": "blocksparse:16:0.1:mean", "blockmass": "blockmass:16:0.9:mean"}
+                "blocksparse": "blocksparse:16:0.1:mean", "blockmass": "blockmass:16:0.9:mean",
+                "decodeblock": "decodeblock:16:0.0625"}
     assert sorted(examples) == sorted(POLICIES.names())  # a new policy needs an example here
     for name, spec in examples.items():
         policy = parse_policy(spec)

@@ -23,7 +23,8 @@ def evaluate_command(
         "dense,topk:8,topk:16,topk:32,topk:64,topk:128", "--policies",
         help="Comma-separated policies: dense, topk:K, sink+window:S:W (alias streaming:S:W), budget:FILE.json "
              "(per-head k, attnsparse budget), blocksparse:B:D[:EST] / blockmass:B:G[:EST] (block-sparse prefill, "
-             "EST one of mean, antidiag, vslash; docs/prefill.md); dense is always included.",
+             "EST one of mean, antidiag, vslash; docs/prefill.md), decodeblock:B:BUDGET[:SCORE] (the keys decode's "
+             "block:B:BUDGET reads at each position); dense is always included.",
     ),
     windows: list[str] | None = typer.Option(  # noqa: B008 - typer reads the default
         None, "--windows",

@@ -10,6 +10,7 @@ from __future__ import annotations
 from attnsparse.attention.policies.base import POLICIES, Policy
 from attnsparse.attention.policies.blocksparse import BlockSparse, KeptBlocks
 from attnsparse.attention.policies.budget import HeadBudget, HeadTopK, head_topk_keep_mask, read_budget
+from attnsparse.attention.policies.decodeblock import DecodeBlock
 from attnsparse.attention.policies.dense import Dense
 from attnsparse.attention.policies.sink_window import SinkWindow, sink_window_keep_mask
 from attnsparse.attention.policies.topk import TopK, topk_keep_mask
@@ -21,6 +22,7 @@ __all__ = [
     "POLICIES",
     "POLICY_HELP",
     "BlockSparse",
+    "DecodeBlock",
     "Dense",
     "HeadBudget",
     "HeadTopK",
