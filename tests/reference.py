@@ -279,8 +279,9 @@ def vertical_slash_block_probs(q: torch.Tensor, k: torch.Tensor, grid, scaling: 
 
 # ---- block top-k decoding, row by row (decode policy `block:B:BUDGET`, mean-key score) -------------------------
 def decode_block_keep(q: torch.Tensor, k: torch.Tensor, block: int, budget: int = 0, density: float = 0.0,
-                      sink: int = 1, recent: int = 2) -> torch.Tensor:
-    """Keys read by block top-k decoding for each query row t (context t + 1), (B, H, Q, Q) bool; Q = K.
+                      sink: int = 1, recent: int = 2, rows: Sequence[int] | None = None) -> torch.Tensor:
+    """Keys read by block top-k decoding for each query row t (context t + 1), (B, H, Q, Q) bool; Q = K. Only the
+    given `rows` are filled when asked (the others stay False).
 
     Per (batch, kv head, row): blocks of `block` keys; the first `sink` and last `recent` blocks always; then blocks
     by q . (sum of the block's keys), max over the kv group's query heads, highest first, ties to the lower block,
@@ -292,7 +293,7 @@ def decode_block_keep(q: torch.Tensor, k: torch.Tensor, block: int, budget: int 
     keep = torch.zeros(batch, heads, n, n, dtype=torch.bool)
     for b in range(batch):
         for h in range(kv_heads):
-            for t in range(n):
+            for t in range(n) if rows is None else rows:
                 context = t + 1
                 total = math.ceil(context / block)
                 tokens = budget if budget else math.ceil(density * context)

@@ -112,7 +112,8 @@ def test_prefill_logits_equal_decoding_token_by_token(spec: str) -> None:
 def test_spec_round_trip_and_one_line_errors() -> None:
     for spec in ("decodeblock:16:0.0625", "decodeblock:16:64", "decodeblock:8:0.1:channels32", "decodeblock:4:8:bound"):
         assert parse_policy(spec).spec == spec and parse_policy(parse_policy(spec).spec) == parse_policy(spec)
-    for bad in ("decodeblock:16", "decodeblock:16:0.0625:nosuch", "decodeblock:0:8", "decodeblock:16:0.0"):
+    for bad in ("decodeblock:16", "decodeblock:16:0.0625:nosuch", "decodeblock:0:8", "decodeblock:16:0.0",
+                "decodeblock:16:64:gate"):
         with pytest.raises(AttnsparseError) as error:
             parse_policy(bad)
         assert "\n" not in str(error.value)

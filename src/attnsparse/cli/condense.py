@@ -45,6 +45,10 @@ def condense_command(
     sparse_aware: bool | None = typer.Option(
         None, "--sparse-aware/--dense-forward", help="Forward with top-k attention (the loss stays on dense rows)."
     ),
+    sparse_policy: str | None = typer.Option(
+        None, "--sparse-policy", help="Policy of the sparse-aware forward instead of top-k, e.g. decodeblock:16:0.0625 "
+        "(what block:16:0.0625 decoding reads)."
+    ),
     trainable: str | None = typer.Option(None, "--trainable", help="all, attn, qk (default) or lora."),
     budget: str | None = typer.Option(
         None, "--budget", help="Head-budget file (attnsparse budget): per-head k, rescaled to --k's schedule."
@@ -86,7 +90,8 @@ def condense_command(
             "model": model, "data": data, "k": k, "loss": loss, "lam": lam, "lambda_schedule": lambda_schedule,
             "lambda_ramp_steps": lambda_ramp_steps, "k_start": k_start, "k_anneal_steps": k_anneal_steps,
             "k_schedule": k_schedule, "layers": _layers(layers), "margin": margin, "lambda_rate": lambda_rate, "distill": distill,
-            "distill_weight": distill_weight, "temperature": temperature, "sparse_aware": sparse_aware, "trainable": trainable,
+            "distill_weight": distill_weight, "temperature": temperature, "sparse_aware": sparse_aware,
+            "sparse_policy": sparse_policy, "trainable": trainable,
             "budget": budget, "synthetic": synthetic,
             "lora_rank": lora_rank, "lora_targets": lora_targets, "steps": steps, "batch_size": batch_size, "grad_accum": grad_accum,
             "seq_len": seq_len, "lr": lr, "lr_scheduler": lr_scheduler, "warmup_steps": warmup_steps, "seed": seed,

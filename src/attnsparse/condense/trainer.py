@@ -26,7 +26,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from attnsparse.attention.backend import BackendState
-from attnsparse.attention.policies import DENSE, HeadBudget, TopK, read_budget
+from attnsparse.attention.policies import DENSE, HeadBudget, TopK, parse_policy, read_budget
 from attnsparse.condense.checkpoints import CHECKPOINT_PREFIX, STATE_FILE, checkpoints, rotate
 from attnsparse.condense.config import CondenseConfig
 from attnsparse.condense.distill import distillation_kl, lm_loss
@@ -99,6 +99,7 @@ class CondenseTrainer(Trainer):
         self._losses: dict[int, CondensationLoss] = {}
         self._budget: HeadBudget | None = None
         self._budgets: dict[int, HeadBudget] = {}
+        self._forward_policy = parse_policy(condense.sparse_policy) if condense.sparse_policy else None
         self._started = time.perf_counter()
 
     # ---- FSDP on CPU ------------------------------------------------------------------------------
@@ -166,7 +167,7 @@ class CondenseTrainer(Trainer):
         self.regularizer.loss = self._loss_at(k)
         budget = self._budget_at(k)
         self.regularizer.budget = budget
-        sparse = budget if budget is not None else TopK(k)
+        sparse = self._forward_policy or (budget if budget is not None else TopK(k))
         self.backend_state.policy = sparse if c.sparse_aware else DENSE
         self.regularizer.reset()
         ids, mask = inputs["input_ids"], inputs.get("attention_mask")

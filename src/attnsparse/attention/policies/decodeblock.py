@@ -18,13 +18,15 @@ import torch
 
 from attnsparse.attention.policies.base import POLICIES, Policy
 from attnsparse.decode import kernels as K
-from attnsparse.decode.policies.block import SCORE_USAGE, BlockPolicy
+from attnsparse.decode.policies.block import BlockPolicy
 from attnsparse.decode.scorers import BoundScore, ChannelScore, MeanScore
 from attnsparse.errors import AttnsparseError
 from attnsparse.specs import ParsedSpec
 
+PREFILL_SCORES = (MeanScore, BoundScore, ChannelScore)  # decode scorers whose block scores a prefill reproduces
 
-@POLICIES.register("decodeblock", usage=f"decodeblock:B:BUDGET[:{SCORE_USAGE}] (as decode's block:B:BUDGET)",
+
+@POLICIES.register("decodeblock", usage="decodeblock:B:BUDGET[:mean|bound|channelsR] (as decode's block:B:BUDGET)",
                    help="the keys block top-k decoding reads at each position (train what decoding runs)")
 @dataclass(frozen=True)
 class DecodeBlock(Policy):
@@ -32,6 +34,12 @@ class DecodeBlock(Policy):
 
     rule: BlockPolicy
     name: ClassVar[str] = "decodeblock"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rule.score, PREFILL_SCORES):
+            names = ", ".join(score.name for score in PREFILL_SCORES)  # type: ignore[attr-defined]
+            raise AttnsparseError(f"decodeblock has no prefill form of block score '{self.rule.score.spec}'; "
+                                  f"use one of {names}")
 
     @classmethod
     def from_spec(cls, spec: ParsedSpec) -> DecodeBlock:
