@@ -283,3 +283,36 @@ def test_generate_gate_option_errors(tiny_dir, tiny_gate, tmp_path) -> None:
         assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.output, result.output
     result = CliRunner().invoke(app, [*base, "--policy", "block:8:16:gate", "--gate", path, "--json"])
     assert result.exit_code == 0, result.output
+
+
+def test_gate_command_run_directory_resume_and_errors(tiny_dir, tmp_path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from attnsparse.cli.app import app
+    from attnsparse.core.runs import read_run
+
+    out, text = tmp_path / "run", tmp_path / "prose.txt"
+    words = [f"{a}{b}" for a in ("amber", "basil", "cedar", "delta", "ember", "frost", "grove", "haven")
+             for b in ("ling", "wood", "stone", "field", "brook", "ridge")]
+    text.write_text("\n".join(" ".join(words[(i * 7 + j) % len(words)] for j in range(6)) + "." for i in range(120)))
+    base = ["gate", str(tiny_dir), "--data", str(text), "--ctx", "64", "--windows", "3", "--holdout", "1",
+            "--block", "8", "--rank", "4", "--steps", "3", "--no-progress", "--out", str(out)]
+    for args, message in [(["--holdout", "3"], "--holdout 3"), (["--ctx", "8"], "two blocks"),
+                          (["--positions", "32"], "--positions 32")]:
+        result = CliRunner().invoke(app, base + args)
+        errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+        assert result.exit_code == 2 and len(errors) == 1 and message in errors[0], result.output
+        assert not out.exists()  # refused before anything is written
+    result = CliRunner().invoke(app, base)
+    assert result.exit_code == 0, result.output
+    assert read_run(out).finished and BlockGate.load(out).config.block == 8
+    again = CliRunner().invoke(app, base)
+    assert again.exit_code == 2 and "--overwrite" in again.output
+    record = json.loads((out / "config.json").read_text())  # an interrupted run of the same settings ...
+    (out / "config.json").write_text(json.dumps(record | {"status": "running"}))
+    (out / "gate.json").unlink()
+    resumed = CliRunner().invoke(app, base)
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads((out / "gate.json").read_text())["notes"]["windows_reused"] == 3  # ... reuses its features

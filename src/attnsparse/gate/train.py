@@ -177,6 +177,7 @@ def train_gate(config: GateTrainConfig, out: str | Path | None = None, *, overwr
     path = run.start(asdict(config), clear=not resume) if run is not None else None
     with run.guard(lambda: f"{path} keeps the features collected so far; run the same command again to go on"
                    ) if run is not None else nullcontext():
+        cpu_started = time.process_time()
         started = time.perf_counter()
         features, reused = [], 0
         for index in range(len(ids)):
@@ -209,6 +210,7 @@ def train_gate(config: GateTrainConfig, out: str | Path | None = None, *, overwr
             "ctx": config.ctx, "offsets": offsets, "data": config.data, "synthetic": config.synthetic,
             "collect_seconds": round(collect_seconds, 2), "fit_seconds": round(fit_seconds, 2),
             "windows_reused": reused, "threads": torch.get_num_threads(),
+            "cpu_seconds": round(time.process_time() - cpu_started, 2),  # this process's CPU time, both phases
             "initial": initial, "final": log[-1],
             "mean_key_holdout_kl": mean_key_kl(held, gate_config.head_dim) if held else None,
         }
