@@ -23,7 +23,7 @@ def test_generate_help_prints_spec_grammar_as_written():
     """`:B:` is an emoji code and `[...]` a style tag to rich markup; the help must show the grammar literally."""
     result = runner.invoke(app, ["generate", "--help"], terminal_width=200)
     assert result.exit_code == 0
-    assert "block:B:BUDGET[:mean|bound|channelsR]" in result.output and "\N{NEGATIVE SQUARED LATIN CAPITAL LETTER B}" not in result.output
+    assert "block:B:BUDGET[:mean|bound|channelsR|gate]" in result.output and "\N{NEGATIVE SQUARED LATIN CAPITAL LETTER B}" not in result.output
 
 
 def test_info_on_a_local_directory(tmp_path):
