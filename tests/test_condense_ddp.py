@@ -2,36 +2,19 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from attnsparse.core.tiny import save_tiny
+from tests.torchrun import run_two_processes
 
 WORKER = Path(__file__).with_name("ddp_condense_worker.py")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_process_ddp_ranks_end_identical(tmp_path: Path) -> None:
-    tiny_dir = save_tiny(str(tmp_path / "tiny"))
-    text = tmp_path / "train.txt"
-    text.write_text("A stitch in time saves nine; many hands make light work. " * 40, encoding="utf-8")
     out = tmp_path / "run"
-    env = os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), str(WORKER), tiny_dir, str(text), str(out)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240, check=False)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    tiny_dir = run_two_processes(WORKER, tmp_path, out)
     ranks = [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2]
     for name, tensor in ranks[0]["state"].items():

@@ -4,39 +4,22 @@ and train exactly what one process with the same global batch trains."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from attnsparse.core.tiny import save_tiny
+from tests.torchrun import run_two_processes
 
 WORKER = Path(__file__).with_name("fsdp_condense_worker.py")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_two_process_fsdp_shards_and_matches_one_process(tmp_path: Path) -> None:
     from attnsparse.condense import CondenseConfig, condense
 
-    tiny_dir = save_tiny(str(tmp_path / "tiny"))
-    text = tmp_path / "train.txt"
-    text.write_text("A stitch in time saves nine; many hands make light work. " * 40, encoding="utf-8")
     out = tmp_path / "fsdp"
-    env = os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), str(WORKER), tiny_dir, str(text), str(out)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240, check=False)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    tiny_dir = run_two_processes(WORKER, tmp_path, out)
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2]
     for rank in ranks:  # the weights were sharded while training: each process held half the embedding rows
@@ -53,7 +36,7 @@ def test_two_process_fsdp_shards_and_matches_one_process(tmp_path: Path) -> None
 
     # one process with the same global batch (2 processes x 2 windows) takes the same steps
     torch.set_num_threads(1)
-    single = condense(CondenseConfig(model=tiny_dir, data=str(text), k=4, steps=4, batch_size=4, seq_len=32, lr=5e-3,
+    single = condense(CondenseConfig(model=tiny_dir, data=str(tmp_path / "train.txt"), k=4, steps=4, batch_size=4, seq_len=32, lr=5e-3,
                                      lam=2.0, save_steps=4, warmup_steps=0, lr_scheduler="constant", trainable="all",
                                      device="cpu"), tmp_path / "single", progress=False, echo=None)
     for name in ("loss", "lm", "cond", "topk_mass"):
