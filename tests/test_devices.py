@@ -46,7 +46,7 @@ def test_device_and_dtype_names(monkeypatch: pytest.MonkeyPatch) -> None:
         check_placement(model, None, "bfloat16")  # a model passed in is never cast silently
 
 
-@pytest.mark.parametrize("command", ["info", "measure", "evaluate", "generate", "condense", "run"])
+@pytest.mark.parametrize("command", ["info", "measure", "evaluate", "generate", "condense", "run", "theory", "gate"])
 def test_cuda_without_cuda_is_one_line_before_any_work(command: str, tiny: tuple[str, Path], tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     model, text = tiny
@@ -59,8 +59,10 @@ def test_cuda_without_cuda_is_one_line_before_any_work(command: str, tiny: tuple
     out = tmp_path / "out"
     extra = {"info": [], "measure": ["--out", str(out)], "evaluate": ["--out", str(out)],
              "generate": ["--prompt-file", str(text)], "condense": ["--out", str(out), "--data", str(text)],
-             "run": ["--out", str(out)]}[command]
-    result = CliRunner().invoke(app, [command, model, *extra, "--device", "cuda"])
+             "run": ["--out", str(out)], "theory": ["--out", str(out)],
+             "gate": ["--out", str(out), "--data", str(text)]}[command]
+    target = [] if command == "theory" else [model]  # the lab simulates: no model
+    result = CliRunner().invoke(app, [command, *target, *extra, "--device", "cuda"])
     lines = result.output.strip().splitlines()
     assert result.exit_code == 2, result.output
     assert len(lines) == 1 and lines[0].startswith("error: --device cuda asks for CUDA"), result.output
@@ -193,3 +195,28 @@ def test_condensation_losses_stay_on_the_attention_device(loss: str) -> None:
         total.backward()
     assert copies.calls == []
     assert all(p.grad is not None for p in model.model.layers[0].self_attn.q_proj.parameters())
+
+
+def test_theory_lab_rows_and_metrics_stay_on_the_config_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lab's generators, rows (Gaussian and X/W pipeline, fixed and growing) and per-row metrics through the
+    torch row path (what a GPU runs) inside the trap: every tensor made on the config's device, no host copy, the
+    same measurements as outside it."""
+    from attnsparse.measure import rowstats
+    from attnsparse.theory.lab import TheoryConfig, _generator, draw_head, measure_rows, scenario_rows, scenarios
+
+    monkeypatch.setattr(rowstats, "host_rows", lambda rows: False)
+    cfg = TheoryConfig(n=[96, 160], sigmas=[2.0], growth=[0.5], sigma_x=[1.0], rows=16, d=8, device="cpu")
+
+    def lab_rows() -> list[dict[str, torch.Tensor]]:
+        head = draw_head(cfg, _generator(cfg, 7))
+        return [measure_rows(scenario_rows(sc, i, 128, cfg, head)[0], cfg) for i, sc in enumerate(scenarios(cfg))]
+
+    reference = lab_rows()
+    with device_trap() as copies:
+        got = lab_rows()
+    assert copies.calls == []
+    assert len(got) == 4
+    for measured, expected in zip(got, reference):
+        assert measured.keys() == expected.keys()
+        for key, value in expected.items():
+            assert torch.equal(measured[key], value), key

@@ -11,11 +11,13 @@ from typing import TypeVar
 
 import typer
 
+from attnsparse.cli._common import DEVICE_HELP as _DEVICE
 from attnsparse.specs import split_list
 
 T = TypeVar("T")
 
 _DEFAULT_N = "128,256,512,1024,2048,4096,8192,16384"
+DEVICE_HELP = _DEVICE + " No --dtype: the lab computes in float64 on purpose (tails near ε and log-log fits)."
 
 
 def parse_list(text: str, cast: Callable[[str], T], option: str) -> list[T]:
@@ -50,6 +52,7 @@ def theory_command(
     profile: Path = typer.Option(None, "--profile", help="A measure profile.json to overlay real heads."),  # noqa: B008
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous theory run in --out."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    device: str = typer.Option(None, "--device", help=DEVICE_HELP),
 ) -> None:
     """Simulate attention on Gaussian inputs and test the sparsity theory's statements."""
     from attnsparse.cli._common import run_or_exit
@@ -62,7 +65,7 @@ def theory_command(
             w_scale=w_scale, w_norm=w_norm, sigmas=parse_list(sigma, float, "--sigma"),
             growth=parse_list(growth, float, "--growth"), eps=eps, entry_eps=entry_eps,
             C=parse_list(exponents, float, "--C"), k_const=k_const, rows=rows, seed=seed,
-            profile=str(profile) if profile is not None else None)
+            profile=str(profile) if profile is not None else None, device=device)
         return run_theory(cfg, out, overwrite=overwrite, progress=progress)
 
     result = run_or_exit(body)

@@ -10,6 +10,12 @@ Two sources of rows, measured the same way (k at coverage 1−ε, tail mass of f
 
 Two scalings per source: a fixed score scale, and a growing one with score std √(2c·log n). The lab never builds
 an n×n matrix: it measures `rows` query rows of length ≈ n per n, in chunks bounded by `_CHUNK_ELEMENTS`.
+
+Rows, generators and per-row measurements live on `TheoryConfig.device` (cuda when available, else cpu); each
+length's per-row results come to the host once, for the summary. Everything is float64 on purpose: the tails
+being tested sit near ε = 0.05 over rows of up to 16K keys and the exponent fits difference logs of k, so float32
+rounding would blur the statements. A GPU draws other random numbers than the CPU (another generator), so its
+numbers agree with the CPU's statistically, not bit for bit.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Any, Literal
 
 import torch
 
+from attnsparse.core.devices import placement, resolve_device
 from attnsparse.errors import AttnsparseError
 from attnsparse.measure import rowstats
 from attnsparse.measure.profile import ProfileView
@@ -52,6 +59,7 @@ class TheoryConfig:
     rows: int = 512
     seed: int = 0
     profile: str | None = None
+    device: str | None = None  # cpu, cuda, cuda:N; None: cuda when available (`validate` writes the one chosen)
 
     @property
     def head_dim(self) -> int:
@@ -61,9 +69,15 @@ class TheoryConfig:
     def entry_threshold(self) -> float:
         return self.eps if self.entry_eps is None else self.entry_eps
 
+    @property
+    def torch_device(self) -> torch.device:
+        return resolve_device(self.device)
+
 
 def validate(cfg: TheoryConfig) -> TheoryConfig:
-    """Check every setting; a bad one raises AttnsparseError naming the option and the fix. Sorts n."""
+    """Check every setting; a bad one raises AttnsparseError naming the option and the fix. Sorts n and records
+    the device resolved (a CUDA device this machine lacks is the first error, before any other work)."""
+    cfg.device = str(resolve_device(cfg.device))
     if len(cfg.n) < 2:
         raise AttnsparseError("--n needs at least two lengths to fit the exponent C, e.g. --n 128,1024")
     if any(int(n) <= 1 for n in cfg.n):
@@ -162,10 +176,11 @@ class Head:
 
 
 def draw_head(cfg: TheoryConfig, generator: torch.Generator) -> Head:
-    """W entries N(0, w_scale²/d); with w_norm, each matrix is rescaled to that spectral norm."""
+    """W entries N(0, w_scale²/d) on the generator's device; with w_norm, each matrix is rescaled to that spectral
+    norm."""
     shape = (cfg.d, cfg.head_dim)
-    mats = [torch.randn(shape, generator=generator, dtype=torch.float64) * cfg.w_scale / math.sqrt(cfg.d)
-            for _ in range(2)]
+    mats = [torch.randn(shape, generator=generator, dtype=torch.float64, device=generator.device) * cfg.w_scale
+            / math.sqrt(cfg.d) for _ in range(2)]
     if cfg.w_norm is not None:
         mats = [m * (cfg.w_norm / float(torch.linalg.matrix_norm(m, ord=2))) for m in mats]
     return Head(*mats)
@@ -175,11 +190,11 @@ RowChunk = tuple[torch.Tensor, torch.Tensor]  # scores (R, K) with -inf on hidde
 
 
 def gaussian_rows(n: int, sigma: float, rows: int, generator: torch.Generator) -> Iterator[RowChunk]:
-    """`rows` rows of n i.i.d. N(0, σ²) scores, in chunks."""
+    """`rows` rows of n i.i.d. N(0, σ²) scores, in chunks, on the generator's device."""
     per_chunk = max(1, _CHUNK_ELEMENTS // n)
     for start in range(0, rows, per_chunk):
         r = min(per_chunk, rows - start)
-        scores = torch.randn((r, n), generator=generator, dtype=torch.float64) * sigma
+        scores = torch.randn((r, n), generator=generator, dtype=torch.float64, device=generator.device) * sigma
         yield scores, torch.ones_like(scores, dtype=torch.bool)
 
 
@@ -188,21 +203,22 @@ def pipeline_rows(n: int, head: Head, sigma_x: float, rows: int, generator: torc
 
     Query i sees keys 0..i, so the last b queries of a length-n sequence have rows of length n−b+1 … n, with
     b ≤ n/16. Rows of one sequence share their keys, so b is also capped at rows/8: at least 8 independent
-    sequences feed every n.
+    sequences feed every n. Rows live on the head's device (the generator must be on it too).
     """
+    device = head.w_q.device
     block = max(1, min(n // 16, math.ceil(rows / 8)))
     per_chunk = max(1, _CHUNK_ELEMENTS // n)
     done = 0
     while done < rows:
         take = min(block, rows - done)
-        x = torch.randn((n, head.w_q.shape[0]), generator=generator, dtype=torch.float64) * sigma_x
+        x = torch.randn((n, head.w_q.shape[0]), generator=generator, dtype=torch.float64, device=device) * sigma_x
         keys = x @ head.w_k
-        positions = torch.arange(n - take, n)
+        positions = torch.arange(n - take, n, device=device)
         for lo in range(0, take, per_chunk):
             pos = positions[lo:lo + per_chunk]
             queries = x[pos] @ head.w_q
             scores = queries @ keys.T / math.sqrt(head.head_dim)
-            visible = torch.arange(n).unsqueeze(0) <= pos.unsqueeze(-1)
+            visible = torch.arange(n, device=device).unsqueeze(0) <= pos.unsqueeze(-1)
             yield scores.masked_fill(~visible, -math.inf), visible
         done += take
 
@@ -221,7 +237,8 @@ def rule_ks(cfg: TheoryConfig, n: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def measure_chunk(scores: torch.Tensor, visible: torch.Tensor, cfg: TheoryConfig) -> dict[str, torch.Tensor]:
-    """Per-row measurements of one chunk: length, k at coverage, σ̂, predictions, rule tails, (ε,k)-sparsity."""
+    """Per-row measurements of one chunk, on the chunk's device: length, k at coverage, σ̂, predictions, rule
+    tails, (ε,k)-sparsity."""
     n = visible.sum(dim=-1)
     rows = rowstats.sort_rows(torch.softmax(scores, dim=-1))  # float64 rows stay float64
     sigma_hat = ts.row_std(scores, visible)
@@ -240,9 +257,14 @@ def measure_chunk(scores: torch.Tensor, visible: torch.Tensor, cfg: TheoryConfig
 
 
 def measure_rows(chunks: Iterator[RowChunk], cfg: TheoryConfig) -> dict[str, torch.Tensor]:
-    """Measure every chunk and concatenate the per-row results."""
+    """Measure every chunk and concatenate the per-row results, on the rows' device (no host copy per chunk)."""
     parts = [measure_chunk(scores, visible, cfg) for scores, visible in chunks]
     return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+
+
+def to_host(measured: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A length's per-row results on the CPU: the one copy per length, before `summarize` reads them."""
+    return {key: value.cpu() for key, value in measured.items()}
 
 
 def summarize(n: int, m: dict[str, torch.Tensor], cfg: TheoryConfig) -> dict[str, Any]:
@@ -278,11 +300,12 @@ def summarize(n: int, m: dict[str, torch.Tensor], cfg: TheoryConfig) -> dict[str
 
 
 def _generator(cfg: TheoryConfig, *parts: int) -> torch.Generator:
-    """A generator seeded from the run seed and the scenario/length, so results do not depend on run order."""
+    """A generator on the run's device, seeded from the run seed and the scenario/length, so results do not depend
+    on run order."""
     seed = cfg.seed
     for p in parts:
         seed = (seed * 1_000_003 + p) % (2**63 - 1)
-    return torch.Generator().manual_seed(seed)
+    return torch.Generator(device=cfg.torch_device).manual_seed(seed)
 
 
 def scenario_rows(sc: Scenario, index: int, n: int, cfg: TheoryConfig, head: Head) -> tuple[Iterator[RowChunk], float]:
@@ -303,7 +326,7 @@ def run_scenario(sc: Scenario, index: int, cfg: TheoryConfig, head: Head, progre
     per_n = []
     for n in cfg.n:
         chunks, scale = scenario_rows(sc, index, n, cfg, head)
-        row = summarize(n, measure_rows(chunks, cfg), cfg)
+        row = summarize(n, to_host(measure_rows(chunks, cfg)), cfg)
         row["sigma_x" if sc.source == "pipeline" else "sigma"] = scale
         if sc.source == "pipeline":
             row["sigma_typical"] = scale**2 * head.score_scale()
@@ -500,9 +523,10 @@ class TheoryResult:
     overlay: dict[str, Any] | None = None
     out: Path | None = None
     files: dict[str, str] = field(default_factory=dict)
+    placement: dict[str, str] = field(default_factory=dict)  # {"device": "cuda:0 (NVIDIA H200)", "dtype": "float64"}
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": KIND, "config": asdict(self.config), "scenarios": self.scenarios,
+        return {"kind": KIND, "config": asdict(self.config), "placement": self.placement, "scenarios": self.scenarios,
                 "rule_trends": self.rule_trends, "claims": self.claims, "overlay": self.overlay,
                 "files": self.files}
 
@@ -526,4 +550,10 @@ def simulate(cfg: TheoryConfig, progress: bool = False) -> TheoryResult:
     finally:
         if bar is not None:
             bar.close()
-    return TheoryResult(cfg, results, rule_trends(results), assess_claims(results, cfg), overlay)
+    return TheoryResult(cfg, results, rule_trends(results), assess_claims(results, cfg), overlay,
+                        placement=run_placement(cfg))
+
+
+def run_placement(cfg: TheoryConfig) -> dict[str, str]:
+    """Where the lab computed, as config.json and theory.json record it (always float64, see the module docstring)."""
+    return placement(cfg.torch_device, torch.float64)

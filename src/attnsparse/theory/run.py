@@ -17,6 +17,7 @@ from attnsparse.theory.lab import (
     TheoryConfig,
     TheoryResult,
     load_profile_overlay,
+    run_placement,
     simulate,
     validate,
 )
@@ -47,7 +48,7 @@ def run_theory(cfg: TheoryConfig, out: str | Path, overwrite: bool = False, prog
     if cfg.profile:
         load_profile_overlay(cfg.profile, cfg.eps)  # fail on a bad profile before touching the out dir
     run = RunDir(out, KIND).check(overwrite)
-    out = run.start(asdict(cfg))
+    out = run.start(asdict(cfg) | run_placement(cfg))
     with run.guard():
         result = simulate(cfg, progress=progress)
         result.out = out

@@ -24,9 +24,16 @@ def norm_sf(x: torch.Tensor) -> torch.Tensor:
     return torch.special.ndtr(-x)
 
 
-def norm_ppf(p: float | torch.Tensor) -> torch.Tensor:
-    """Φ⁻¹(p), the standard normal quantile."""
-    return torch.special.ndtri(torch.as_tensor(p, dtype=torch.float64))
+def float64(values: float | torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    """`values` as float64: a tensor stays on its device, a number becomes a tensor on `device` (default: cpu)."""
+    if isinstance(values, torch.Tensor):
+        return values.to(torch.float64)
+    return torch.tensor(values, dtype=torch.float64, device=device if device is not None else "cpu")
+
+
+def norm_ppf(p: float | torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    """Φ⁻¹(p), the standard normal quantile (a float `p` becomes a tensor on `device`; a tensor stays where it is)."""
+    return torch.special.ndtri(float64(p, device))
 
 
 def row_std(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
@@ -40,8 +47,8 @@ def row_std(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
 
 def predicted_fraction(sigma: torch.Tensor | float, eps: float) -> torch.Tensor:
     """Large-n prediction k/n → Φc(σ + Φ⁻¹(ε)) for i.i.d. N(μ, σ²) scores (DESIGN §1)."""
-    sigma = torch.as_tensor(sigma, dtype=torch.float64)
-    return norm_sf(sigma + norm_ppf(eps))
+    sigma = float64(sigma)
+    return norm_sf(sigma + norm_ppf(eps, sigma.device))
 
 
 def quantile_row_fraction(sigma: torch.Tensor, n: torch.Tensor, eps: float, width: int | None = None) -> torch.Tensor:
@@ -50,13 +57,13 @@ def quantile_row_fraction(sigma: torch.Tensor, n: torch.Tensor, eps: float, widt
     A sample of n Gaussians has no keys beyond its maximum (≈ Φ⁻¹(1 − 1/n)); the asymptotic formula integrates
     over all of the tail and so overstates the mass of the top keys when n is not ≫ e^{σ²}. Evaluating the
     coverage rule on the deterministic row of expected order statistics keeps that truncation. The row is built
-    in descending order, so no sort is needed; one grid is built per distinct n and shared by rows.
+    in descending order, so no sort is needed; one grid is built per distinct n and shared by rows, on σ's device.
     """
-    sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1)
-    n = torch.as_tensor(n).long().reshape(-1).expand(sigma.shape)
+    sigma = float64(sigma).reshape(-1)
+    n = torch.as_tensor(n, device=sigma.device).long().reshape(-1).expand(sigma.shape)
     width = int(n.max()) if width is None else width
     lengths, inverse = torch.unique(n, return_inverse=True)
-    j = torch.arange(width, dtype=torch.float64)
+    j = torch.arange(width, dtype=torch.float64, device=sigma.device)
     u = (1.0 - (j.unsqueeze(0) + 0.5) / lengths.unsqueeze(-1).to(torch.float64)).clamp(min=1e-300)
     inside = (j.unsqueeze(0) < lengths.unsqueeze(-1))[inverse]
     scores = sigma.unsqueeze(-1) * norm_ppf(u)[inverse]
