@@ -79,7 +79,7 @@ def test_comma_lists_are_one_line_errors_before_anything_is_written(tmp_path, ar
     assert parsed or not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("command", ["info", "run", "measure", "evaluate", "condense", "generate", "theory"])
+@pytest.mark.parametrize("command", ["info", "run", "measure", "evaluate", "condense", "generate", "theory", "gate"])
 def test_every_command_reads_its_annotations(command, tmp_path):
     """Options are annotated `X | None` under `from __future__ import annotations`: typer must resolve each to X
     (a help page, and `--k abc` refused as not an integer rather than passed on as text)."""

@@ -220,3 +220,30 @@ def test_theory_lab_rows_and_metrics_stay_on_the_config_device(monkeypatch: pyte
         assert measured.keys() == expected.keys()
         for key, value in expected.items():
             assert torch.equal(measured[key], value), key
+
+
+def test_gate_features_and_training_step_stay_on_the_model_device() -> None:
+    """The gate's recorder (block-pooled targets, pooled queries/keys), its initialisation, the Adam steps and the
+    mean-key baseline inside the trap: no host copy, the same features and the same trained gate as outside."""
+    from attnsparse.core.models import ModelShape
+    from attnsparse.gate.model import BlockGate, GateConfig
+    from attnsparse.gate.train import collect_features, fit_gate, mean_key_kl, stack_windows
+
+    model = tiny_llama()
+    shape = ModelShape.of(model)
+    config = GateConfig(shape.need("layers"), shape.need("heads"), shape.need("kv_heads"), shape.need("head_dim"),
+                        block=8, rank=4)
+    ids = torch.randint(1, 90, (2, 48), generator=torch.Generator().manual_seed(5))
+
+    def trained() -> tuple[list[torch.Tensor], BlockGate, float]:
+        features = stack_windows([collect_features(model, ids[i:i + 1], 8, offset=16 * i) for i in range(2)])
+        gate = fit_gate(BlockGate(config, seed=1), features, steps=3, lr=1e-2)
+        return [t for layer in features for t in (layer.target, layer.pooled_q, layer.pooled_k)], gate, \
+            mean_key_kl(features, config.head_dim)
+
+    features, gate, baseline = trained()
+    with device_trap() as copies:
+        got_features, got_gate, got_baseline = trained()
+    assert copies.calls == []
+    assert all(torch.equal(a, b) for a, b in zip(got_features, features))
+    assert torch.equal(got_gate.wq, gate.wq) and torch.equal(got_gate.wk, gate.wk) and got_baseline == baseline

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from attnsparse.cli._common import device_option, dtype_option
+
 
 def gate_command(
     model: str = typer.Argument("smollm2-135m", help="Embedded name, hub id, local HF directory or .gguf file."),
@@ -23,6 +25,8 @@ def gate_command(
     seed: int = typer.Option(0, "--seed", help="Seed of the gate's initialisation and the synthetic documents."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished gate run in --out."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Print each collected window."),
+    device: str | None = device_option(),
+    dtype: str = dtype_option(),
 ) -> None:
     """Distil the frozen model's block-pooled attention into a small gate (only the gate is trained)."""
     from attnsparse.cli._common import run_or_exit
@@ -30,7 +34,7 @@ def gate_command(
 
     def body() -> None:
         config = GateTrainConfig(model, data, synthetic, ctx, positions, windows, holdout, block, rank, steps, lr, seed)
-        result = train_gate(config, out, overwrite=overwrite, progress=progress)
+        result = train_gate(config, out, overwrite=overwrite, progress=progress, device=device, dtype=dtype)
         notes = result.notes
         held = notes["final"].get("holdout_kl")
         typer.echo(f"wrote {out}: gate for {model} (blocks of {block}, rank {rank}) from {notes['tokens']} tokens; "

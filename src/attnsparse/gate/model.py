@@ -71,11 +71,12 @@ class BlockGate(torch.nn.Module):
         super().__init__()
         self.config = config
         c = config
-        generator = torch.Generator().manual_seed(seed)
-        self.wq = torch.nn.Parameter(torch.randn(c.layers, c.heads, c.head_dim, c.rank, generator=generator)
-                                     / math.sqrt(c.head_dim))
+        generator = torch.Generator(device="cpu").manual_seed(seed)  # drawn on the CPU: one start on every device
+        self.wq = torch.nn.Parameter(torch.randn(c.layers, c.heads, c.head_dim, c.rank, generator=generator,
+                                                 device="cpu") / math.sqrt(c.head_dim))
         self.wk = torch.nn.Parameter(torch.randn(c.layers, c.kv_heads, KEY_FEATURES * c.head_dim, c.rank,
-                                                 generator=generator) / math.sqrt(KEY_FEATURES * c.head_dim))
+                                                 generator=generator, device="cpu")
+                                     / math.sqrt(KEY_FEATURES * c.head_dim))
 
     def project_queries(self, layer: int, pooled_q: torch.Tensor) -> torch.Tensor:
         """(B, H, N, D) pooled (or single) queries -> (B, H, N, r), scaled by 1 / sqrt(r)."""
@@ -111,7 +112,7 @@ class BlockGate(torch.nn.Module):
         from attnsparse.core.runs import atomic_write_bytes, atomic_write_json
 
         directory = Path(directory)
-        tensors = {"wq": self.wq.detach().float().contiguous(), "wk": self.wk.detach().float().contiguous()}
+        tensors = {name: getattr(self, name).detach().float().to("cpu").contiguous() for name in ("wq", "wk")}
         atomic_write_bytes(directory / WEIGHTS_FILE, save(tensors, metadata={"format": GATE_FORMAT}))
         atomic_write_json(directory / CONFIG_FILE, {"format": GATE_FORMAT, "version": GATE_VERSION,
                                                     "config": asdict(self.config), "notes": notes or {}})

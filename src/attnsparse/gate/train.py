@@ -8,6 +8,10 @@ layers of KL(block-pooled attention || gate); the last `holdout` windows are nev
 held-out KL, beside the KL of the training-free estimate softmax(pooled q . mean key / sqrt(D)) on them.
 The run directory follows `attnsparse.core.runs.RunDir` (config.json status running, then finished) and ends with
 gate.safetensors + gate.json, loadable by `BlockGate.load(DIR)`.
+Both phases run on the model's device (`--device`, default cuda when available): windows, the recorder's
+features (kept there for the fit; each window is copied to the host once, to its feature file) and the gate.
+`--dtype` is the frozen model's precision; the features and the gate stay float32 (the recorder pools float32
+attention), and the gate's first weights are drawn on the CPU, so a seed starts the same gate on every device.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from attnsparse.attention.backend import sparse_attention
+from attnsparse.core.devices import check_placement, model_device, model_dtype, placement, resolve_device, resolve_dtype
 from attnsparse.core.runs import RunDir, atomic_write_bytes, atomic_write_text
 from attnsparse.errors import AttnsparseError
 from attnsparse.gate.model import BlockGate, GateConfig, block_kl
@@ -110,7 +115,7 @@ def mean_key_kl(batched: Features, head_dim: int) -> float:
         heads, kv_heads = record.pooled_q.shape[1], record.pooled_k.shape[1]
         mean_k = record.pooled_k[..., :head_dim].repeat_interleave(heads // kv_heads, dim=1)
         logits = record.pooled_q @ mean_k.transpose(-1, -2) / math.sqrt(head_dim)
-        hidden = torch.arange(logits.shape[-1])[None, :] > record.query_blocks[:, None]
+        hidden = torch.arange(logits.shape[-1], device=logits.device)[None, :] > record.query_blocks[:, None]
         losses.append(block_kl(record.target, torch.log_softmax(logits.masked_fill(hidden, -math.inf), -1)))
     return float(torch.stack(losses).mean())
 
@@ -124,10 +129,7 @@ def fit_gate(gate: BlockGate, train: Features, steps: int, lr: float,
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     every = max(1, steps // 10)
     for step in range(1, steps + 1):
-        optimizer.zero_grad(set_to_none=True)
-        loss = features_kl(gate, train)
-        loss.backward()
-        optimizer.step()
+        loss = fit_step(gate, optimizer, train)
         schedule.step()
         if log is not None and (step % every == 0 or step in (1, steps)):
             row: dict[str, Any] = {"step": step, "train_kl": float(loss.detach())}
@@ -136,6 +138,15 @@ def fit_gate(gate: BlockGate, train: Features, steps: int, lr: float,
                     row["holdout_kl"] = float(features_kl(gate, holdout))
             log.append(row)
     return gate.requires_grad_(False)
+
+
+def fit_step(gate: BlockGate, optimizer: torch.optim.Optimizer, train: Features) -> torch.Tensor:
+    """One full-batch step on the features' device: KL forward, backward, optimizer step; the loss, not synced."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = features_kl(gate, train)
+    loss.backward()
+    optimizer.step()
+    return loss
 
 
 def training_windows(tokenizer: PreTrainedTokenizerBase, config: GateTrainConfig) -> torch.Tensor:
@@ -158,32 +169,44 @@ def window_offsets(config: GateTrainConfig) -> list[int]:
 
 def train_gate(config: GateTrainConfig, out: str | Path | None = None, *, overwrite: bool = False,
                model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
-               progress: bool = False) -> GateResult:
-    """Collect the frozen model's block-pooled attention, fit the gate, save it into `out` (a run directory)."""
+               progress: bool = False, device: str | torch.device | None = None,
+               dtype: str | torch.dtype | None = None) -> GateResult:
+    """Collect the frozen model's block-pooled attention, fit the gate, save it into `out` (a run directory).
+
+    `device` / `dtype` load `config.model` there (defaults: cuda when available, float32); a `model` passed in
+    stays where it is (a device or dtype it does not have is an error)."""
     from attnsparse.core.data import check_context
     from attnsparse.core.models import ModelShape, load_model
 
     config.check()
+    if device is not None:
+        resolve_device(device)  # a device this machine lacks fails before anything is read or written
+    if dtype is not None:
+        resolve_dtype(dtype)
     run = RunDir(out, KIND) if out is not None else None
     previous = run.check(overwrite).previous if run is not None else None
     if model is None or tokenizer is None:
-        loaded = load_model(config.model)
+        loaded = load_model(config.model, dtype, device=device)
         model, tokenizer = loaded.model, loaded.tokenizer
+    else:
+        check_placement(model, device, dtype)
+    where = model_device(model)
+    record = asdict(config) | placement(where, model_dtype(model))
     shape = ModelShape.of(model)
     check_context(max(config.ctx, config.positions), shape.need("max_context"), "--ctx / --positions")
     ids = training_windows(tokenizer, config)
     offsets = window_offsets(config)
-    resume = previous is not None and not previous.finished and previous.config == asdict(config)
-    path = run.start(asdict(config), clear=not resume) if run is not None else None
+    resume = previous is not None and not previous.finished and previous.config == record
+    path = run.start(record, clear=not resume) if run is not None else None
     with run.guard(lambda: f"{path} keeps the features collected so far; run the same command again to go on"
                    ) if run is not None else nullcontext():
         cpu_started = time.process_time()
         started = time.perf_counter()
         features, reused = [], 0
         for index in range(len(ids)):
-            stored = _read_features(path, index) if path is not None else None
+            stored = _read_features(path, index, where) if path is not None else None
             if stored is None:
-                stored = collect_features(model, ids[index : index + 1], config.block, offsets[index])
+                stored = collect_features(model, ids[index : index + 1].to(where), config.block, offsets[index])
                 if path is not None:
                     _write_features(path, index, stored)
             else:
@@ -194,7 +217,7 @@ def train_gate(config: GateTrainConfig, out: str | Path | None = None, *, overwr
         collect_seconds = time.perf_counter() - started
         gate_config = GateConfig(shape.need("layers"), shape.need("heads"), shape.need("kv_heads"),
                                  shape.need("head_dim"), config.block, config.rank, config.model)
-        gate = BlockGate(gate_config, seed=config.seed)
+        gate = BlockGate(gate_config, seed=config.seed).to(where)
         train = stack_windows(features[: len(features) - config.holdout])
         held = stack_windows(features[len(features) - config.holdout:])
         log: list[dict[str, Any]] = []
@@ -209,7 +232,7 @@ def train_gate(config: GateTrainConfig, out: str | Path | None = None, *, overwr
             "tokens": int(ids.numel()), "train_windows": config.windows - config.holdout, "holdout_windows": config.holdout,
             "ctx": config.ctx, "offsets": offsets, "data": config.data, "synthetic": config.synthetic,
             "collect_seconds": round(collect_seconds, 2), "fit_seconds": round(fit_seconds, 2),
-            "windows_reused": reused, "threads": torch.get_num_threads(),
+            "windows_reused": reused, "threads": torch.get_num_threads(), **placement(where, model_dtype(model)),
             "cpu_seconds": round(time.process_time() - cpu_started, 2),  # this process's CPU time, both phases
             "initial": initial, "final": log[-1],
             "mean_key_holdout_kl": mean_key_kl(held, gate_config.head_dim) if held else None,
@@ -217,7 +240,7 @@ def train_gate(config: GateTrainConfig, out: str | Path | None = None, *, overwr
         if path is not None:
             atomic_write_text(path / "train_log.jsonl", "".join(json.dumps(row) + "\n" for row in log))
             gate.save(path, notes)
-            run.finish(asdict(config))  # type: ignore[union-attr]
+            run.finish(record)  # type: ignore[union-attr]
     return GateResult(gate, notes, path)
 
 
@@ -231,12 +254,12 @@ def _write_features(path: Path, index: int, features: Features) -> None:
     tensors = {}
     for layer, record in enumerate(features):
         for name in ("target", "pooled_q", "pooled_k", "query_blocks"):
-            tensors[f"{layer}.{name}"] = getattr(record, name).contiguous()
+            tensors[f"{layer}.{name}"] = getattr(record, name).to("cpu").contiguous()  # the window's one host copy
     atomic_write_bytes(_feature_file(path, index), save(tensors))
 
 
-def _read_features(path: Path, index: int) -> Features | None:
-    """A window's stored features, or None when absent or unreadable (it is collected again)."""
+def _read_features(path: Path, index: int, device: torch.device) -> Features | None:
+    """A window's stored features on `device`, or None when absent or unreadable (it is collected again)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -244,7 +267,7 @@ def _read_features(path: Path, index: int) -> Features | None:
     if not file.is_file():
         return None
     try:
-        tensors = load_file(str(file))
+        tensors = load_file(str(file), device=str(device))
     except (SafetensorError, OSError):
         return None
     layers = sorted({int(name.split(".")[0]) for name in tensors})
