@@ -45,7 +45,7 @@ class GateEstimator(BlockEstimator):
                  layer_idx: int) -> torch.Tensor:
         from attnsparse.gate.model import pool_keys
 
-        gate = load_gate(self.path)
+        gate = load_gate(self.path).to(query.device)  # the cached gate moves once, then stays with the queries
         config = gate.config
         config.check_block(grid.block, f"blocksparse with blocks of {grid.block}")
         if layer_idx >= config.layers or (query.shape[1], key.shape[1], query.shape[-1]) != (

@@ -86,6 +86,7 @@ class BoundGate(BlockScorer):
         if dim * 3 != self.wk.shape[1]:
             raise AttnsparseError(f"the gate {self.path} was trained for head dim {self.wk.shape[1] // 3}, the model "
                                   f"has {dim}; train a gate for this model")
+        self.wq, self.wk = self.wq.to(key_blocks.device), self.wk.to(key_blocks.device)  # the cache's device
         data = key_blocks.new_zeros(batch, heads, blocks, 3 * dim + self.wk.shape[-1])
         used = -(-n // size)
         if used:
