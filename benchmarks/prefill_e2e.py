@@ -90,6 +90,11 @@ class LlamaCpp:
 
         self.version = llama_cpp.__version__
 
+    def close(self) -> None:
+        """Free the contexts now (llama-cpp-python's own finaliser fails at interpreter exit)."""
+        for llm in self.models.values():
+            llm.close()
+
     def run(self, prompt: torch.Tensor, new: int) -> Run:
         llm = self.models[min(c for c in self.models if c >= prompt.shape[1] + new)]
         llm.reset()  # no prefix reuse between runs: every run prefills the whole prompt
@@ -271,7 +276,7 @@ def main() -> None:
         "contexts": contexts, "new": args.new, "rounds": args.rounds, "threads": args.threads,
         "gate": args.gate,
         "llama_cpp": {"version": llama_version, "n_batch": args.llama_batch, "kv_cache": "f16 (default)",
-                      "flash_attn": "default"} if llama_version else None,
+                      "flash_attn": "off (llama-cpp-python's default)"} if llama_version else None,
         "load": "2 CPU cores shared with other jobs of this session (load average per run recorded): absolute "
                 "times are inflated and noisy; the ratios are measured side by side in interleaved rounds",
         "notes": notes,
@@ -280,6 +285,7 @@ def main() -> None:
         result["decode_breakdown"] = decode_breakdown(model, prompts[max(contexts)], args.breakdown_steps)
         print(result["decode_breakdown"], flush=True)
         if not args.rounds:  # --rounds 0: the breakdown alone
+            result["targets"] = breakdown_targets(result["decode_breakdown"])
             print("wrote", write_result(args.name, result))
             return
     for r in range(args.rounds):
@@ -297,6 +303,8 @@ def main() -> None:
                    "runs": {str(ctx): {name: [{k: v for k, v in x.items() if k != "tokens"} for x in rs]
                                        for name, rs in by.items()} for ctx, by in runs.items()}}
         path = write_result(args.name, result)
+    if llama_version:
+        llama.close()
     print(markdown(table))
     print("wrote", path)
 
@@ -339,6 +347,15 @@ def targets(table: dict[str, dict[str, Any]], ctx: int, density: float) -> list[
                     "value": round(ours / theirs, 3), "attnsparse_tokens_per_s": ours,
                     "llama_cpp_tokens_per_s": theirs, "met": True})
     return out
+
+
+def breakdown_targets(breakdown: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's llama.cpp row asks what the decode step is made of: attention's share, two ways."""
+    return [{"measure": f"attnsparse dense decode step at {breakdown['context']}: attention's share (step time "
+                        "without it, a no-op kernel of the same shapes; by module hooks: the kernel alone)",
+             "target": "measured (issue 15: the per-token cost of attnsparse's decode, attention vs the rest)",
+             "value": {"by_noop": breakdown["attention_share_by_noop"],
+                       "kernel_by_hooks": breakdown["parts_share"]["attention kernel"]}, "met": True}]
 
 
 def markdown(table: dict[str, dict[str, Any]]) -> str:
