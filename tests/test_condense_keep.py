@@ -87,3 +87,45 @@ def test_mixture_templates_differ_from_every_evaluation_task() -> None:
     for attribute in ATTRIBUTES:
         assert attribute.split(" {")[0].removeprefix("the ") not in prompts.lower()
     assert "Question: what is" not in prompts and "The list again" not in prompts
+
+
+def _dense_kl_to_original(model_dir: Path, original: Path, text: str) -> float:
+    """KL(original ‖ model) of the two models' dense next-token distributions on `text` (eager, no backend)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from attnsparse.condense.distill import distillation_kl
+
+    ids = AutoTokenizer.from_pretrained(original)(text, return_tensors="pt").input_ids[:, :64]
+    with torch.no_grad():
+        student = AutoModelForCausalLM.from_pretrained(model_dir)(ids).logits
+        teacher = AutoModelForCausalLM.from_pretrained(original)(ids).logits
+    return float(distillation_kl(student, teacher))
+
+
+def test_dense_weight_distils_the_dense_forward(tiny_dir: Path, tmp_path: Path) -> None:
+    text = tmp_path / "train.txt"
+    text.write_text(PROSE[:20000])
+    settings = dict(model=str(tiny_dir), data=str(text), k=2, steps=6, batch_size=1, seq_len=48, lr=2e-2, lam=0.0,
+                    sparse_aware=True, distill="only", save_steps=6, warmup_steps=0, lr_scheduler="constant")
+    kl = {}
+    for weight in (0.0, 4.0):
+        out = tmp_path / f"run-{weight}"
+        condense(CondenseConfig(**settings, dense_weight=weight), out, progress=False)
+        log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+        kl[weight] = _dense_kl_to_original(out / "model", tiny_dir, PROSE[20000:22000])
+        assert log[0]["kd"] > 1e-4 and log[0]["cond"] > 0  # the sparse forward and its regularizer still run
+        if weight:
+            assert log[0]["kd_dense"] == pytest.approx(0.0, abs=1e-5)  # step 1: the student is the original, densely
+            assert log[-1]["kd_dense"] > 0
+    assert kl[4.0] < 0.5 * kl[0.0]  # the term holds the dense predictions near the original's
+
+
+def test_dense_weight_needs_distillation_and_a_sparse_forward() -> None:
+    with pytest.raises(AttnsparseError, match="--dense-weight"):
+        CondenseConfig(dense_weight=1.0, distill="only").validate()
+    with pytest.raises(AttnsparseError, match="--dense-weight"):
+        CondenseConfig(dense_weight=1.0, sparse_aware=True).validate()
+    with pytest.raises(AttnsparseError, match="dense weight"):
+        CondenseConfig(dense_weight=-1.0, sparse_aware=True, distill="only").validate()
+    CondenseConfig(dense_weight=1.0, sparse_aware=True, distill="only").validate()

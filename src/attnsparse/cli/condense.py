@@ -42,6 +42,10 @@ def condense_command(
     ),
     distill_weight: float | None = typer.Option(None, "--distill-weight", help="Weight of the KL term."),
     temperature: float | None = typer.Option(None, "--temperature", help="Distillation temperature."),
+    dense_weight: float | None = typer.Option(
+        None, "--dense-weight", help="Also distil a dense forward of the student to the original (sparse-aware runs), "
+        "with this weight, so dense quality is held."
+    ),
     sparse_aware: bool | None = typer.Option(
         None, "--sparse-aware/--dense-forward", help="Forward with top-k attention (the loss stays on dense rows)."
     ),
@@ -90,7 +94,7 @@ def condense_command(
             "model": model, "data": data, "k": k, "loss": loss, "lam": lam, "lambda_schedule": lambda_schedule,
             "lambda_ramp_steps": lambda_ramp_steps, "k_start": k_start, "k_anneal_steps": k_anneal_steps,
             "k_schedule": k_schedule, "layers": _layers(layers), "margin": margin, "lambda_rate": lambda_rate, "distill": distill,
-            "distill_weight": distill_weight, "temperature": temperature, "sparse_aware": sparse_aware,
+            "distill_weight": distill_weight, "temperature": temperature, "dense_weight": dense_weight, "sparse_aware": sparse_aware,
             "sparse_policy": sparse_policy, "trainable": trainable,
             "budget": budget, "synthetic": synthetic,
             "lora_rank": lora_rank, "lora_targets": lora_targets, "steps": steps, "batch_size": batch_size, "grad_accum": grad_accum,

@@ -52,6 +52,9 @@ class CondenseConfig:
     distill: str = "none"
     distill_weight: float = 1.0
     temperature: float = 1.0
+    # weight of a second, dense forward of the student distilled to the original on the same batch (sparse-aware
+    # runs only): the sparse forward alone leaves the dense rows free to drift, this term holds them
+    dense_weight: float = 0.0
     # per-head budgets and the training mixture
     budget: str | None = None  # head-budget file (attnsparse budget); its allocation is rescaled to the current k
     synthetic: float = 0.0  # share of the training text made of synthetic retrieval/copy documents (mixture.py)
@@ -104,7 +107,8 @@ class CondenseConfig:
             raise AttnsparseError(f"sequence length {self.seq_len} must be >= 2")
         if self.k_start is not None and self.k_start < self.k:
             raise AttnsparseError(f"--k-start {self.k_start} must be >= --k {self.k} (k anneals downwards)")
-        for name, value in (("lr", self.lr), ("λ", self.lam), ("distill weight", self.distill_weight)):
+        for name, value in (("lr", self.lr), ("λ", self.lam), ("distill weight", self.distill_weight),
+                            ("dense weight", self.dense_weight)):
             if not (value >= 0 and math.isfinite(value)):
                 raise AttnsparseError(f"{name} must be a finite number >= 0, got {value}")
         if self.lr <= 0:
@@ -150,6 +154,9 @@ class CondenseConfig:
             if parse_policy(self.sparse_policy).is_dense:
                 raise AttnsparseError(f"--sparse-policy {self.sparse_policy} keeps every key; give a sparse policy "
                                       "or use --dense-forward")
+        if self.dense_weight > 0 and (self.distill == "none" or not self.sparse_aware):
+            raise AttnsparseError(f"--dense-weight {self.dense_weight} distils a dense forward of the student to the "
+                                  "original beside the sparse-aware one; it needs --distill add|only and --sparse-aware")
         if self.layers is not None and (not self.layers or min(self.layers) < 0):
             raise AttnsparseError(f"--layers must be non-negative layer indices, got {self.layers}")
 

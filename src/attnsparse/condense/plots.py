@@ -34,7 +34,7 @@ def plot_curves(records: list[dict[str, Any]], path: Path, title: str = "condens
     figure = Figure(figsize=(10, 7), dpi=100)
     axes = figure.subplots(2, 2)
     losses = axes[0][0]
-    for key in ("loss", "lm", "cond", "kd"):
+    for key in ("loss", "lm", "cond", "kd", "kd_dense"):
         values = [r.get(key) for r in records]
         if any(v not in (None, 0.0) and not _nan(v) for v in values):
             losses.plot(steps, values, label=key)

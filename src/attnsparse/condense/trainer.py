@@ -35,7 +35,7 @@ from attnsparse.condense.schedules import ConstrainedLambda, k_at, lambda_at
 from attnsparse.errors import AttnsparseError
 
 __all__ = ["CondenseTrainer", "NonFiniteStop", "checkpoints", "install_callbacks"]  # checkpoints: kept importable
-_COMPONENTS = ("loss", "lm", "cond", "kd", "topk_mass", "teacher_lm")
+_COMPONENTS = ("loss", "lm", "cond", "kd", "kd_dense", "topk_mass", "teacher_lm")
 
 
 class NonFiniteStop(AttnsparseError):
@@ -176,7 +176,8 @@ class CondenseTrainer(Trainer):
         cond = self.regularizer.value().to(logits.device)
         lm = lm_loss(logits, ids, mask)
         total = lam * cond + (lm if c.distill != "only" else 0.0)
-        parts = {"lm": float(lm.detach()), "cond": float(cond.detach()), "kd": 0.0, "teacher_lm": math.nan}
+        parts = {"lm": float(lm.detach()), "cond": float(cond.detach()), "kd": 0.0, "kd_dense": 0.0,
+                 "teacher_lm": math.nan}
         if self.teacher is not None:
             with torch.no_grad():
                 teacher_logits = self.teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits
@@ -184,12 +185,27 @@ class CondenseTrainer(Trainer):
             total = total + c.distill_weight * kd
             parts["kd"] = float(kd.detach())
             parts["teacher_lm"] = float(lm_loss(teacher_logits, ids, mask))
+            if c.dense_weight > 0:
+                kd_dense = distillation_kl(self._dense_logits(model, ids, mask), teacher_logits, c.temperature, mask)
+                total = total + c.dense_weight * kd_dense
+                parts["kd_dense"] = float(kd_dense.detach())
         parts["topk_mass"] = float(self.regularizer.diagnostics()["topk_mass"])
         parts["loss"] = float(total.detach())
         self._check_finite(total, parts)
         self._micro.append(parts | {"k": k, "lambda": lam, "lr": self._lr()})
         self.regularizer.reset()  # drop the graph references; backward keeps what it needs
         return (total, outputs) if return_outputs else total
+
+    def _dense_logits(self, model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The student's logits under dense attention with no observer (so the backend may take torch SDPA): the
+        forward the `dense_weight` term distils, kept apart from the regularizer's rows of the sparse forward."""
+        state = self.backend_state
+        policy, observers = state.policy, state.observers
+        state.policy, state.observers = DENSE, []
+        try:
+            return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        finally:
+            state.policy, state.observers = policy, observers
 
     def _lr(self) -> float:
         try:
