@@ -274,6 +274,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         "steps": 40, "batch_size": 1, "grad_accum": 2, "seq_len": 512, "lr": 3e-4, "lr_scheduler": "cosine",
         "warmup_steps": 4, "save_steps": 10, "save_total_limit": 2, "query_chunk": 128,
     },
+    # All weights, held dense: the distillation recipe's trainable set (all weights cut top-8's cost most) with the
+    # retrieval/copy mixture and the dense forward distilled too (dense_weight 1), so neither the dense predictions
+    # nor in-context copying is given up for the sparse ones. 60 steps of 2 x 1024 tokens (~123k tokens), k 64 -> 8
+    # over 30; about 75 s a step on one core.
+    "smollm2-keep-all-anchored": {
+        "model": "smollm2-135m", "k": 8, "loss": "tail", "lam": 5.0, "lambda_schedule": "warmup",
+        "lambda_ramp_steps": 10, "k_start": 64, "k_anneal_steps": 30, "k_schedule": "geometric",
+        "sparse_aware": True, "distill": "only", "dense_weight": 1.0, "trainable": "all", "synthetic": 0.25,
+        "steps": 60, "batch_size": 1, "grad_accum": 2, "seq_len": 1024, "lr": 1e-4, "lr_scheduler": "cosine",
+        "warmup_steps": 6, "save_steps": 10, "save_total_limit": 2, "query_chunk": 128,
+    },
     # A short smoke run of the 15-minute recipe (a few minutes): 12 steps, batch 2 x 128.
     "smollm2-cpu-smoke": {
         "model": "smollm2-135m", "k": 16, "loss": "tail", "lam": 10.0, "trainable": "qk", "steps": 12,
