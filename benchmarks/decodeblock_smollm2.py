@@ -25,7 +25,7 @@ from attnsparse.core.data import load_windows
 from attnsparse.core.models import load_model
 from attnsparse.decode.backend import sparse_decoding
 from attnsparse.decode.generate import decode_step
-from benchmarks.common import WIKITEXT_TEST, write_result
+from common import WIKITEXT_TEST, write_result
 
 POLICIES = ("topk:16", "decodeblock:16:0.0625", "decodeblock:16:0.0625:channels32")
 ISSUE_ROWS = (

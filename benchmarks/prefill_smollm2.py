@@ -28,7 +28,7 @@ from attnsparse.attention.policies import parse_policy
 from attnsparse.core.data import load_windows
 from attnsparse.core.models import load_model
 from attnsparse.evaluate.perplexity import perplexity
-from benchmarks.common import WIKITEXT_TEST, write_result
+from common import WIKITEXT_TEST, write_result
 
 ESTIMATORS = ("mean", "antidiag", "vslash")
 PARTS = ("ppl", "attention", "ttft")
