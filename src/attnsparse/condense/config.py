@@ -285,6 +285,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "steps": 60, "batch_size": 1, "grad_accum": 2, "seq_len": 1024, "lr": 1e-4, "lr_scheduler": "cosine",
         "warmup_steps": 6, "save_steps": 10, "save_total_limit": 2, "query_chunk": 128,
     },
+    # The main job's control: the same data, steps and optimiser as smollm2-keep-15min with no condensation (λ = 0,
+    # dense forward). The student starts at KL 0, but Adam rescales the tiny gradients, so it does move a little.
+    "smollm2-keep-15min-control": {
+        "model": "smollm2-135m", "k": 8, "loss": "tail", "lam": 0.0, "sparse_aware": False, "distill": "only",
+        "trainable": "qk", "synthetic": 0.25, "steps": 40, "batch_size": 1, "grad_accum": 2, "seq_len": 512,
+        "lr": 3e-4, "lr_scheduler": "cosine", "warmup_steps": 4, "save_steps": 10, "save_total_limit": 2,
+        "query_chunk": 128,
+    },
     # A short smoke run of the 15-minute recipe (a few minutes): 12 steps, batch 2 x 128.
     "smollm2-cpu-smoke": {
         "model": "smollm2-135m", "k": 16, "loss": "tail", "lam": 10.0, "trainable": "qk", "steps": 12,
