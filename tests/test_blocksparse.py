@@ -56,6 +56,18 @@ def test_density_selection_is_causal_keeps_forced_and_respects_the_budget(grid, 
     assert torch.equal(keep, R.density_select(log_mass, causal, forced, budget))
 
 
+@settings(max_examples=40, deadline=None)
+@given(grid=grids, density=st.floats(0.01, 1.0), seed=st.integers(0, 1000))
+def test_density_selection_breaks_ties_towards_the_earlier_block(grid, density, seed):
+    """Equal estimated masses within a row (two levels only): the earlier (row, column) is kept first."""
+    gen = torch.Generator().manual_seed(seed)
+    log_mass = 2.0 * (torch.rand(2, 3, grid.query_blocks, grid.key_blocks, generator=gen) < 0.3).float()
+    keep = select_blocks(log_mass, grid, Density(density))
+    causal, forced = R.block_causal(grid), R.block_forced(grid, 1, 1)
+    budget = max(1, math.floor(density * int(causal.sum()) + 0.5))
+    assert torch.equal(keep, R.density_select(log_mass, causal, forced, budget))
+
+
 @settings(max_examples=60, deadline=None)
 @given(grid=grids, gamma=st.floats(0.05, 1.0), seed=st.integers(0, 1000))
 def test_mass_selection_keeps_the_fewest_blocks_reaching_gamma(grid, gamma, seed):

@@ -195,8 +195,14 @@ def _select_density(probs: torch.Tensor, causal: torch.Tensor, forced: torch.Ten
         return keep
     candidates = (causal & ~forced).expand_as(probs)
     ranked = probs.masked_fill(~candidates, -1.0).reshape(batch, heads, -1)
-    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :extra]
-    chosen = torch.zeros_like(ranked, dtype=torch.bool).scatter_(-1, order, True)
+    # the first `extra` of a stable descending sort, without sorting: everything above the extra-th largest value,
+    # then the earliest of the entries equal to it (topk finds that value ~10x faster than a sort of the map)
+    extra = min(extra, ranked.shape[-1])
+    threshold = torch.topk(ranked, extra, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+    above = ranked > threshold
+    ties = ranked == threshold
+    room = extra - above.sum(dim=-1, keepdim=True)
+    chosen = above | (ties & (ties.cumsum(dim=-1) <= room))
     return keep | (chosen.view_as(keep) & candidates)
 
 
