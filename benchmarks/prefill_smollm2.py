@@ -10,7 +10,8 @@
     OMP_NUM_THREADS=2 python benchmarks/prefill_smollm2.py --windows 2 --rounds 3
 
 `--parts attention` (or any comma list of ppl, attention, ttft) runs only those parts and writes
-`prefill_smollm2_ctx{ctx}_{parts}.json` beside the full run's file.
+`prefill_smollm2_ctx{ctx}_{parts}.json` beside the full run's file; `--blocks 4,8,16,64 --estimators mean` compares
+block sizes (the file name gains `_blocks4-8-16-64`).
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=2)
     parser.add_argument("--density", type=float, default=0.1)
     parser.add_argument("--block", type=int, default=64)
+    parser.add_argument("--blocks", default=None, help="comma list of block sizes (default: --block)")
+    parser.add_argument("--estimators", default=",".join(ESTIMATORS), help="comma list of estimators")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--ttft-rounds", type=int, default=2)
     parser.add_argument("--layer", type=int, default=15)
@@ -79,8 +82,10 @@ def main() -> None:
     loaded = load_model("smollm2-135m")
     model = loaded.model.eval()
     windows = load_windows(loaded.tokenizer, args.data, args.ctx, count=args.windows)
-    policies = [parse_policy(f"blocksparse:{args.block}:{args.density:g}:{e}") for e in ESTIMATORS]
-    result: dict = {"ctx": args.ctx, "windows": args.windows, "block": args.block, "density": args.density,
+    blocks = [int(b) for b in (args.blocks or str(args.block)).split(",")]
+    estimators = [e.strip() for e in args.estimators.split(",") if e.strip()]
+    policies = [parse_policy(f"blocksparse:{b}:{args.density:g}:{e}") for b in blocks for e in estimators]
+    result: dict = {"ctx": args.ctx, "windows": args.windows, "blocks": blocks, "density": args.density,
                     "model": "smollm2-135m (embedded GGUF Q4_1, dequantised to float32)",
                     "data": "WikiText-2 test, evenly spaced windows",
                     "noise": "2 shared CPU cores, other jobs running: timings are noisy; ratios are side by side"}
@@ -108,6 +113,8 @@ def main() -> None:
     result["threads"] = {"perplexity": 1, "timing": args.threads}
     result["targets"] = _targets(result)
     name = f"prefill_smollm2_ctx{args.ctx}" + ("" if parts == list(PARTS) else "_" + "_".join(parts))
+    if args.blocks:
+        name += "_blocks" + "-".join(map(str, blocks))
     print("wrote", write_result(name, result))
 
 
