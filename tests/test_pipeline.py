@@ -39,6 +39,9 @@ def test_run_pipeline_on_tiny_model_then_resume(tmp_path):
     assert verdict["policy"] == "topk:4" and verdict["sentence"].startswith("The condensed model is ")
     assert verdict["dense_ratio"] == summary["after"]["perplexity"]["dense"] / summary["before"]["perplexity"]["dense"]
     assert len(summary["after"]["k_per_layer"]) == 2
+    stages = ("measure_before", "evaluate_before", "tasks_before", "condense", "measure_after", "evaluate_after",
+              "tasks_after")
+    assert set(summary["stage_seconds"]) == set(stages) and all(v > 0 for v in summary["stage_seconds"].values())
     report = (out / "report.html").read_text()
     assert report.count("data:image/png;base64,") >= 3 and "before and after condensation" in report
     assert report.index("Should you condense?") < report.index("Keys needed per layer")
@@ -55,6 +58,9 @@ def test_run_pipeline_on_tiny_model_then_resume(tmp_path):
     assert [line[line.index("== "):] for line in resumed.output.splitlines() if "== " in line] == [
         "== evaluate the condensed model"]
     assert json.loads(marker.read_text())["status"] == "finished"
+    timed = json.loads((out / "summary.json").read_text())["stage_seconds"]
+    assert timed["evaluate_after"] > summary["stage_seconds"]["evaluate_after"]  # the rerun's time is added
+    assert timed["condense"] == summary["stage_seconds"]["condense"]
     # Other settings in the same directory are refused without --overwrite.
     changed = runner.invoke(app, [*args[:-1], "dense"])
     assert changed.exit_code == 2 and "different settings" in changed.output

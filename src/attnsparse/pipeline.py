@@ -13,8 +13,10 @@ from its last checkpoint, so re-running the same command after a crash loses onl
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,20 +104,25 @@ def run_pipeline(
     resume = previous is not None and previous.config == settings and not overwrite
     run.start(settings, clear=not resume)
 
+    seconds = _StageClock(out / STAGE_SECONDS)
+
     def profile_and_score(model: LoadedModel, when: str, label: str) -> None:
         """The measure, evaluate and task stages for one model, each skipped when already finished."""
         if not _finished(stage[f"measure_{when}"], "measure"):
             echo(f"== measure the {label} model")
-            measure(model, config.eval_data, config.ctx, config.measure_windows, stage[f"measure_{when}"],
-                    progress=progress, echo=echo)
+            with seconds(f"measure_{when}"):
+                measure(model, config.eval_data, config.ctx, config.measure_windows, stage[f"measure_{when}"],
+                        progress=progress, echo=echo)
         if not _finished(stage[f"evaluate_{when}"], "evaluate"):
             echo(f"== evaluate the {label} model")
-            evaluate(model, config.eval_data, config.ctx, config.policies, config.eval_windows,
-                     stage[f"evaluate_{when}"], progress=progress)
+            with seconds(f"evaluate_{when}"):
+                evaluate(model, config.eval_data, config.ctx, config.policies, config.eval_windows,
+                         stage[f"evaluate_{when}"], progress=progress)
         if config.tasks and not _finished(stage[f"tasks_{when}"], "evaluate"):
             echo(f"== tasks on the {label} model")
-            evaluate(model, None, config.ctx, "dense", out=stage[f"tasks_{when}"], plans=_task_plans(config),
-                     tasks=_task_options(config), ppl=False, progress=progress)
+            with seconds(f"tasks_{when}"):
+                evaluate(model, None, config.ctx, "dense", out=stage[f"tasks_{when}"], plans=_task_plans(config),
+                         tasks=_task_options(config), ppl=False, progress=progress)
 
     with run.guard(lambda: _kept(out)):
         profile_and_score(loaded, "before", "original")
@@ -123,7 +130,9 @@ def run_pipeline(
             echo(f"== condense ({config.preset})")
             resuming = bool(checkpoints(stage["condense"] / "checkpoints"))
             trainee = loaded if config.dtype == "float32" else None  # mixed precision trains float32 weights it loads
-            condense(condense_config, stage["condense"], resume=resuming, progress=progress, model=trainee, echo=echo)
+            with seconds("condense"):
+                condense(condense_config, stage["condense"], resume=resuming, progress=progress, model=trainee,
+                         echo=echo)
         condensed = load_model(str(stage["condense"] / "model"), config.dtype, device=config.device)
         condensed = LoadedModel(condensed.model, condensed.tokenizer, f"{config.model} (condensed)",
                                 condensed.source, condensed.load_seconds)
@@ -132,7 +141,8 @@ def run_pipeline(
         before, after = (_summary(stage[f"measure_{when}"], stage[f"evaluate_{when}"], stage[f"tasks_{when}"])
                          for when in ("before", "after"))
         verdict = _verdict(before, after, condense_config.k)
-        summary = {"before": before, "after": after, "preset": config.preset, "verdict": verdict}
+        summary = {"before": before, "after": after, "preset": config.preset, "verdict": verdict,
+                   "stage_seconds": seconds.read()}
         atomic_write_json(out / "summary.json", summary)
         report = _write_report(out, config, before, after, verdict)
         run.finish()
@@ -140,6 +150,29 @@ def run_pipeline(
     echo(verdict["sentence"])
     echo(f"report: {report}")
     return PipelineResult(out, report, before, after)
+
+
+STAGE_SECONDS = "stage_seconds.json"
+
+
+class _StageClock:
+    """Wall seconds of each stage, kept in OUT/stage_seconds.json (a resumed stage adds its new time to the old)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def read(self) -> dict[str, float]:
+        return json.loads(self.path.read_text(encoding="utf-8")) if self.path.is_file() else {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            times = self.read()
+            times[name] = round(times.get(name, 0.0) + time.perf_counter() - started, 1)
+            atomic_write_json(self.path, times)
 
 
 def _validated(config: PipelineConfig) -> tuple[Any, Any]:
