@@ -17,6 +17,8 @@ from typing import Any
 
 from common import write_result
 
+from attnsparse.pipeline import STAGES
+
 WALL_LIMIT_S = 15 * 60
 
 
@@ -42,10 +44,12 @@ def targets(summary: dict[str, Any], k: int = 8) -> list[dict[str, Any]]:
         rows.append({"measure": "main job: passkey 1K, condensed (dense and the decode plan)", "target": ">= 19/20",
                      "value": shown, "met": worst >= 19 / 20})
     seconds = summary.get("stage_seconds") or {}
+    untimed = [stage for stage in STAGES if stage not in seconds]
     total = sum(seconds.values())
+    value = (f"{total / 60:.1f} min" if not untimed else
+             f"not measured end to end: {', '.join(untimed)} reused or untimed; the timed stages took {total / 60:.1f} min")
     rows.append({"measure": "main job wall time on 2 CPU cores (sum of the stage times)", "target": "<= 15 min",
-                 "value": f"{total / 60:.1f} min" if seconds else "not recorded",
-                 "met": bool(seconds) and total <= WALL_LIMIT_S})
+                 "value": value, "met": not untimed and total <= WALL_LIMIT_S})
     return rows
 
 

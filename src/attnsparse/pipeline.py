@@ -43,7 +43,7 @@ class PipelineConfig:
     model: str = "smollm2-135m"
     train_data: str | None = "builtin:train"
     eval_data: str | None = "builtin:test"
-    preset: str = "smollm2-keep-15min"
+    preset: str = "smollm2-keep-15min-anchored"
     ctx: int = 1024
     measure_windows: int = 4
     eval_windows: int = 4

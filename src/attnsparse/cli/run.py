@@ -12,7 +12,7 @@ def run_command(
     out: str = typer.Option("runs/main", help="Run directory; re-running the same command resumes it."),
     train_data: str = typer.Option("builtin:train", help="Fine-tuning text (file, hf:NAME[:CONFIG[:SPLIT]], builtin:train)."),
     eval_data: str = typer.Option("builtin:test", help="Measuring and evaluation text; keep it apart from the training text."),
-    preset: str = typer.Option("smollm2-keep-15min", help="Condense preset (docs/condense.md)."),
+    preset: str = typer.Option("smollm2-keep-15min-anchored", help="Condense preset (docs/condense.md)."),
     ctx: int = typer.Option(1024, help="Tokens per window for measure and evaluate."),
     measure_windows: int = typer.Option(4, help="Evenly spaced windows to measure."),
     eval_windows: int = typer.Option(4, help="Evenly spaced windows to evaluate."),
