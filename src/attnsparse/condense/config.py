@@ -266,9 +266,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # All weights, held dense: the distillation recipe's trainable set (all weights cut top-8's cost most) with the
     # retrieval/copy mixture and the dense forward distilled too, so neither the dense predictions nor in-context
-    # copying is given up for the sparse ones. λ = 1 and dense_weight 3: in 24-step probes of the main job's recipe
-    # that pair left the dense KL to the original at 0.008 against 0.056 with λ = 5 and weight 1, for the same sparse
-    # KL. 40 steps of 2 x 1024 tokens (~82k tokens), k 64 -> 8 over 20; about 80 s a step on one core.
+    # copying is given up for the sparse ones. λ = 1 and dense_weight 3: in the main job's 40-step recipe that pair
+    # ended at a dense KL to the original of 0.0085 against 0.056 with λ = 5 and weight 1, and a lower sparse KL
+    # (0.175 against 0.205). 40 steps of 2 x 1024 tokens (~82k tokens), k 64 -> 8 over 20; 47-85 s a step at 2
+    # threads on shared cores.
     "smollm2-keep-all-anchored": {
         "model": "smollm2-135m", "k": 8, "loss": "tail", "lam": 1.0, "lambda_schedule": "warmup",
         "lambda_ramp_steps": 8, "k_start": 64, "k_anneal_steps": 20, "k_schedule": "geometric",
