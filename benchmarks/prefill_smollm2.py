@@ -33,6 +33,7 @@ from common import WIKITEXT_TEST, write_result
 
 ESTIMATORS = ("mean", "antidiag", "vslash")
 PARTS = ("ppl", "attention", "ttft")
+DEFAULT_BLOCK = 64
 
 
 def _stats(times: list[float]) -> dict[str, float]:
@@ -66,8 +67,7 @@ def main() -> None:
     parser.add_argument("--data", default=str(WIKITEXT_TEST))
     parser.add_argument("--windows", type=int, default=2)
     parser.add_argument("--density", type=float, default=0.1)
-    parser.add_argument("--block", type=int, default=64)
-    parser.add_argument("--blocks", default=None, help="comma list of block sizes (default: --block)")
+    parser.add_argument("--blocks", default=str(DEFAULT_BLOCK), help="comma list of block sizes")
     parser.add_argument("--estimators", default=",".join(ESTIMATORS), help="comma list of estimators")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--ttft-rounds", type=int, default=2)
@@ -82,15 +82,15 @@ def main() -> None:
     loaded = load_model("smollm2-135m")
     model = loaded.model.eval()
     windows = load_windows(loaded.tokenizer, args.data, args.ctx, count=args.windows)
-    blocks = [int(b) for b in (args.blocks or str(args.block)).split(",")]
+    blocks = [int(b) for b in args.blocks.split(",")]
     estimators = [e.strip() for e in args.estimators.split(",") if e.strip()]
     policies = [parse_policy(f"blocksparse:{b}:{args.density:g}:{e}") for b in blocks for e in estimators]
     result: dict = {"ctx": args.ctx, "windows": args.windows, "blocks": blocks, "density": args.density,
                     "model": "smollm2-135m (embedded GGUF Q4_1, dequantised to float32)",
                     "data": "WikiText-2 test, evenly spaced windows",
-                    "noise": "2 shared CPU cores, other jobs running: timings are noisy; ratios are side by side"}
+                    "noise": "2 shared CPU cores, other jobs running: timings are noisy; ratios are side by side",
+                    "parts": parts}
 
-    result["parts"] = parts
     if "ppl" in parts:
         torch.set_num_threads(1)
         dense = perplexity(model, windows, parse_policy("dense"), progress=False)
@@ -113,7 +113,7 @@ def main() -> None:
     result["threads"] = {"perplexity": 1, "timing": args.threads}
     result["targets"] = _targets(result)
     name = f"prefill_smollm2_ctx{args.ctx}" + ("" if parts == list(PARTS) else "_" + "_".join(parts))
-    if args.blocks:
+    if blocks != [DEFAULT_BLOCK]:
         name += "_blocks" + "-".join(map(str, blocks))
     print("wrote", write_result(name, result))
 
