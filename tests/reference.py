@@ -91,25 +91,34 @@ def streaming_mass(row: Sequence[float], position: int, sink: int, window: int) 
 
 
 # ---- block-sparse prefill: block geometry and selection from their definitions (docs/prefill.md) --------------
+def _key_block(grid) -> int:
+    return getattr(grid, "key_block", 0) or grid.block
+
+
 def block_causal(grid) -> torch.Tensor:
-    """(Qb, Kb): query block r (holding key positions of block first + r) may see key blocks j <= first + r."""
+    """(Qb, Kb): query block r (the queries at key positions in [(first + r)·B, (first + r + 1)·B)) may see key
+    block j (positions from j·KB) when j·KB is at or before r's last query."""
     first = (grid.keys - grid.queries) // grid.block
-    key_blocks = -(-grid.keys // grid.block)
-    out = torch.zeros(key_blocks - first, key_blocks, dtype=torch.bool)
-    for r in range(key_blocks - first):
+    query_blocks = -(-grid.keys // grid.block) - first
+    key_blocks = -(-grid.keys // _key_block(grid))
+    out = torch.zeros(query_blocks, key_blocks, dtype=torch.bool)
+    for r in range(query_blocks):
+        last_query = min(grid.keys, (first + r + 1) * grid.block) - 1
         for j in range(key_blocks):
-            out[r, j] = j <= first + r
+            out[r, j] = j * _key_block(grid) <= last_query
     return out
 
 
 def block_forced(grid, sink: int, local: int) -> torch.Tensor:
-    """Visible blocks that are among the first `sink` or the `local` blocks ending at the row's diagonal."""
+    """Visible blocks that are among the first `sink` key blocks or start inside the `local` query-block spans
+    ending at the row's own (with equal block sizes: the `local` blocks ending at the diagonal)."""
     first = (grid.keys - grid.queries) // grid.block
     causal = block_causal(grid)
     out = torch.zeros_like(causal)
     for r in range(causal.shape[0]):
         for j in range(causal.shape[1]):
-            out[r, j] = bool(causal[r, j]) and (j < sink or first + r - local < j)
+            local_start = (first + r - local + 1) * grid.block
+            out[r, j] = bool(causal[r, j]) and (j < sink or j * _key_block(grid) >= local_start)
     return out
 
 
@@ -174,7 +183,7 @@ def block_keep_tokens(blocks: torch.Tensor, grid, groups: int) -> torch.Tensor:
     for i in range(grid.queries):
         pos = offset + i
         for t in range(pos + 1):
-            column = blocks[:, :, pos // grid.block - first, t // grid.block]  # (B, Hkv)
+            column = blocks[:, :, pos // grid.block - first, t // _key_block(grid)]  # (B, Hkv)
             keep[:, :, i, t] = column.repeat_interleave(groups, dim=1)
     return keep
 
@@ -197,10 +206,11 @@ def _block_members(grid) -> tuple[list[list[int]], list[list[int]]]:
     """Query indices (into the call's queries) of each query block, key positions of each key block."""
     offset = grid.keys - grid.queries
     first = offset // grid.block
-    key_blocks = -(-grid.keys // grid.block)
+    query_blocks = -(-grid.keys // grid.block) - first
+    key_blocks = -(-grid.keys // _key_block(grid))
     q_members = [[i for i in range(grid.queries) if (offset + i) // grid.block == first + r]
-                 for r in range(key_blocks - first)]
-    k_members = [[t for t in range(grid.keys) if t // grid.block == j] for j in range(key_blocks)]
+                 for r in range(query_blocks)]
+    k_members = [[t for t in range(grid.keys) if t // _key_block(grid) == j] for j in range(key_blocks)]
     return q_members, k_members
 
 
@@ -234,11 +244,12 @@ def antidiagonal_block_probs(q: torch.Tensor, k: torch.Tensor, grid, scaling: fl
     def k_at(h: int, pos: int) -> torch.Tensor:
         return k[h // groups, pos].double() if pos < grid.keys else torch.zeros(dim, dtype=torch.float64)
 
-    key_blocks = -(-grid.keys // grid.block)
+    key_blocks = -(-grid.keys // _key_block(grid))
+    query_blocks = -(-grid.keys // grid.block) - first
     per_head = []
     for h in range(q.shape[0]):
-        mass = [[0.0] * key_blocks for _ in range(key_blocks - first)]
-        for a in range(first * grid.block // stride, key_blocks * grid.block // stride):
+        mass = [[0.0] * key_blocks for _ in range(query_blocks)]
+        for a in range(first * grid.block // stride, (first + query_blocks) * grid.block // stride):
             if not any(offset <= a * stride + t < grid.keys for t in range(stride)):
                 continue
             cols = [c for c in range(a + 1) if c * stride < grid.keys]
@@ -247,7 +258,7 @@ def antidiagonal_block_probs(q: torch.Tensor, k: torch.Tensor, grid, scaling: fl
             top = max(logits)
             weights = [math.exp(x - top) for x in logits]
             for c, w in zip(cols, weights, strict=True):
-                mass[a * stride // grid.block - first][c * stride // grid.block] += w / sum(weights)
+                mass[a * stride // grid.block - first][c * stride // _key_block(grid)] += w / sum(weights)
         per_head.append(mass)
     return _group_block_probs(per_head, groups, block_causal(grid))
 

@@ -37,8 +37,10 @@ def _inputs(batch: int, heads: int, kv_heads: int, n: int, dim: int, seed: int, 
 
 
 # ---- the selection rule -------------------------------------------------------------------------------------
-grids = st.builds(lambda block, n, q_share: BlockGrid(block, max(1, int(n * q_share)), n),
-                  st.integers(1, 8), st.integers(1, 40), st.sampled_from([1.0, 1.0, 0.5, 0.01]))
+grids = st.builds(lambda block, split, n, q_share: BlockGrid(block, max(1, int(n * q_share)), n,
+                                                             block // split if block % split == 0 else block),
+                  st.integers(1, 8), st.sampled_from([1, 1, 2, 4]), st.integers(1, 40),
+                  st.sampled_from([1.0, 1.0, 0.5, 0.01]))
 
 
 @settings(max_examples=60, deadline=None)
@@ -84,6 +86,12 @@ def test_forced_blocks_are_sink_and_diagonal():
     late = BlockGrid(4, 3, 14)  # queries at 11, 12, 13: key blocks 2 and 3
     assert late.first == 2 and late.query_blocks == 2 and late.key_blocks == 4
     assert forced_blocks(late, 1, 2).int().tolist() == [[1, 1, 1, 0], [1, 0, 1, 1]]
+    split = BlockGrid(4, 14, 14, key_block=2)  # query blocks of 4, key blocks of 2: the diagonal is 2 key blocks
+    assert (split.query_blocks, split.key_blocks, split.causal_pairs()) == (4, 7, 2 + 4 + 6 + 7)
+    assert forced_blocks(split, 1, 1).int().tolist() == [[1, 1, 0, 0, 0, 0, 0], [1, 0, 1, 1, 0, 0, 0],
+                                                         [1, 0, 0, 0, 1, 1, 0], [1, 0, 0, 0, 0, 0, 1]]
+    with pytest.raises(AttnsparseError, match="must divide"):
+        BlockGrid(4, 14, 14, key_block=3)
 
 
 # ---- attention over kept blocks -----------------------------------------------------------------------------
@@ -93,15 +101,18 @@ def _random_blocks(grid: BlockGrid, batch: int, kv_heads: int, seed: int) -> tor
     return (keep | forced_blocks(grid, 1, 1)) & grid.causal()
 
 
-@pytest.mark.parametrize("batch,heads,kv_heads,n,dim,block,queries", [
-    (1, 4, 2, 37, 16, 8, None),  # GQA, partial last block
-    (2, 3, 3, 50, 8, 16, None),  # batch 2, MHA
-    (1, 6, 2, 40, 24, 8, 13),  # fewer queries than keys, first query block partial
-    (1, 2, 1, 5, 4, 8, None),  # one partial block
+@pytest.mark.parametrize("batch,heads,kv_heads,n,dim,block,queries,key_block", [
+    (1, 4, 2, 37, 16, 8, None, 8),  # GQA, partial last block
+    (2, 3, 3, 50, 8, 16, None, 16),  # batch 2, MHA
+    (1, 6, 2, 40, 24, 8, 13, 8),  # fewer queries than keys, first query block partial
+    (1, 2, 1, 5, 4, 8, None, 8),  # one partial block
+    (1, 4, 2, 37, 16, 8, None, 2),  # key blocks smaller than query blocks, partial last key block
+    (1, 6, 2, 41, 8, 16, 19, 4),  # and fewer queries than keys
 ])
-def test_gathered_attention_matches_brute_force_over_the_same_blocks(batch, heads, kv_heads, n, dim, block, queries):
+def test_gathered_attention_matches_brute_force_over_the_same_blocks(batch, heads, kv_heads, n, dim, block, queries,
+                                                                      key_block):
     q, k, v = _inputs(batch, heads, kv_heads, n, dim, seed=n, queries=queries)
-    grid = BlockGrid(block, q.shape[2], n)
+    grid = BlockGrid(block, q.shape[2], n, key_block)
     blocks = _random_blocks(grid, batch, kv_heads, seed=1)
     keep = R.block_keep_tokens(blocks, grid, heads // kv_heads)
     expected = R.attention(q, k, v, dim**-0.5, keep=keep).transpose(1, 2)
@@ -137,11 +148,13 @@ def test_observers_see_the_block_mask_expanded_to_keys():
 
 # ---- the policy ---------------------------------------------------------------------------------------------
 def test_specs_round_trip_and_errors():
-    for spec in ["blocksparse:64:0.1:mean", "blockmass:32:0.9:mean", "blocksparse:16:0.05:mean:sink=2,local=3"]:
+    for spec in ["blocksparse:64:0.1:mean", "blockmass:32:0.9:mean", "blocksparse:16:0.05:mean:sink=2,local=3",
+                 "blocksparse:64x4:0.1:mean", "blockmass:32x8:0.9:antidiag"]:
         policy = parse_policy(spec)
         assert isinstance(policy, BlockSparse) and policy.spec == spec and parse_policy(policy.spec) == policy
     for bad in ["blocksparse:64", "blocksparse:0:0.1", "blocksparse:64:0", "blocksparse:64:1.5",
-                "blockmass:64:0", "blocksparse:64:0.1:nosuch", "blocksparse:x:0.1"]:
+                "blockmass:64:0", "blocksparse:64:0.1:nosuch", "blocksparse:x:0.1", "blocksparse:64x5:0.1",
+                "blocksparse:64x0:0.1"]:
         with pytest.raises(AttnsparseError) as error:
             parse_policy(bad)
         assert "\n" not in str(error.value)
@@ -170,17 +183,17 @@ def _estimated_probs(estimator, q, k, grid, scaling):
     return torch.softmax(log_mass.masked_fill(~causal, float("-inf")), dim=-1).nan_to_num(0.0).double()
 
 
-@pytest.mark.parametrize("n,block,queries,heads,kv_heads", [(21, 4, None, 4, 2), (16, 8, None, 2, 2),
-                                                            (19, 4, 6, 3, 1)])
+@pytest.mark.parametrize("n,block,queries,heads,kv_heads,key_block", [
+    (21, 4, None, 4, 2, 4), (16, 8, None, 2, 2, 8), (19, 4, 6, 3, 1, 4), (23, 8, None, 4, 2, 2), (19, 8, 9, 2, 1, 4)])
 @pytest.mark.parametrize("estimator", ["mean", "antidiag:stride=2", "antidiag:stride=3", "vslash:last=5"])
-def test_estimators_match_brute_force_block_masses(estimator, n, block, queries, heads, kv_heads):
+def test_estimators_match_brute_force_block_masses(estimator, n, block, queries, heads, kv_heads, key_block):
     q, k, _ = _inputs(2, heads, kv_heads, n, 8, seed=n + block, queries=queries)
-    grid = BlockGrid(block, q.shape[2], n)
+    grid = BlockGrid(block, q.shape[2], n, key_block)
     got = _estimated_probs(estimator, q, k, grid, 0.4)
     name, _, arg = estimator.partition(":")
     value = int(arg.split("=")[1]) if arg else 0
     if name == "antidiag":
-        value = max(d for d in range(1, min(block, value) + 1) if block % d == 0)  # runs tile the block
+        value = max(d for d in range(1, min(key_block, value) + 1) if key_block % d == 0)  # runs tile the blocks
     for b in range(2):
         if name == "mean":
             expected = R.mean_key_block_probs(q[b], k[b], grid, 0.4)
@@ -191,18 +204,22 @@ def test_estimators_match_brute_force_block_masses(estimator, n, block, queries,
         torch.testing.assert_close(got[b], expected, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("batch,heads,kv_heads,n,dim,block,queries", [
-    (1, 4, 2, 37, 16, 8, None),  # GQA, partial last block, tiles of 4 rows and a remainder
-    (2, 3, 3, 50, 32, 16, None),  # batch 2, MHA
-    (1, 6, 2, 40, 24, 8, 13),  # head dim not a multiple of 16, fewer queries than keys
-    (1, 9, 3, 150, 64, 64, None),  # SmolLM2's heads and head dim, block 64
-    (1, 2, 1, 20, 8, 32, None),  # one partial block wider than the sequence
+@pytest.mark.parametrize("batch,heads,kv_heads,n,dim,block,queries,key_block", [
+    (1, 4, 2, 37, 16, 8, None, 8),  # GQA, partial last block, tiles of 4 rows and a remainder
+    (2, 3, 3, 50, 32, 16, None, 16),  # batch 2, MHA
+    (1, 6, 2, 40, 24, 8, 13, 8),  # head dim not a multiple of 16, fewer queries than keys
+    (1, 9, 3, 150, 64, 64, None, 64),  # SmolLM2's heads and head dim, block 64
+    (1, 2, 1, 20, 8, 32, None, 32),  # one partial block wider than the sequence
+    (1, 9, 3, 301, 64, 64, None, 4),  # queries in 64, keys in 4: 16 key blocks gathered per tile, partial last
+    (2, 4, 2, 90, 16, 32, 41, 8),  # keys in 8 under queries in 32, fewer queries than keys
+    (1, 4, 1, 70, 16, 48, None, 24),  # key blocks of 24: tiles of 2 blocks, 48 columns
 ])
-def test_kernel_matches_brute_force_over_the_same_blocks(kernel_build, batch, heads, kv_heads, n, dim, block, queries):
+def test_kernel_matches_brute_force_over_the_same_blocks(kernel_build, batch, heads, kv_heads, n, dim, block, queries,
+                                                         key_block):
     from attnsparse.core import native
 
     q, k, v = _inputs(batch, heads, kv_heads, n, dim, seed=n + dim, queries=queries)
-    grid = BlockGrid(block, q.shape[2], n)
+    grid = BlockGrid(block, q.shape[2], n, key_block)
     blocks = _random_blocks(grid, batch, kv_heads, seed=2)
     keep = R.block_keep_tokens(blocks, grid, heads // kv_heads)
     expected = R.attention(q, k, v, dim**-0.5, keep=keep).transpose(1, 2)

@@ -1,8 +1,8 @@
 """Attention over kept blocks only, exact within them: the compiled kernel (core/native/blocksparse.c), FlexAttention
 on CUDA (attention/flexblock.py), or torch.
 
-Inputs: query (B, H, Q, D), key/value (B, Hkv, K, D), a kept-block mask (B, Hkv, Qb, Kb) on a `BlockGrid`, causal
-inside the diagonal block (query at key position K - Q + i sees keys <= that position). Output (B, Q, H, D), the
+Inputs: query (B, H, Q, D), key/value (B, Hkv, K, D), a kept-block mask (B, Hkv, Qb, Kb) on a `BlockGrid` (query
+and key blocks may differ in size), causal inside the diagonal span (query at key position K - Q + i sees keys <= that position). Output (B, Q, H, D), the
 layout transformers' attention functions return. Key blocks a query block did not keep contribute nothing; a row
 sees at least its own position whenever its diagonal block is kept (the selection always keeps it).
 """
@@ -31,17 +31,18 @@ def gathered_block_attention(query: torch.Tensor, key: torch.Tensor, value: torc
     """Torch path: per query block, gather its kept key/value blocks (padded to the most any group keeps) and run
     one masked softmax over them. float32; (B, Q, H, D)."""
     batch, heads, queries, dim = query.shape
-    kv_heads, groups, size = key.shape[1], heads // key.shape[1], grid.block
+    kv_heads, groups, size = key.shape[1], heads // key.shape[1], grid.key_block
     pad = grid.key_blocks * size - grid.keys
     k_blocks = torch.nn.functional.pad(key.float(), (0, 0, 0, pad)).view(batch, kv_heads, grid.key_blocks, size, dim)
     v_blocks = torch.nn.functional.pad(value.float(), (0, 0, 0, pad)).view_as(k_blocks)
     q = query.float()
     out = torch.zeros(batch, heads, queries, dim, dtype=torch.float32, device=query.device)
     within = torch.arange(size, device=query.device)
+    last_visible = grid.last_visible().tolist()
     for r in range(grid.query_blocks):
-        first_pos = max(grid.offset, (grid.first + r) * size)
-        last_pos = min(grid.keys, (grid.first + r + 1) * size)
-        row = blocks[:, :, r, : grid.first + r + 1]  # (B, Hkv, visible blocks)
+        first_pos = max(grid.offset, (grid.first + r) * grid.block)
+        last_pos = min(grid.keys, (grid.first + r + 1) * grid.block)
+        row = blocks[:, :, r, : last_visible[r] + 1]  # (B, Hkv, visible blocks)
         count = int(row.sum(-1).max())
         if count == 0:
             continue
@@ -69,7 +70,7 @@ def _native(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, blocks:
     """The compiled kernel's result, or None where it does not apply (not CPU float32, no compiler)."""
     if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (query, key, value)):
         return None
-    kernel = native.function("blocksparse", "block_sparse_prefill", "ppppp" + "n" * 9 + "fnp")
+    kernel = native.function("blocksparse", "block_sparse_prefill", "ppppp" + "n" * 10 + "fnp")
     if kernel is None:
         return None
     batch, heads, queries, dim = query.shape
@@ -78,7 +79,8 @@ def _native(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, blocks:
     offsets, index = block_lists(blocks)
     out = torch.empty(batch, queries, heads, dim, dtype=torch.float32)
     status = kernel(q.data_ptr(), k.data_ptr(), v.data_ptr(), offsets.data_ptr(), index.data_ptr(), batch, kv_heads,
-                    heads // kv_heads, queries, grid.keys, dim, grid.block, grid.first, grid.query_blocks,
+                    heads // kv_heads, queries, grid.keys, dim, grid.block, grid.key_block, grid.first,
+                    grid.query_blocks,
                     scaling, torch.get_num_threads(), out.data_ptr())
     if status != 0:
         raise MemoryError("block-sparse prefill kernel could not allocate its scratch")

@@ -22,8 +22,9 @@ from attnsparse.attention.selection import BlockGrid
 
 
 def fits(grid: BlockGrid) -> bool:
-    """Query blocks line up with key blocks (the first query starts a block: prefill, aligned chunks)."""
-    return grid.offset % grid.block == 0
+    """Query blocks line up with key blocks of the same size (the first query starts a block: prefill, aligned
+    chunks); other grids take the gathered torch path."""
+    return grid.key_block == grid.block and grid.offset % grid.block == 0
 
 
 def block_mask(blocks: torch.Tensor, grid: BlockGrid, groups: int) -> BlockMask:

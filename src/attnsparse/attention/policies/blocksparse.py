@@ -1,5 +1,8 @@
 """`blocksparse:B:D[:EST]` / `blockmass:B:G[:EST]`: block-sparse prefill, queries and keys in blocks of B.
 
+B may also be `QxK`: queries in blocks of Q, keys in blocks of K (a divisor of Q), e.g. `blocksparse:64x4:0.1:mean`:
+the selection is as fine as K on the key axis while the kernel still serves 64 queries at a time.
+
 Per (query block, kv group) the sink block, the local blocks up to the diagonal and the best key blocks by the
 estimator EST (attnsparse.attention.selection) are kept, up to a density D of causal block pairs (`blocksparse`)
 or until their estimated mass reaches G (`blockmass`, FlexPrefill's cumulative threshold). Attention is exact
@@ -57,6 +60,7 @@ class BlockSparse(Policy):
     estimator: BlockEstimator
     sink: int = 1
     local: int = 1
+    key_block: int = 0  # 0: the query block size
     stats: SelectionStats = field(default_factory=SelectionStats, compare=False, hash=False, repr=False)
     name: ClassVar[str] = "blocksparse"
 
@@ -64,6 +68,20 @@ class BlockSparse(Policy):
         if self.block < 1 or self.sink < 0 or self.local < 1:
             raise AttnsparseError(f"need block >= 1, sink >= 0, local >= 1; got {self.block}, {self.sink}, "
                                   f"{self.local}")
+        if self.key_block == 0:
+            object.__setattr__(self, "key_block", self.block)
+        if self.key_block < 1 or self.block % self.key_block:
+            raise AttnsparseError(f"key blocks of {self.key_block} must divide query blocks of {self.block} "
+                                  "(blocksparse:QxK:...)")
+
+    def grid(self, queries: int, keys: int) -> BlockGrid:
+        """The block grid of an attention call with these query and key counts."""
+        return BlockGrid(self.block, queries, keys, self.key_block)
+
+    @property
+    def block_text(self) -> str:
+        """`B`, or `QxK` when key blocks are smaller than query blocks."""
+        return str(self.block) if self.key_block == self.block else f"{self.block}x{self.key_block}"
 
     @classmethod
     def from_spec(cls, spec: ParsedSpec) -> BlockSparse:
@@ -72,9 +90,9 @@ class BlockSparse(Policy):
     @property
     def spec(self) -> str:
         if isinstance(self.budget, Density):
-            head = f"blocksparse:{self.block}:{self.budget.density:g}"
+            head = f"blocksparse:{self.block_text}:{self.budget.density:g}"
         else:
-            head = f"blockmass:{self.block}:{self.budget.gamma:g}"
+            head = f"blockmass:{self.block_text}:{self.budget.gamma:g}"
         text = f"{head}:{self.estimator.spec}"
         extras = [f"{k}={v}" for k, v in (("sink", self.sink), ("local", self.local)) if v != 1]
         if extras:
@@ -82,7 +100,7 @@ class BlockSparse(Policy):
         return text
 
     def prepare(self, query: torch.Tensor, key: torch.Tensor, *, scaling: float, layer_idx: int) -> Policy:
-        grid = BlockGrid(self.block, query.shape[2], key.shape[2])
+        grid = self.grid(query.shape[2], key.shape[2])
         with torch.no_grad():
             log_mass = self.estimator.log_mass(query.detach(), key.detach(), grid, scaling=scaling,
                                                layer_idx=layer_idx)
@@ -101,7 +119,7 @@ class BlockSparse(Policy):
         budget's nominal value at n (for `blockmass`, the forced blocks' share)."""
         if self.stats.pairs:
             return self.stats.kept / self.stats.pairs
-        grid = BlockGrid(self.block, n, n)
+        grid = self.grid(n, n)
         forced = int(forced_blocks(grid, self.sink, self.local).sum())
         kept = max(forced, density_budget(grid, self.budget.density)) if isinstance(self.budget, Density) else forced
         return min(kept, grid.causal_pairs()) / grid.causal_pairs()
@@ -116,14 +134,18 @@ def _from_spec(spec: ParsedSpec, *, mass: bool) -> BlockSparse:
     estimator_text = name + (":" + ",".join(f"{k}={v}" for k, v in rest.items()) if rest else "")
     value = float(spec.args[1])
     budget: Budget = Mass(value) if mass else Density(value)
-    return BlockSparse(int(spec.args[0]), budget, parse_estimator(estimator_text), **own)
+    query_block, _, key_block = str(spec.args[0]).partition("x")
+    if key_block and int(key_block) < 1:
+        raise AttnsparseError(f"key blocks must be positive, got {spec.args[0]} (write QxK, e.g. 64x4)")
+    return BlockSparse(int(query_block), budget, parse_estimator(estimator_text), **own,
+                       key_block=int(key_block) if key_block else 0)
 
 
 POLICIES.add("blocksparse", lambda spec: _from_spec(spec, mass=False),
-             usage="blocksparse:B:D[:EST] (block B, density D of causal block pairs, estimator EST)",
+             usage="blocksparse:B:D[:EST] (block B or QxK, density D of causal block pairs, estimator EST)",
              help="block-sparse prefill: sink, local and the best key blocks up to a block density")
 POLICIES.add("blockmass", lambda spec: _from_spec(spec, mass=True),
-             usage="blockmass:B:G[:EST] (block B, cumulative estimated mass G per query block)",
+             usage="blockmass:B:G[:EST] (block B or QxK, cumulative estimated mass G per query block)",
              help="block-sparse prefill: key blocks in estimated-mass order until their mass reaches G")
 
 
@@ -137,7 +159,7 @@ class KeptBlocks(Policy):
 
     @property
     def spec(self) -> str:
-        return f"{self.name}:{self.grid.block}"
+        return f"{self.name}:{self.grid.block}x{self.grid.key_block}"
 
     def keep_mask(self, scores: torch.Tensor, visible: torch.Tensor, query_positions: torch.Tensor) -> torch.Tensor:
         groups = scores.shape[1] // self.blocks.shape[1]

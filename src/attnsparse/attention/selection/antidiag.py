@@ -44,13 +44,12 @@ class Antidiagonal(BlockEstimator):
 
     def log_mass(self, query: torch.Tensor, key: torch.Tensor, grid: BlockGrid, *, scaling: float,
                  layer_idx: int) -> torch.Tensor:
-        stride = _divisor_at_most(grid.block, self.stride)
+        stride = _divisor_at_most(grid.key_block, self.stride)  # divides the query block too
         groups = query.shape[1] // key.shape[1]
-        runs_per_block = grid.block // stride
         # query runs from the first query block's start, key runs from 0, both padded to whole blocks
         q_start = grid.first * grid.block
         q = F.pad(query.float(), (0, 0, grid.offset - q_start, q_start + grid.query_blocks * grid.block - grid.keys))
-        k = F.pad(key.float(), (0, 0, 0, grid.key_blocks * grid.block - grid.keys))
+        k = F.pad(key.float(), (0, 0, 0, grid.key_blocks * grid.key_block - grid.keys))
         batch, heads, padded_q, dim = q.shape
         q_runs = q.view(batch, heads, padded_q // stride, stride, dim).flip(3).reshape(batch, heads, -1, stride * dim)
         k_runs = k.reshape(batch, key.shape[1], -1, stride * dim).repeat_interleave(groups, dim=1)
@@ -61,10 +60,11 @@ class Antidiagonal(BlockEstimator):
         has_query = ((row_pos >= grid.offset) & (row_pos < grid.keys)).any(-1, keepdim=True)  # (Qr, 1)
         visible = (col_run <= row_run) & (col_run * stride < grid.keys) & has_query
         probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
-        mass = probs.view(batch, heads, grid.query_blocks, runs_per_block, grid.key_blocks, runs_per_block)
+        mass = probs.view(batch, heads, grid.query_blocks, grid.block // stride, grid.key_blocks,
+                          grid.key_block // stride)
         return group_mean_log(mass.sum(dim=(3, 5)).log(), groups, grid.causal(query.device))
 
 
 def _divisor_at_most(block: int, stride: int) -> int:
-    """The largest divisor of the block size not above the stride (runs must tile blocks)."""
+    """The largest divisor of the (key) block size not above the stride (runs must tile blocks)."""
     return max(d for d in range(1, min(block, stride) + 1) if block % d == 0)

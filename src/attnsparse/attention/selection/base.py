@@ -1,10 +1,12 @@
 """Block selection for block-sparse prefill: estimators score (query block, key block) pairs; one rule keeps blocks.
 
 Geometry (`BlockGrid`): queries (B, H, Q, D) and keys (B, Hkv, K, D) with Q <= K, query i at key position
-K - Q + i (prefill: Q == K). Blocks of `block` positions tile the key axis from 0; a query block is the set of
-queries whose key position falls in one such block (the first and last may be partial). Query block r may see
-key blocks 0 .. first + r, where first is the block of the first query (causal at block level; inside the
-diagonal block the token-level causal mask still applies).
+K - Q + i (prefill: Q == K). Query blocks of `block` positions and key blocks of `key_block` positions (a divisor
+of `block`; equal by default) tile the key axis from 0; a query block is the set of queries whose key position
+falls in one query-sized span (the first and last may be partial). Query block r may see the key blocks that
+start at or before its last query (causal at block level; inside its own span, the diagonal, the token-level
+causal mask still applies). Small key blocks with large query blocks keep the selection fine where it decides
+quality (which keys) and the map small and the kernel's tiles full where it decides speed (queries in step).
 
 Head axis: one selection per **kv group**, (B, Hkv, Qb, Kb). The G query heads of a group share their keys and
 values, so a kept key block is read once for the whole group (by the kernel and by a GPU block mask alike), and
@@ -31,15 +33,21 @@ ESTIMATORS: Registry[BlockEstimator] = Registry("block estimator")
 
 @dataclass(frozen=True)
 class BlockGrid:
-    """Block geometry of one attention call: `queries` queries ending at the last of `keys` key positions."""
+    """Block geometry of one attention call: `queries` queries ending at the last of `keys` key positions, queries
+    in blocks of `block` positions, keys in blocks of `key_block` (default: `block`; it must divide `block`)."""
 
     block: int
     queries: int
     keys: int
+    key_block: int = 0
 
     def __post_init__(self) -> None:
+        if self.key_block == 0:
+            object.__setattr__(self, "key_block", self.block)
         if self.block < 1 or self.queries < 1 or self.queries > self.keys:
             raise AttnsparseError(f"bad block grid: block {self.block}, {self.queries} queries, {self.keys} keys")
+        if self.key_block < 1 or self.block % self.key_block:
+            raise AttnsparseError(f"key blocks of {self.key_block} must divide query blocks of {self.block}")
 
     @property
     def offset(self) -> int:
@@ -48,29 +56,42 @@ class BlockGrid:
 
     @property
     def first(self) -> int:
-        """Key block holding the first query."""
+        """Query block (in blocks of `block` from position 0) holding the first query."""
         return self.offset // self.block
 
     @property
+    def ratio(self) -> int:
+        """Key blocks per query block."""
+        return self.block // self.key_block
+
+    @property
     def key_blocks(self) -> int:
-        return -(-self.keys // self.block)
+        return -(-self.keys // self.key_block)
 
     @property
     def query_blocks(self) -> int:
-        return self.key_blocks - self.first
+        return -(-self.keys // self.block) - self.first
 
     def query_block_of(self, positions: torch.Tensor) -> torch.Tensor:
         """Row index (query block) of each key-axis query position."""
         return torch.div(positions, self.block, rounding_mode="floor") - self.first
 
+    def last_visible(self, device: torch.device | None = None) -> torch.Tensor:
+        """(Qb,) int64: the last key block each query block may see (the one holding its last query)."""
+        rows = torch.arange(self.query_blocks, device=device) + self.first + 1
+        return torch.div((rows * self.block).clamp(max=self.keys) - 1, self.key_block, rounding_mode="floor")
+
+    def diagonal_start(self, device: torch.device | None = None) -> torch.Tensor:
+        """(Qb,) int64: the first key block inside each query block's own positions (its diagonal span)."""
+        return (torch.arange(self.query_blocks, device=device) + self.first) * self.ratio
+
     def causal(self, device: torch.device | None = None) -> torch.Tensor:
-        """(Qb, Kb) bool: key block j is visible to query block r when j <= first + r."""
-        rows = torch.arange(self.query_blocks, device=device)[:, None] + self.first
-        return torch.arange(self.key_blocks, device=device)[None, :] <= rows
+        """(Qb, Kb) bool: key block j is visible to query block r when it starts at or before r's last query."""
+        return torch.arange(self.key_blocks, device=device)[None, :] <= self.last_visible(device)[:, None]
 
     def causal_pairs(self) -> int:
         """Visible (query block, key block) pairs: the denominator of a block density."""
-        return sum(self.first + r + 1 for r in range(self.query_blocks))
+        return int((self.last_visible() + 1).sum())
 
     def pool_queries(self, query: torch.Tensor) -> torch.Tensor:
         """Mean query of each query block: (B, H, Q, D) -> (B, H, Qb, D) float32 (partial blocks: their queries)."""
@@ -78,14 +99,14 @@ class BlockGrid:
 
     def pool_keys(self, key: torch.Tensor) -> torch.Tensor:
         """Mean key of each key block: (B, Hkv, K, D) -> (B, Hkv, Kb, D) float32 (the last block: its keys)."""
-        return _pool(key.float(), 0, self.block, self.key_blocks)
+        return _pool(key.float(), 0, self.key_block, self.key_blocks)
 
     def counts(self, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Queries per query block (Qb,) and keys per key block (Kb,), as float32."""
-        starts = torch.arange(self.key_blocks, device=device) * self.block
-        keys = (starts + self.block).clamp(max=self.keys) - starts
-        q_starts = starts[self.first:].clamp(min=self.offset)
-        queries = (starts[self.first:] + self.block).clamp(max=self.keys) - q_starts
+        k_starts = torch.arange(self.key_blocks, device=device) * self.key_block
+        keys = (k_starts + self.key_block).clamp(max=self.keys) - k_starts
+        q_starts = (torch.arange(self.query_blocks, device=device) + self.first) * self.block
+        queries = (q_starts + self.block).clamp(max=self.keys) - q_starts.clamp(min=self.offset)
         return queries.float(), keys.float()
 
 
@@ -157,11 +178,12 @@ Budget = Density | Mass
 
 
 def forced_blocks(grid: BlockGrid, sink: int, local: int, device: torch.device | None = None) -> torch.Tensor:
-    """(Qb, Kb) bool: the first `sink` key blocks and the `local` blocks ending at the diagonal, where visible."""
+    """(Qb, Kb) bool: the first `sink` key blocks, and the key blocks of the `local` query-block spans ending at the
+    diagonal (with equal block sizes: the `local` blocks ending at the diagonal), where visible."""
     causal = grid.causal(device)
     cols = torch.arange(grid.key_blocks, device=device)[None, :]
-    diagonal = torch.arange(grid.query_blocks, device=device)[:, None] + grid.first
-    return causal & ((cols < sink) | (cols > diagonal - local))
+    local_start = grid.diagonal_start(device)[:, None] - (local - 1) * grid.ratio
+    return causal & ((cols < sink) | (cols >= local_start))
 
 
 def select_blocks(log_mass: torch.Tensor, grid: BlockGrid, budget: Budget, *, sink: int = 1,
@@ -222,7 +244,7 @@ def expand_to_keys(blocks: torch.Tensor, grid: BlockGrid, positions: torch.Tenso
                    groups: int) -> torch.Tensor:
     """Token-level kept mask (B, H, Qc, width) for queries at `positions` from a block mask (B, Hkv, Qb, Kb)."""
     rows = blocks[:, :, grid.query_block_of(positions.to(blocks.device))]  # (B, Hkv, Qc, Kb)
-    columns = torch.div(torch.arange(width, device=blocks.device), grid.block, rounding_mode="floor")
+    columns = torch.div(torch.arange(width, device=blocks.device), grid.key_block, rounding_mode="floor")
     tokens = rows[..., columns]  # (B, Hkv, Qc, width)
     batch, kv_heads, chunk, _ = tokens.shape
     return tokens[:, :, None].expand(batch, kv_heads, groups, chunk, width).reshape(batch, kv_heads * groups,

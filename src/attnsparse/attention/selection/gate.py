@@ -48,6 +48,9 @@ class GateEstimator(BlockEstimator):
         gate = load_gate(self.path).to(query.device)  # the cached gate moves once, then stays with the queries
         config = gate.config
         config.check_block(grid.block, f"blocksparse with blocks of {grid.block}")
+        if grid.key_block != grid.block:
+            raise AttnsparseError(f"the gate {self.path} scores square blocks of {grid.block}; give blocksparse one "
+                                  f"block size, not {grid.block}x{grid.key_block}")
         if layer_idx >= config.layers or (query.shape[1], key.shape[1], query.shape[-1]) != (
                 config.heads, config.kv_heads, config.head_dim):
             raise AttnsparseError(

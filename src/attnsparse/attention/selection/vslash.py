@@ -61,7 +61,7 @@ class VerticalSlash(BlockEstimator):
     @staticmethod
     def _block_mass(vertical: torch.Tensor, slash: torch.Tensor, grid: BlockGrid) -> torch.Tensor:
         """(B, H, Qb, Kb): per query block, the mean over its queries of the guessed mass on each key block."""
-        size, n = grid.block, grid.keys
+        size, n = grid.key_block, grid.keys
         slash_prefix = F.pad(slash.cumsum(-1), (1, 0))  # [d]: slash mass at distances < d
         vertical_prefix = F.pad(vertical.cumsum(-1), (1, 0))  # [t]: vertical mass on keys < t
         p = torch.arange(grid.offset, n, device=slash.device)  # every query position
