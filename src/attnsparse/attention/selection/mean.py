@@ -1,8 +1,13 @@
-"""`mean`: pooled query . mean key, the block analogue of the decode scorer of the same name.
+"""`mean[:sub=S]`: pooled query . mean key, the block analogue of the decode scorer of the same name.
 
 Each query block's mean query is scored against each key block's mean key (scaled as the model scales scores);
 a block's log-mass is that score plus the log of its key count, so a partial last block is not over-weighted.
 Cost: Qb x Kb x D per head, negligible beside attention.
+
+With `sub=S` (S divides the query block, and key blocks divide S) the queries are pooled in sub-blocks of S instead:
+each sub-block's softmax over the key blocks it may see is its guessed mass, and a query block's mass is the mean of
+its sub-blocks' (weighted by their queries). The softmax of one mean query over a block of 64 dilutes what only a
+few of its queries look for (an induction target, a copied span); averaging masses keeps it. Cost: (Q/S) x Kb x D.
 """
 
 from __future__ import annotations
@@ -13,18 +18,53 @@ from typing import ClassVar
 import torch
 
 from attnsparse.attention.selection.base import ESTIMATORS, BlockEstimator, BlockGrid, group_mean_log
+from attnsparse.errors import AttnsparseError
+from attnsparse.specs import ParsedSpec, expect_fields
 
 
-@ESTIMATORS.register("mean", usage="mean", help="mean query of the query block . mean key of the key block")
+@ESTIMATORS.register("mean", usage="mean[:sub=S] (queries pooled per block, or per sub-block of S)",
+                     help="mean query of the query block (or of each sub-block of S, masses averaged) . mean key")
 @dataclass(frozen=True)
 class MeanKey(BlockEstimator):
+    sub: int = 0  # 0: pool the whole query block
     name: ClassVar[str] = "mean"
+
+    def __post_init__(self) -> None:
+        if self.sub < 0:
+            raise AttnsparseError(f"mean sub-block must be >= 1, got {self.sub}")
+
+    @classmethod
+    def from_spec(cls, spec: ParsedSpec) -> MeanKey:
+        expect_fields(spec, 0, keywords=("sub",))
+        return cls(int(spec.kwargs.get("sub", 0)))
+
+    @property
+    def spec(self) -> str:
+        return self.name if not self.sub else f"{self.name}:sub={self.sub}"
 
     def log_mass(self, query: torch.Tensor, key: torch.Tensor, grid: BlockGrid, *, scaling: float,
                  layer_idx: int) -> torch.Tensor:
-        groups = query.shape[1] // key.shape[1]
-        pooled_q = grid.pool_queries(query)  # (B, H, Qb, D)
-        pooled_k = grid.pool_keys(key).repeat_interleave(groups, dim=1)  # (B, H, Kb, D)
-        _, key_counts = grid.counts(query.device)
-        logits = (pooled_q @ pooled_k.transpose(-1, -2)) * scaling + key_counts.log()
-        return group_mean_log(logits, groups, grid.causal(query.device))
+        if not self.sub or self.sub == grid.block:
+            return _pooled_log_mass(query, key, grid, scaling)
+        if grid.block % self.sub or self.sub % grid.key_block:
+            raise AttnsparseError(f"mean:sub={self.sub} must divide the query block {grid.block} and be a multiple "
+                                  f"of the key block {grid.key_block}")
+        fine = BlockGrid(self.sub, grid.queries, grid.keys, grid.key_block)
+        probs = _pooled_log_mass(query, key, fine, scaling).exp()  # (B, Hkv, sub-rows, Kb), rows sum to 1
+        sub_queries, _ = fine.counts(query.device)
+        first_position = (torch.arange(fine.query_blocks, device=query.device) + fine.first) * fine.block
+        rows = grid.query_block_of(first_position)  # the query block of each sub-block
+        sums = torch.zeros(*probs.shape[:2], grid.query_blocks, grid.key_blocks, device=query.device)
+        sums.index_add_(2, rows, probs * sub_queries[:, None])
+        queries, _ = grid.counts(query.device)
+        return (sums / queries[:, None]).log()
+
+
+def _pooled_log_mass(query: torch.Tensor, key: torch.Tensor, grid: BlockGrid, scaling: float) -> torch.Tensor:
+    """Per kv group log-masses from each query block's mean query against each key block's mean key."""
+    groups = query.shape[1] // key.shape[1]
+    pooled_q = grid.pool_queries(query)  # (B, H, Qb, D)
+    pooled_k = grid.pool_keys(key).repeat_interleave(groups, dim=1)  # (B, H, Kb, D)
+    _, key_counts = grid.counts(query.device)
+    logits = (pooled_q @ pooled_k.transpose(-1, -2)) * scaling + key_counts.log()
+    return group_mean_log(logits, groups, grid.causal(query.device))
