@@ -14,7 +14,7 @@ runner = CliRunner()
 def test_run_pipeline_on_tiny_model_then_resume(tmp_path):
     model_dir = save_tiny(str(tmp_path / "tiny"), tiny_llama(heads=4, kv_heads=2, max_positions=2048))
     args = ["run", model_dir, "--out", str(tmp_path / "run"), "--preset", "smollm2-cpu-smoke", "--steps", "2",
-            "--ctx", "64", "--measure-windows", "2", "--eval-windows", "2", "--task-lengths", "400",
+            "--lr", "3e-4", "--ctx", "64", "--measure-windows", "2", "--eval-windows", "2", "--task-lengths", "400",
             "--task-trials", "1", "--task-plans", "block:4:0.25", "--policies", "dense,topk:4"]
     out = tmp_path / "run"
     # Bad input is refused before anything is written, so the corrected command can use the same --out.
@@ -39,6 +39,7 @@ def test_run_pipeline_on_tiny_model_then_resume(tmp_path):
     assert verdict["policy"] == "topk:4" and verdict["sentence"].startswith("The condensed model is ")
     assert verdict["dense_ratio"] == summary["after"]["perplexity"]["dense"] / summary["before"]["perplexity"]["dense"]
     assert len(summary["after"]["k_per_layer"]) == 2
+    assert json.loads((out / "condense" / "config.json").read_text())["config"]["settings"]["lr"] == 3e-4  # preset: 2e-4
     stages = ("measure_before", "evaluate_before", "tasks_before", "condense", "measure_after", "evaluate_after",
               "tasks_after")
     assert set(summary["stage_seconds"]) == set(stages) and all(v > 0 for v in summary["stage_seconds"].values())

@@ -18,6 +18,7 @@ def run_command(
     eval_windows: int = typer.Option(4, help="Evenly spaced windows to evaluate."),
     policies: str = typer.Option("dense,topk:4,topk:8,topk:16,topk:32,topk:64", help="Policies to evaluate."),
     steps: int | None = typer.Option(None, help="Override the preset's number of training steps."),
+    lr: float | None = typer.Option(None, help="Override the preset's peak learning rate."),
     tasks: str = typer.Option("passkey", help="Behaviour tasks run on both models (comma list; '' skips them)."),
     task_lengths: str = typer.Option("1024", help="Task prompt lengths in tokens (comma list)."),
     task_trials: int = typer.Option(7, help="Trials per task, length and depth (depths 0.1, 0.5, 0.9)."),
@@ -35,7 +36,8 @@ def run_command(
             model=model, train_data=train_data, eval_data=eval_data, preset=preset, ctx=ctx,
             measure_windows=measure_windows, eval_windows=eval_windows, policies=policies, steps=steps, tasks=tasks,
             task_lengths=tuple(split_list(task_lengths, "--task-lengths", int)) if tasks else (),
-            task_trials=task_trials, task_plans=task_plans, device=device, dtype=dtype)
+            task_trials=task_trials, task_plans=task_plans, device=device, dtype=dtype,
+            overrides={} if lr is None else {"lr": lr})
         return run_pipeline(config, out, overwrite=overwrite, echo=typer.echo)
 
     run_or_exit(main)
