@@ -47,7 +47,7 @@ class PipelineConfig:
     ctx: int = 1024
     measure_windows: int = 4
     eval_windows: int = 4
-    policies: str = "dense,topk:4,topk:8,topk:16,topk:32,topk:64"
+    policies: str = "dense,topk:4,topk:8,topk:16,topk:32"  # 0.4-3.1 % of keys at 1K; 6 policies ran over 15 min
     steps: int | None = None  # override the preset's step count (None: keep it)
     tasks: str = "passkey"  # behaviour stages; "" skips them
     task_lengths: tuple[int, ...] = (1024,)

@@ -16,7 +16,7 @@ def run_command(
     ctx: int = typer.Option(1024, help="Tokens per window for measure and evaluate."),
     measure_windows: int = typer.Option(4, help="Evenly spaced windows to measure."),
     eval_windows: int = typer.Option(4, help="Evenly spaced windows to evaluate."),
-    policies: str = typer.Option("dense,topk:4,topk:8,topk:16,topk:32,topk:64", help="Policies to evaluate."),
+    policies: str = typer.Option("dense,topk:4,topk:8,topk:16,topk:32", help="Policies to evaluate."),
     steps: int | None = typer.Option(None, help="Override the preset's number of training steps."),
     lr: float | None = typer.Option(None, help="Override the preset's peak learning rate."),
     tasks: str = typer.Option("passkey", help="Behaviour tasks run on both models (comma list; '' skips them)."),
