@@ -318,6 +318,19 @@ def test_evaluate_command_runs_tasks_into_the_run_directory(long_tiny_dir, tmp_p
     assert len((out / "tasks_trials.jsonl").read_text().splitlines()) == (2 + 2) * 3
 
 
+def test_evaluate_tasks_without_policies_prefill_densely_only(long_tiny_dir, tmp_path):
+    """The perplexity sweep (topk:8 ... topk:128) is not applied to tasks unless asked: each policy would be one more
+    prefill of every prompt."""
+    import json
+
+    out = tmp_path / "run"
+    result = evaluate_cli([long_tiny_dir, "--tasks", "passkey", "--lengths", "1200", "--depths", "0.5", "--trials", "1",
+                           "--plans", "block:8:0.25", "--no-retrieval", "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "results.json").read_text())["tasks"]
+    assert {r["policy"] for r in rows} == {"dense", "plan:block:8:0.25"}
+
+
 @pytest.mark.parametrize("args, message", [
     (["--tasks", "passkey,niah"], "unknown task 'niah'"),
     (["--tasks", "passkey", "--lengths", "4096"], "exceeds the model's maximum"),

@@ -13,15 +13,19 @@ if TYPE_CHECKING:
     from attnsparse.evaluate.tasks.run import TaskOptions
 
 
+PPL_POLICIES = "dense,topk:8,topk:16,topk:32,topk:64,topk:128"  # the perplexity sweep when --policies is not given
+
+
 def evaluate_command(
     model: str = typer.Argument("smollm2-135m", help="Embedded name, hub id, local HF directory or .gguf file."),
     data: str | None = typer.Option(
         None, "--data", help="Text file, hf:NAME[:CONFIG[:SPLIT]], or builtin (default)."
     ),
     ctx: int = typer.Option(1024, "--ctx", help="Tokens per window (at most the model's maximum context)."),
-    policies: str = typer.Option(
-        "dense,topk:8,topk:16,topk:32,topk:64,topk:128", "--policies",
-        help="Comma-separated policies: dense, topk:K, sink+window:S:W (alias streaming:S:W), budget:FILE.json "
+    policies: str | None = typer.Option(
+        None, "--policies",
+        help="Comma-separated policies (default: dense,topk:8,topk:16,topk:32,topk:64,topk:128; with --tasks or "
+             "--quick, dense only, since every policy is one more prefill per prompt): dense, topk:K, sink+window:S:W (alias streaming:S:W), budget:FILE.json "
              "(per-head k, attnsparse budget), blocksparse:B:D[:EST] / blockmass:B:G[:EST] (block-sparse prefill, "
              "EST one of mean, antidiag, vslash; docs/prefill.md), decodeblock:B:BUDGET[:SCORE] (the keys decode's "
              "block:B:BUDGET reads at each position); dense is always included.",
@@ -81,8 +85,9 @@ def evaluate_command(
     def body() -> str:
         protocols = [parse_protocol(item) for item in windows or ["all"]]
         task_options = _task_options(tasks, lengths, depths, trials, quick, haystack, chat_template, retrieval, seed)
+        chosen = policies if policies is not None else ("dense" if task_options is not None else PPL_POLICIES)
         result = evaluate(
-            model, data, ctx, policies, protocols, out,
+            model, data, ctx, chosen, protocols, out,
             batch_size=batch_size, query_chunk=query_chunk, overwrite=overwrite, progress=progress,
             plans=split_list(plans, "--plans") if plans else (),
             decode_tokens=decode_tokens, tasks=task_options, ppl=task_options is None or data is not None,
