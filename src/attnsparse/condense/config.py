@@ -286,17 +286,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-# The main job's recipe with its dense predictions held: the same 40 steps, plus a dense forward of the student
-# distilled to the original on each batch (dense_weight 3), λ = 1 instead of 5, and a peak learning rate of 5e-4,
-# because the sparse-aware forward alone left dense perplexity at x1.084 of the original's, λ = 5 with weight 1 at
-# x1.018, and at 3e-4 top-8 stopped at x1.232 of the model's own dense (λ = 2 there: x1.235, no better); 5e-4 reached
-# x1.212 with dense x1.009 (docs/condense.md, "Holding the dense predictions").
+# The main job's recipe with its dense predictions held: a dense forward of the student distilled to the original on
+# each batch (dense_weight 3), λ = 1 instead of 5, peak learning rate 6e-4 over 34 steps instead of 3e-4 over 40: the
+# sparse-aware forward alone left dense perplexity at x1.084 of the original's, λ = 5 with weight 1 at x1.018; at
+# 3e-4 (40 steps) top-8 stopped at x1.232 of the model's own dense (λ = 2: x1.235); 5e-4 reached x1.212 but 40 steps
+# overran 15 minutes on a slow host; 34 steps at 6e-4: x1.217, dense x1.004, 14 min 38 s (docs/condense.md).
 PRESETS["smollm2-keep-15min-anchored"] = {**PRESETS["smollm2-keep-15min"], "lam": 1.0, "dense_weight": 3.0,
-                                          "lr": 5e-4}
+                                          "lr": 6e-4, "steps": 34}
 # The main job's control: the same data, steps and optimiser with no condensation (λ = 0, dense forward). The
 # student starts at KL 0, but Adam rescales the tiny gradients, so it does move a little.
 PRESETS["smollm2-keep-15min-control"] = {**PRESETS["smollm2-keep-15min"], "lam": 0.0, "sparse_aware": False,
-                                         "lr": PRESETS["smollm2-keep-15min-anchored"]["lr"]}
+                                         "lr": 6e-4, "steps": 34}
 
 
 def preset_config(name: str, **overrides: Any) -> CondenseConfig:
