@@ -344,3 +344,15 @@ def test_evaluate_command_bad_task_options_are_one_line_before_any_write(long_ti
     result = evaluate_cli([long_tiny_dir, *args, "--out", str(out), "--no-progress"])
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_quick_preset_fills_only_what_is_not_given():
+    """--quick: every task at 1K and 4K, 2 trials, no retrieval scores; an explicit option wins over the preset."""
+    from attnsparse.cli.evaluate import _task_options
+
+    quick = _task_options(None, None, None, None, True, None, False, None, 0)
+    assert (tuple(quick.lengths), quick.trials, quick.retrieval) == ((1024, 4096), 2, False)
+    assert quick.tasks == "passkey,niah-multikey,niah-multivalue,variable-tracking,common-words"
+    given = _task_options("passkey", "2048", None, 5, True, None, False, True, 0)
+    assert (given.tasks, tuple(given.lengths), given.trials, given.retrieval) == ("passkey", (2048,), 5, True)
+    assert _task_options("passkey", None, None, None, False, None, False, None, 0).retrieval is True

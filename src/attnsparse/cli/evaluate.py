@@ -60,7 +60,8 @@ def evaluate_command(
     ),
     trials: int | None = typer.Option(None, "--trials", help="Prompts per (task, length, depth) cell (default 20)."),
     quick: bool = typer.Option(
-        False, "--quick", help="Task preset: every task (unless --tasks), lengths 1024,4096, 3 trials per cell."
+        False, "--quick",
+        help="Task preset: every task (unless --tasks), lengths 1024,4096, 2 trials per cell, no retrieval scores."
     ),
     haystack: str | None = typer.Option(
         None, "--haystack", help="Text the tasks hide needles in: a file, hf:NAME[:CONFIG[:SPLIT]] or builtin (default)."
@@ -68,8 +69,9 @@ def evaluate_command(
     chat_template: bool = typer.Option(
         False, "--chat-template", help="Put task prompts in the tokenizer's chat template (default: raw prompts)."
     ),
-    retrieval: bool = typer.Option(
-        True, "--retrieval/--no-retrieval", help="Measure per-head retrieval scores on the retrieval tasks."
+    retrieval: bool | None = typer.Option(
+        None, "--retrieval/--no-retrieval",
+        help="Measure per-head retrieval scores on the retrieval tasks (default: yes, except with --quick).",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the task prompts."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous evaluate run in --out."),
@@ -99,7 +101,7 @@ def evaluate_command(
 
 
 def _task_options(tasks: str | None, lengths: str | None, depths: str | None, trials: int | None, quick: bool,
-                  haystack: str | None, chat_template: bool, retrieval: bool, seed: int) -> TaskOptions | None:
+                  haystack: str | None, chat_template: bool, retrieval: bool | None, seed: int) -> TaskOptions | None:
     """The task settings the options ask for (None: no task option given), --quick filling what is not given."""
     from attnsparse.errors import AttnsparseError
     from attnsparse.evaluate.tasks.run import QUICK, TaskOptions
@@ -116,5 +118,6 @@ def _task_options(tasks: str | None, lengths: str | None, depths: str | None, tr
         lengths=split_list(lengths, "--lengths", int) if lengths else preset.lengths,
         depths=split_list(depths, "--depths", float) if depths else preset.depths,
         trials=trials if trials is not None else preset.trials,
-        haystack=haystack, chat_template=chat_template, retrieval=retrieval, seed=seed,
+        haystack=haystack, chat_template=chat_template, retrieval=retrieval if retrieval is not None else preset.retrieval,
+        seed=seed,
     )
