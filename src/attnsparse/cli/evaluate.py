@@ -13,7 +13,8 @@ if TYPE_CHECKING:
     from attnsparse.evaluate.tasks.run import TaskOptions
 
 
-PPL_POLICIES = "dense,topk:8,topk:16,topk:32,topk:64,topk:128"  # the perplexity sweep when --policies is not given
+# The perplexity sweep when --policies is not given (the default of attnsparse.evaluate.run.evaluate).
+PPL_POLICIES = "dense,topk:8,topk:16,topk:32,topk:64,topk:128"
 
 
 def evaluate_command(
@@ -24,9 +25,10 @@ def evaluate_command(
     ctx: int = typer.Option(1024, "--ctx", help="Tokens per window (at most the model's maximum context)."),
     policies: str | None = typer.Option(
         None, "--policies",
-        help="Comma-separated policies (default: dense,topk:8,topk:16,topk:32,topk:64,topk:128; with --tasks or "
-             "--quick, dense only, since every policy is one more prefill per prompt): dense, topk:K, sink+window:S:W (alias streaming:S:W), budget:FILE.json "
-             "(per-head k, attnsparse budget), blocksparse:B:D[:EST] / blockmass:B:G[:EST] (block-sparse prefill, "
+        help=f"Comma-separated policies (default: {PPL_POLICIES}; with --tasks or --quick, dense only, since every "
+             "policy is one more prefill per prompt): dense, topk:K, sink+window:S:W (alias streaming:S:W), "
+             "budget:FILE.json (per-head k, attnsparse budget), blocksparse:B:D[:EST] / blockmass:B:G[:EST] (B or QxK; "
+             "block-sparse prefill, "
              "EST one of mean, antidiag, vslash; docs/prefill.md), decodeblock:B:BUDGET[:SCORE] (the keys decode's "
              "block:B:BUDGET reads at each position); dense is always included.",
     ),
@@ -118,6 +120,6 @@ def _task_options(tasks: str | None, lengths: str | None, depths: str | None, tr
         lengths=split_list(lengths, "--lengths", int) if lengths else preset.lengths,
         depths=split_list(depths, "--depths", float) if depths else preset.depths,
         trials=trials if trials is not None else preset.trials,
-        haystack=haystack, chat_template=chat_template, retrieval=retrieval if retrieval is not None else preset.retrieval,
-        seed=seed,
+        haystack=haystack, chat_template=chat_template,
+        retrieval=preset.retrieval if retrieval is None else retrieval, seed=seed,
     )

@@ -70,9 +70,7 @@ class BlockSparse(Policy):
                                   f"{self.local}")
         if self.key_block == 0:
             object.__setattr__(self, "key_block", self.block)
-        if self.key_block < 1 or self.block % self.key_block:
-            raise AttnsparseError(f"key blocks of {self.key_block} must divide query blocks of {self.block} "
-                                  "(blocksparse:QxK:...)")
+        self.grid(1, 1)  # refuses key blocks that do not divide the query block
 
     def grid(self, queries: int, keys: int) -> BlockGrid:
         """The block grid of an attention call with these query and key counts."""

@@ -5,8 +5,9 @@ K - Q + i (prefill: Q == K). Query blocks of `block` positions and key blocks of
 of `block`; equal by default) tile the key axis from 0; a query block is the set of queries whose key position
 falls in one query-sized span (the first and last may be partial). Query block r may see the key blocks that
 start at or before its last query (causal at block level; inside its own span, the diagonal, the token-level
-causal mask still applies). Small key blocks with large query blocks keep the selection fine where it decides
-quality (which keys) and the map small and the kernel's tiles full where it decides speed (queries in step).
+causal mask still applies). At a fixed density the query block is what sets quality (its queries share one
+selection; docs/prefill.md has the measurements), while small key blocks under it cost the kernel little, since it
+gathers them into full tiles.
 
 Head axis: one selection per **kv group**, (B, Hkv, Qb, Kb). The G query heads of a group share their keys and
 values, so a kept key block is read once for the whole group (by the kernel and by a GPU block mask alike), and

@@ -31,7 +31,7 @@ class MeanKey(BlockEstimator):
 
     def __post_init__(self) -> None:
         if self.sub < 0:
-            raise AttnsparseError(f"mean sub-block must be >= 1, got {self.sub}")
+            raise AttnsparseError(f"mean:sub={self.sub}: give a sub-block of >= 1 queries (0 or none: the whole block)")
 
     @classmethod
     def from_spec(cls, spec: ParsedSpec) -> MeanKey:
