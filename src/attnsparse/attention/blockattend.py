@@ -2,7 +2,8 @@
 on CUDA (attention/flexblock.py), or torch.
 
 Inputs: query (B, H, Q, D), key/value (B, Hkv, K, D), a kept-block mask (B, Hkv, Qb, Kb) on a `BlockGrid` (query
-and key blocks may differ in size), causal inside the diagonal span (query at key position K - Q + i sees keys <= that position). Output (B, Q, H, D), the
+and key blocks may differ in size), causal inside the diagonal span (query at key position K - Q + i sees keys <=
+that position). Output (B, Q, H, D), the
 layout transformers' attention functions return. Key blocks a query block did not keep contribute nothing; a row
 sees at least its own position whenever its diagonal block is kept (the selection always keeps it).
 """

@@ -3,8 +3,9 @@
  * One work item is a (batch x kv head, query block) pair: the G query heads of the group and the block's queries
  * form R = G x nq rows that are scored against tiles of kept key blocks in turn (small key blocks gathered, in
  * ascending order, into one tile of about 64 keys), flash-attention style (running max, running sum, rescaled
- * accumulator), so every kept key and value is read once per item and nothing of size Q x K exists. Scores are a register-blocked 4-row x 16-column product against the block's keys transposed once per
- * block; the weighted values a 4-row x 16-channel product. float32 throughout, causal inside the diagonal block.
+ * accumulator), so every kept key and value is read once per item and nothing of size Q x K exists. Scores are
+ * a register-blocked 4-row x 16-column product against the tile's keys transposed once per tile; the weighted
+ * values a 4-row x 16-channel product. float32 throughout, causal inside the diagonal span.
  * Items are handed to torch's own OpenMP threads (see blockattn.c for why the kernels share torch's pool).
  */
 #include <math.h>
