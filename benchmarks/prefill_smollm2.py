@@ -11,7 +11,9 @@
 
 `--parts attention` (or any comma list of ppl, attention, ttft) runs only those parts and writes
 `prefill_smollm2_ctx{ctx}_{parts}.json` beside the full run's file; `--blocks 4,8,16,64 --estimators mean` compares
-block sizes (the file name gains `_blocks4-8-16-64`); `--blocks 64x4,64x8` splits query and key blocks.
+block sizes (the file name gains `_blocks4-8-16-64`, and `_EST` for estimators beside mean and the default three);
+`--blocks 64x4,64x8` splits query and key blocks; `--estimators exact` selects with the true block masses (the
+oracle: what the selection rule costs apart from estimation error).
 """
 
 from __future__ import annotations
@@ -116,6 +118,8 @@ def main() -> None:
     name = f"prefill_smollm2_ctx{args.ctx}" + ("" if parts == list(PARTS) else "_" + "_".join(parts))
     if blocks != [str(DEFAULT_BLOCK)]:
         name += "_blocks" + "-".join(blocks)
+    if estimators != ["mean"] and estimators != list(ESTIMATORS):  # earlier files: the default set, or mean
+        name += "_" + "-".join(e.replace(":", "").replace("=", "") for e in estimators)
     print("wrote", write_result(name, result))
 
 

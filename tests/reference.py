@@ -288,6 +288,29 @@ def vertical_slash_block_probs(q: torch.Tensor, k: torch.Tensor, grid, scaling: 
     return _group_block_probs(per_head, groups, block_causal(grid))
 
 
+def exact_block_probs(q: torch.Tensor, k: torch.Tensor, grid, scaling: float) -> torch.Tensor:
+    """One batch row. Each query's softmax over the keys at or before it, summed per key block, averaged over the
+    query block's queries: the true block-pooled attention."""
+    groups = q.shape[0] // k.shape[0]
+    offset = grid.keys - grid.queries
+    q_members, k_members = _block_members(grid)
+    per_head = []
+    for h in range(q.shape[0]):
+        rows = []
+        for qs in q_members:
+            masses = [0.0] * len(k_members)
+            for i in qs:
+                logits = [scaling * float(q[h, i].double() @ k[h // groups, t].double()) for t in range(offset + i + 1)]
+                top = max(logits)
+                weights = [math.exp(x - top) for x in logits]
+                total = sum(weights)
+                for j, ks in enumerate(k_members):
+                    masses[j] += sum(weights[t] for t in ks if t <= offset + i) / total / len(qs)
+            rows.append(masses)
+        per_head.append(rows)
+    return _group_block_probs(per_head, groups, block_causal(grid))
+
+
 # ---- block top-k decoding, row by row (decode policy `block:B:BUDGET`, mean-key score) -------------------------
 def decode_block_keep(q: torch.Tensor, k: torch.Tensor, block: int, budget: int = 0, density: float = 0.0,
                       sink: int = 1, recent: int = 2, rows: Sequence[int] | None = None) -> torch.Tensor:

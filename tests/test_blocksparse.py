@@ -122,7 +122,7 @@ def test_gathered_attention_matches_brute_force_over_the_same_blocks(batch, head
                                atol=2e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("estimator", ["mean", "antidiag", "vslash"])
+@pytest.mark.parametrize("estimator", ["mean", "antidiag", "vslash", "exact"])
 def test_covering_density_reproduces_dense_through_the_backend(estimator):
     q, k, v = _inputs(2, 4, 2, 45, 16, seed=3)
     policy = parse_policy(f"blocksparse:8:1:{estimator}")
@@ -149,16 +149,38 @@ def test_observers_see_the_block_mask_expanded_to_keys():
 # ---- the policy ---------------------------------------------------------------------------------------------
 def test_specs_round_trip_and_errors():
     for spec in ["blocksparse:64:0.1:mean", "blockmass:32:0.9:mean", "blocksparse:16:0.05:mean:sink=2,local=3",
-                 "blocksparse:64x4:0.1:mean", "blockmass:32x8:0.9:antidiag"]:
+                 "blocksparse:64x4:0.1:mean", "blockmass:32x8:0.9:antidiag", "blocksparse:16:0.1:mean:per=head",
+                 "blocksparse:16:0.1:mean:sub=4,per=head"]:
         policy = parse_policy(spec)
         assert isinstance(policy, BlockSparse) and policy.spec == spec and parse_policy(policy.spec) == policy
     for bad in ["blocksparse:64", "blocksparse:0:0.1", "blocksparse:64:0", "blocksparse:64:1.5",
                 "blockmass:64:0", "blocksparse:64:0.1:nosuch", "blocksparse:x:0.1", "blocksparse:64x5:0.1",
-                "blocksparse:64x0:0.1"]:
+                "blocksparse:64x0:0.1", "blocksparse:16:0.1:mean:per=kv"]:
         with pytest.raises(AttnsparseError) as error:
             parse_policy(bad)
         assert "\n" not in str(error.value)
     assert "mean" in ESTIMATORS.usage() and parse_estimator("mean").spec == "mean"
+
+
+@pytest.mark.parametrize("spec", ["blocksparse:8:0.45:mean", "blockmass:8x4:0.6:exact", "blocksparse:8:0.5:vslash:last=5"])
+def test_per_head_selection_is_the_group_selection_of_keys_repeated_per_head(spec):
+    """per=head on GQA inputs is per-group selection on MHA inputs (each query head its own copy of its kv head);
+    the kept blocks then differ between heads of one group, so the path that reads keys per head is exercised."""
+    q, k, v = _inputs(2, 6, 2, 90, 16, seed=11)
+    per_head = parse_policy(spec + ("," if "=" in spec else ":") + "per=head")
+    prepared = per_head.prepare(q, k, scaling=0.3, layer_idx=0)
+    k_rep, v_rep = k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1)
+    reference = parse_policy(spec).prepare(q, k_rep, scaling=0.3, layer_idx=0)
+    assert prepared.blocks.shape[1] == 6 and torch.equal(prepared.blocks, reference.blocks)
+    assert not all(torch.equal(prepared.blocks[:, 0], prepared.blocks[:, h]) for h in (1, 2))
+    expected = R.attention(q, k_rep, v_rep, 0.3, keep=R.block_keep_tokens(reference.blocks, reference.grid, 1))
+    for path in (block_sparse_attention, gathered_block_attention):
+        torch.testing.assert_close(path(q, k, v, prepared.blocks, prepared.grid, 0.3)
+                                   if path is block_sparse_attention else
+                                   path(q, k_rep, v_rep, prepared.blocks, prepared.grid, 0.3),
+                                   expected.transpose(1, 2), atol=2e-6, rtol=1e-5)
+    out = chunked_attention(q, k, v, None, scaling=0.3, policy=parse_policy(per_head.spec), query_chunk=16)
+    torch.testing.assert_close(out, expected.transpose(1, 2), atol=2e-6, rtol=1e-5)
 
 
 def test_sparse_prefill_on_a_tiny_model_covering_budget_equals_dense():
@@ -185,7 +207,7 @@ def _estimated_probs(estimator, q, k, grid, scaling):
 
 @pytest.mark.parametrize("n,block,queries,heads,kv_heads,key_block", [
     (21, 4, None, 4, 2, 4), (16, 8, None, 2, 2, 8), (19, 4, 6, 3, 1, 4), (23, 8, None, 4, 2, 2), (19, 8, 9, 2, 1, 4)])
-@pytest.mark.parametrize("estimator", ["mean", "antidiag:stride=2", "antidiag:stride=3", "vslash:last=5"])
+@pytest.mark.parametrize("estimator", ["mean", "antidiag:stride=2", "antidiag:stride=3", "vslash:last=5", "exact:chunk=4"])
 def test_estimators_match_brute_force_block_masses(estimator, n, block, queries, heads, kv_heads, key_block):
     q, k, _ = _inputs(2, heads, kv_heads, n, 8, seed=n + block, queries=queries)
     grid = BlockGrid(block, q.shape[2], n, key_block)
@@ -199,6 +221,8 @@ def test_estimators_match_brute_force_block_masses(estimator, n, block, queries,
             expected = R.mean_key_block_probs(q[b], k[b], grid, 0.4)
         elif name == "antidiag":
             expected = R.antidiagonal_block_probs(q[b], k[b], grid, 0.4, value)
+        elif name == "exact":
+            expected = R.exact_block_probs(q[b], k[b], grid, 0.4)
         else:
             expected = R.vertical_slash_block_probs(q[b], k[b], grid, 0.4, value)
         torch.testing.assert_close(got[b], expected, atol=1e-5, rtol=1e-4)

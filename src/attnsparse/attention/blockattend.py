@@ -18,7 +18,12 @@ from attnsparse.core import native
 
 def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, blocks: torch.Tensor,
                            grid: BlockGrid, scaling: float) -> torch.Tensor:
-    """Exact softmax attention over each query block's kept key blocks: (B, Q, H, D) in the query's dtype."""
+    """Exact softmax attention over each query block's kept key blocks: (B, Q, H, D) in the query's dtype.
+
+    `blocks` has one row per kv group, or one per query head (a per-head selection: the keys are then read per head).
+    """
+    if blocks.shape[1] != key.shape[1]:
+        key, value = (t.repeat_interleave(blocks.shape[1] // key.shape[1], dim=1) for t in (key, value))
     out = _native(query, key, value, blocks, grid, scaling)
     if out is None:
         out = _flex(query, key, value, blocks, grid, scaling)

@@ -10,8 +10,10 @@ within the kept blocks. The selection is made once per attention call from the w
 (`prepare`); the call is then served by the block kernel (`attend`) or, with observers, by the backend's
 chunked path with the block mask expanded to keys (`keep_mask`), which observers see as `kept`.
 
-Keyword fields: `sink=N` (first N key blocks, default 1), `local=N` (blocks ending at the diagonal, default 1);
-any other keyword goes to the estimator (`blocksparse:64:0.1:antidiag:stride=16`).
+Keyword fields: `sink=N` (first N key blocks, default 1), `local=N` (blocks ending at the diagonal, default 1),
+`per=head` (one selection per query head instead of per kv group: the group's heads no longer share kept blocks,
+so each head's budget follows its own pattern, and the kernel reads a kept block once per head instead of once per
+group); any other keyword goes to the estimator (`blocksparse:64:0.1:antidiag:stride=16`).
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from attnsparse.errors import AttnsparseError
 from attnsparse.specs import ParsedSpec
 
 DEFAULT_ESTIMATOR = "antidiag"
-OWN_KEYWORDS = ("sink", "local")
+OWN_KEYWORDS = ("sink", "local", "per")
+SELECTION_UNITS = ("group", "head")
 
 
 @dataclass
@@ -61,6 +64,7 @@ class BlockSparse(Policy):
     sink: int = 1
     local: int = 1
     key_block: int = 0  # 0: the query block size
+    per: str = "group"  # one selection per kv group, or per query head
     stats: SelectionStats = field(default_factory=SelectionStats, compare=False, hash=False, repr=False)
     name: ClassVar[str] = "blocksparse"
 
@@ -68,6 +72,8 @@ class BlockSparse(Policy):
         if self.block < 1 or self.sink < 0 or self.local < 1:
             raise AttnsparseError(f"need block >= 1, sink >= 0, local >= 1; got {self.block}, {self.sink}, "
                                   f"{self.local}")
+        if self.per not in SELECTION_UNITS:
+            raise AttnsparseError(f"per={self.per}: choose per=group (one selection per kv group) or per=head")
         if self.key_block == 0:
             object.__setattr__(self, "key_block", self.block)
         self.grid(1, 1)  # refuses key blocks that do not divide the query block
@@ -93,12 +99,15 @@ class BlockSparse(Policy):
             head = f"blockmass:{self.block_text}:{self.budget.gamma:g}"
         text = f"{head}:{self.estimator.spec}"
         extras = [f"{k}={v}" for k, v in (("sink", self.sink), ("local", self.local)) if v != 1]
+        extras += ["per=head"] if self.per == "head" else []
         if extras:
             text += ("," if "=" in self.estimator.spec else ":") + ",".join(extras)
         return text
 
     def prepare(self, query: torch.Tensor, key: torch.Tensor, *, scaling: float, layer_idx: int) -> Policy:
         grid = self.grid(query.shape[2], key.shape[2])
+        if self.per == "head":  # the estimators then see one kv head per query head, and select per head
+            key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
         with torch.no_grad():
             log_mass = self.estimator.log_mass(query.detach(), key.detach(), grid, scaling=scaling,
                                                layer_idx=layer_idx)
@@ -126,7 +135,9 @@ class BlockSparse(Policy):
 def _from_spec(spec: ParsedSpec, *, mass: bool) -> BlockSparse:
     if len(spec.args) not in (2, 3):
         raise ValueError(f"{spec.name} takes 2 or 3 positional fields")
-    own = {k: int(v) for k, v in spec.kwargs.items() if k in OWN_KEYWORDS}
+    own: dict = {k: int(v) for k, v in spec.kwargs.items() if k in ("sink", "local")}
+    if "per" in spec.kwargs:
+        own["per"] = spec.kwargs["per"]
     rest = {k: v for k, v in spec.kwargs.items() if k not in OWN_KEYWORDS}
     name = spec.args[2] if len(spec.args) == 3 else DEFAULT_ESTIMATOR
     estimator_text = name + (":" + ",".join(f"{k}={v}" for k, v in rest.items()) if rest else "")
@@ -149,7 +160,7 @@ POLICIES.add("blockmass", lambda spec: _from_spec(spec, mass=True),
 
 @dataclass(frozen=True, eq=False)
 class KeptBlocks(Policy):
-    """One attention call's block selection: `blocks` (B, Hkv, Qb, Kb) bool on `grid`."""
+    """One attention call's block selection: `blocks` (B, Hkv, Qb, Kb) bool on `grid` (B, H, ... under per=head)."""
 
     blocks: torch.Tensor
     grid: BlockGrid

@@ -22,6 +22,7 @@ from attnsparse.attention.selection.base import (
     parse_estimator,
     select_blocks,
 )
+from attnsparse.attention.selection.exact import ExactMass
 from attnsparse.attention.selection.gate import GateEstimator
 from attnsparse.attention.selection.mean import MeanKey
 from attnsparse.attention.selection.vslash import VerticalSlash
@@ -33,6 +34,7 @@ __all__ = [
     "BlockGrid",
     "Budget",
     "Density",
+    "ExactMass",
     "GateEstimator",
     "Mass",
     "MeanKey",
