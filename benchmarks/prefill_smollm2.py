@@ -19,11 +19,14 @@ oracle: what the selection rule costs apart from estimation error).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import WIKITEXT_TEST, write_result
 
 from attnsparse.attention.backend import sparse_attention
 from attnsparse.attention.blockattend import block_sparse_attention
@@ -31,7 +34,6 @@ from attnsparse.attention.policies import parse_policy
 from attnsparse.core.data import load_windows
 from attnsparse.core.models import load_model
 from attnsparse.evaluate.perplexity import perplexity
-from common import WIKITEXT_TEST, write_result
 
 ESTIMATORS = ("mean", "antidiag", "vslash")
 PARTS = ("ppl", "attention", "ttft")
@@ -77,6 +79,8 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2, help="threads for the timing parts (SDPA uses the same)")
     parser.add_argument("--parts", default=",".join(PARTS), help="comma list of ppl, attention, ttft")
+    parser.add_argument("--dense-from", default=None,
+                        help="an earlier result JSON of the same ctx, windows and data: reuse its dense perplexity")
     args = parser.parse_args()
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     if not parts or any(p not in PARTS for p in parts):
@@ -90,18 +94,21 @@ def main() -> None:
     policies = [parse_policy(f"blocksparse:{b}:{args.density:g}:{e}") for b in blocks for e in estimators]
     result: dict = {"ctx": args.ctx, "windows": args.windows, "blocks": blocks, "density": args.density,
                     "model": "smollm2-135m (embedded GGUF Q4_1, dequantised to float32)",
-                    "data": "WikiText-2 test, evenly spaced windows",
+                    "data": "WikiText-2 test, evenly spaced windows", "data_path": args.data,
                     "noise": "2 shared CPU cores, other jobs running: timings are noisy; ratios are side by side",
                     "parts": parts}
 
     if "ppl" in parts:
         torch.set_num_threads(1)
-        dense = perplexity(model, windows, parse_policy("dense"), progress=False)
-        rows = {"dense": {"perplexity": dense.perplexity, "density": 1.0}}
+        dense_ppl = _earlier_dense(args) if args.dense_from else \
+            perplexity(model, windows, parse_policy("dense"), progress=False).perplexity
+        rows = {"dense": {"perplexity": dense_ppl, "density": 1.0}}
+        if args.dense_from:
+            rows["dense"]["from"] = args.dense_from
         for policy in policies:
             fresh = parse_policy(policy.spec)  # its own achieved-density counter
             r = perplexity(model, windows, fresh, progress=False)
-            rows[policy.spec] = {"perplexity": r.perplexity, "ratio": r.perplexity / dense.perplexity,
+            rows[policy.spec] = {"perplexity": r.perplexity, "ratio": r.perplexity / dense_ppl,
                                  "density": fresh.density(args.ctx)}
             print(policy.spec, rows[policy.spec], flush=True)
         result["perplexity"] = rows
@@ -121,6 +128,16 @@ def main() -> None:
     if estimators != ["mean"] and estimators != list(ESTIMATORS):  # earlier files: the default set, or mean
         name += "_" + "-".join(e.replace(":", "").replace("=", "") for e in estimators)
     print("wrote", write_result(name, result))
+
+
+def _earlier_dense(args: argparse.Namespace) -> float:
+    """The dense perplexity of an earlier run on the same windows (its ctx, window count and data must match)."""
+    earlier = json.loads(Path(args.dense_from).read_text())
+    if (earlier.get("ctx"), earlier.get("windows")) != (args.ctx, args.windows) or \
+            earlier.get("data_path", str(WIKITEXT_TEST)) != args.data:
+        raise SystemExit(f"--dense-from {args.dense_from}: ctx {earlier.get('ctx')}, {earlier.get('windows')} "
+                         f"windows there; this run has ctx {args.ctx}, {args.windows} windows of {args.data}")
+    return float(earlier["perplexity"]["dense"]["perplexity"])
 
 
 def _attention(model: torch.nn.Module, ids: torch.Tensor, policies: list, layer: int, rounds: int) -> dict:
