@@ -134,6 +134,22 @@ def test_training_lowers_the_kl() -> None:
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))  # the model is never touched
 
 
+def test_fit_step_takes_the_gradient_of_the_mean_layer_kl() -> None:
+    """Layer-by-layer backward (one layer's graph alive at a time) is the gradient of features_kl."""
+    from attnsparse.gate.train import fit_step
+
+    model = sharpened_llama(seed=2, factor=6.0)
+    ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(3))
+    train = stack_windows([collect_features(model, ids[i : i + 1], 8) for i in range(2)])
+    gate = BlockGate(GateConfig(2, 4, 2, 8, block=8, rank=4), seed=1).requires_grad_(True)
+    expected_loss = features_kl(gate, train)
+    expected = torch.autograd.grad(expected_loss, [gate.wq, gate.wk])
+    loss = fit_step(gate, torch.optim.SGD(gate.parameters(), lr=0.0), train)
+    torch.testing.assert_close(loss, expected_loss.detach(), rtol=1e-6, atol=0)
+    for got, want in zip((gate.wq.grad, gate.wk.grad), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
+
+
 # --- the gate as a selector: prefill estimator `gate:path=DIR`, decode block score `gate` -------------------------
 
 
