@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shlex
@@ -41,3 +42,17 @@ def write_result(name: str, result: dict[str, Any]) -> Path:
     }
     atomic_write_json(path, record)
     return path
+
+
+def earlier_dense_perplexity(path: str, ctx: int, windows: int, data: str) -> float:
+    """The dense perplexity an earlier prefill or gate result measured on the same windows (same ctx, window count
+    and text), so a sweep of sparse policies need not repeat the dense pass; exits with one line otherwise."""
+    earlier = json.loads(Path(path).read_text())
+    settings = earlier.get("settings", earlier)
+    seen = (settings.get("ctx"), settings.get("windows"), earlier.get("data_path", str(WIKITEXT_TEST)))
+    if seen != (ctx, windows, data):
+        raise SystemExit(f"--dense-from {path}: ctx {seen[0]}, {seen[1]} windows of {seen[2]} there; this run has "
+                         f"ctx {ctx}, {windows} windows of {data}")
+    rows = earlier["perplexity"]
+    dense = rows["dense"] if isinstance(rows, dict) else next(row for row in rows if row["label"] == "dense")
+    return float(dense["perplexity"])

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, WIKITEXT_TEST, machine, write_result
+from common import RESULTS, WIKITEXT_TEST, earlier_dense_perplexity, machine, write_result
 
 NAME = "gate_smollm2"
 
@@ -39,6 +39,9 @@ def main() -> None:
     parser.add_argument("--train-cpu", type=float, default=None, help="CPU seconds (user + sys) of the gate command")
     parser.add_argument("--train-command", default=None, help="the gate command as it was run")
     parser.add_argument("--fresh", action="store_true")
+    parser.add_argument("--results", default=NAME, help="result file name in benchmarks/results (no .json)")
+    parser.add_argument("--dense-from", default=None,
+                        help="an earlier prefill or gate result on the same windows: reuse its dense perplexity")
     parser.add_argument("--wait", action="store_true", help="wait for the gate's training run to finish")
     parser.add_argument("--decode-gate", default=None, help="a gate trained with --block 16, for block:16:D:gate")
     parser.add_argument("--decode-ctx", type=int, default=2048)
@@ -55,7 +58,10 @@ def main() -> None:
     from attnsparse.evaluate.perplexity import perplexity
 
     settings = {"ctx": args.ctx, "windows": args.windows, "density": args.density, "block": args.block}
-    previous = _previous(settings) if not args.fresh else {}
+    previous = _previous(settings, args.results) if not args.fresh else {}
+    if args.dense_from:
+        dense_ppl = earlier_dense_perplexity(args.dense_from, args.ctx, args.windows, args.data)
+        previous["dense"] = {"label": "dense", "policy": "dense", "perplexity": dense_ppl, "from": args.dense_from}
     loaded = load_model("smollm2-135m")
     windows = load_windows(loaded.tokenizer, args.data, args.ctx, max_context=loaded.max_context,
                            count=args.windows)
@@ -83,7 +89,7 @@ def main() -> None:
         print(f"{label:>28}  ppl {result.perplexity:.4f}  density {result.density:.4f}  "
               f"{rows[-1]['seconds']:.0f} s", flush=True)
         _write(settings, rows, args, torch.get_num_threads())
-    decode = _decode(loaded, args) if args.decode_gate else _stored_decode()
+    decode = _decode(loaded, args) if args.decode_gate else _stored_decode(args.results)
     _write(settings, rows, args, torch.get_num_threads(), decode)
 
 
@@ -115,8 +121,8 @@ def _decode(loaded, args: argparse.Namespace) -> dict:
             "rows": rows}
 
 
-def _stored_decode() -> dict | None:
-    path = RESULTS / f"{NAME}.json"
+def _stored_decode(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
     return json.loads(path.read_text()).get("decode") if path.is_file() else None
 
 
@@ -129,8 +135,8 @@ def _wait_for_gate(directory: Path, wait: bool) -> dict:
     return {"config": stored["config"], "notes": stored["notes"]}
 
 
-def _previous(settings: dict) -> dict[str, dict]:
-    path = RESULTS / f"{NAME}.json"
+def _previous(settings: dict, name: str) -> dict[str, dict]:
+    path = RESULTS / f"{name}.json"
     if not path.is_file():
         return {}
     stored = json.loads(path.read_text())
@@ -154,10 +160,10 @@ def _write(settings: dict, rows: list[dict], args: argparse.Namespace, threads: 
                         "value": f"gate x{gate_decode['ratio_to_dense']:.4f}, mean x{mean_row['ratio_to_dense']:.4f}",
                         "met": gate_decode["ratio_to_dense"] <= mean_row["ratio_to_dense"],
                         "command": " ".join(["python", "benchmarks/gate_smollm2.py", *sys.argv[1:]])})
-    write_result(NAME, {
+    write_result(args.results, {
         "model": "smollm2-135m (embedded GGUF Q4_1, dequantised to float32)",
         "data": "wikitext-2 test.txt (shared/data), evenly spaced windows; each scores its last ctx - 1 tokens",
-        "settings": settings, "machine": machine() | {"threads": threads}, "perplexity": rows,
+        "settings": settings, "data_path": args.data, "machine": machine() | {"threads": threads}, "perplexity": rows,
         **({"decode": decode} if decode is not None else {}), "targets": targets,
     })
 

@@ -19,14 +19,12 @@ oracle: what the selection rule costs apart from estimation error).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import WIKITEXT_TEST, write_result
+from common import WIKITEXT_TEST, earlier_dense_perplexity, write_result
 
 from attnsparse.attention.backend import sparse_attention
 from attnsparse.attention.blockattend import block_sparse_attention
@@ -100,7 +98,7 @@ def main() -> None:
 
     if "ppl" in parts:
         torch.set_num_threads(1)
-        dense_ppl = _earlier_dense(args) if args.dense_from else \
+        dense_ppl = earlier_dense_perplexity(args.dense_from, args.ctx, args.windows, args.data) if args.dense_from else \
             perplexity(model, windows, parse_policy("dense"), progress=False).perplexity
         rows = {"dense": {"perplexity": dense_ppl, "density": 1.0}}
         if args.dense_from:
@@ -128,16 +126,6 @@ def main() -> None:
     if estimators != ["mean"] and estimators != list(ESTIMATORS):  # earlier files: the default set, or mean
         name += "_" + "-".join(e.replace(":", "").replace("=", "") for e in estimators)
     print("wrote", write_result(name, result))
-
-
-def _earlier_dense(args: argparse.Namespace) -> float:
-    """The dense perplexity of an earlier run on the same windows (its ctx, window count and data must match)."""
-    earlier = json.loads(Path(args.dense_from).read_text())
-    if (earlier.get("ctx"), earlier.get("windows")) != (args.ctx, args.windows) or \
-            earlier.get("data_path", str(WIKITEXT_TEST)) != args.data:
-        raise SystemExit(f"--dense-from {args.dense_from}: ctx {earlier.get('ctx')}, {earlier.get('windows')} "
-                         f"windows there; this run has ctx {args.ctx}, {args.windows} windows of {args.data}")
-    return float(earlier["perplexity"]["dense"]["perplexity"])
 
 
 def _attention(model: torch.nn.Module, ids: torch.Tensor, policies: list, layer: int, rounds: int) -> dict:
