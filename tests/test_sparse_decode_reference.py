@@ -96,3 +96,13 @@ def test_decode_perplexity_equals_nll_by_hand(sharp, twin, one_thread):
         assert got.mean_nll == pytest.approx(nll / tokens, rel=1e-5)
     assert abs(nlls["plan:streaming:2:6"] - nlls["plan:dense"]) > 1e-3 * nlls["plan:dense"]
     assert results["plan:streaming:2:6"].density < 1.0 and results["plan:dense"].density == 1.0  # KV bytes read
+
+
+def test_decode_perplexity_keeps_every_plan_object(sharp, one_thread):
+    """Plan objects carry no name; two of them are two rows (a plan's label once made the second one vanish)."""
+    windows = torch.randint(1, 97, (1, 40), generator=torch.Generator().manual_seed(2))
+    plans = [DecodePlan.uniform(spec, 2, 2) for spec in ("streaming:2:6", "block:4:16")]
+    results = decode_perplexity(sharp, windows, plans, 6, progress=False)
+    assert [r.policy for r in results] == ["plan:dense", "plan:custom", "plan:custom-2"]
+    by_spec = decode_perplexity(sharp, windows, ["streaming:2:6", "block:4:16"], 6, progress=False)
+    assert [r.nll_sum for r in results] == pytest.approx([r.nll_sum for r in by_spec], rel=1e-6)

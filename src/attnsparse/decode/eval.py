@@ -48,7 +48,11 @@ def decode_perplexity(
         raise AttnsparseError(f"decode tokens {new_tokens} must be between 1 and ctx - 1 = {ctx - 1}")
     resolved = {"plan:dense": make_plan(model, "dense")}
     for plan in plans:
-        resolved.setdefault(plan_label(plan), make_plan(model, plan))
+        label = plan_label(plan)
+        if isinstance(plan, DecodePlan):  # plan objects have no name: each is its own row, `plan:custom`, `-2`, ...
+            taken = sum(1 for name in resolved if name == label or name.startswith(label + "-"))
+            label = label if not taken else f"{label}-{taken + 1}"
+        resolved.setdefault(label, make_plan(model, plan))
     nll = dict.fromkeys(resolved, 0.0)
     read = dict.fromkeys(resolved, 0.0)
     prompt = ctx - new_tokens
