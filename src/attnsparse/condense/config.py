@@ -277,17 +277,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "steps": 40, "batch_size": 1, "grad_accum": 2, "seq_len": 1024, "lr": 1e-4, "lr_scheduler": "cosine",
         "warmup_steps": 4, "save_steps": 10, "save_total_limit": 2, "query_chunk": 128,
     },
-    # The same, aimed at top-16 and trained longer at a higher peak learning rate: k 64 -> 16 over 30 steps, 60
-    # steps of 2 x 1024 tokens (~123k tokens) at peak lr 3e-4 (the main job's recipe gained from 3e-4 -> 6e-4).
-    # Measured: WikiText-2 test top-16 x1.014 of the original's dense (the 40-step k 8 run at 1e-4: x1.033);
-    # a median 126 s a step at 2 threads on shared cores, 1 h 54 min (docs/condense.md).
-    "smollm2-keep-all-top16": {
-        "model": "smollm2-135m", "k": 16, "loss": "tail", "lam": 1.0, "lambda_schedule": "warmup",
-        "lambda_ramp_steps": 8, "k_start": 64, "k_anneal_steps": 30, "k_schedule": "geometric",
-        "sparse_aware": True, "distill": "only", "dense_weight": 3.0, "trainable": "all", "synthetic": 0.25,
-        "steps": 60, "batch_size": 1, "grad_accum": 2, "seq_len": 1024, "lr": 3e-4, "lr_scheduler": "cosine",
-        "warmup_steps": 6, "save_steps": 10, "save_total_limit": 2, "query_chunk": 128,
-    },
     # A short smoke run of the 15-minute recipe (a few minutes): 12 steps, batch 2 x 128.
     "smollm2-cpu-smoke": {
         "model": "smollm2-135m", "k": 16, "loss": "tail", "lam": 10.0, "trainable": "qk", "steps": 12,
@@ -308,6 +297,14 @@ PRESETS["smollm2-keep-15min-anchored"] = {**PRESETS["smollm2-keep-15min"], "lam"
 # student starts at KL 0, but Adam rescales the tiny gradients, so it does move a little.
 PRESETS["smollm2-keep-15min-control"] = {**PRESETS["smollm2-keep-15min"], "lam": 0.0, "sparse_aware": False,
                                          "lr": 6e-4, "steps": 34}
+
+
+# The all-weights held-dense recipe aimed at top-16 and trained longer at a higher peak learning rate: k 64 -> 16
+# over 30 steps, 60 steps of 2 x 1024 tokens (~123k tokens) at peak lr 3e-4 (the main job's recipe gained from
+# 3e-4 -> 6e-4). Measured: WikiText-2 test top-16 x1.014 of the original's dense (the 40-step k 8 run at 1e-4:
+# x1.033); a median 126 s a step at 2 threads on shared cores, 1 h 54 min (docs/condense.md).
+PRESETS["smollm2-keep-all-top16"] = {**PRESETS["smollm2-keep-all-anchored"], "k": 16, "k_anneal_steps": 30,
+                                     "steps": 60, "lr": 3e-4, "warmup_steps": 6}
 
 
 def preset_config(name: str, **overrides: Any) -> CondenseConfig:
