@@ -101,11 +101,14 @@ def stack_windows(features: list[Features]) -> Features:
             for layer in range(len(features[0]))]
 
 
+def layer_kl(gate: BlockGate, layer: int, record: PooledLayer) -> torch.Tensor:
+    """KL(target || gate) over one layer's rows."""
+    return block_kl(record.target, gate.log_probs(layer, record.pooled_q, record.pooled_k, record.query_blocks))
+
+
 def features_kl(gate: BlockGate, batched: Features) -> torch.Tensor:
     """Mean over layers of KL(target || gate), each layer's rows being every window's (`stack_windows`)."""
-    losses = [block_kl(record.target, gate.log_probs(layer, record.pooled_q, record.pooled_k, record.query_blocks))
-              for layer, record in enumerate(batched)]
-    return torch.stack(losses).mean()
+    return torch.stack([layer_kl(gate, layer, record) for layer, record in enumerate(batched)]).mean()
 
 
 def mean_key_kl(batched: Features, head_dim: int) -> float:
@@ -148,7 +151,7 @@ def fit_step(gate: BlockGate, optimizer: torch.optim.Optimizer, train: Features)
     optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), device=gate.wq.device)
     for layer, record in enumerate(train):
-        loss = block_kl(record.target, gate.log_probs(layer, record.pooled_q, record.pooled_k, record.query_blocks))
+        loss = layer_kl(gate, layer, record)
         (loss / len(train)).backward()
         total += loss.detach()
     optimizer.step()
