@@ -40,7 +40,8 @@ from attnsparse.errors import AttnsparseError
 from attnsparse.specs import ParsedSpec
 
 DEFAULT_ESTIMATOR = "antidiag"
-OWN_KEYWORDS = ("sink", "local", "per")
+INT_KEYWORDS = ("sink", "local")
+OWN_KEYWORDS = (*INT_KEYWORDS, "per")
 SELECTION_UNITS = ("group", "head")
 
 
@@ -135,7 +136,7 @@ class BlockSparse(Policy):
 def _from_spec(spec: ParsedSpec, *, mass: bool) -> BlockSparse:
     if len(spec.args) not in (2, 3):
         raise ValueError(f"{spec.name} takes 2 or 3 positional fields")
-    own: dict = {k: int(v) for k, v in spec.kwargs.items() if k in ("sink", "local")}
+    own: dict = {k: int(v) for k, v in spec.kwargs.items() if k in INT_KEYWORDS}
     if "per" in spec.kwargs:
         own["per"] = spec.kwargs["per"]
     rest = {k: v for k, v in spec.kwargs.items() if k not in OWN_KEYWORDS}
