@@ -239,7 +239,7 @@ def test_gate_features_and_training_step_stay_on_the_model_device() -> None:
         features = stack_windows([collect_features(model, ids[i:i + 1], 8, offset=16 * i) for i in range(2)])
         gate = fit_gate(BlockGate(config, seed=1), features, steps=3, lr=1e-2)
         return [t for layer in features for t in (layer.target, layer.pooled_q, layer.pooled_k)], gate, \
-            mean_key_kl(features, config.head_dim)
+            mean_key_kl(features, config.head_dim**-0.5)
 
     features, gate, baseline = trained()
     with device_trap() as copies:

@@ -34,6 +34,94 @@ def test_block_kl_matches_brute_force() -> None:
     assert float(block_kl(target, log_probs)) == pytest.approx(expected / 15, rel=1e-5)
 
 
+@pytest.mark.parametrize("sink,local", [(1, 1), (2, 1), (0, 3), (1, 2)])
+def test_merged_kl_matches_brute_force_and_never_exceeds_the_row_kl(sink: int, local: int) -> None:
+    from attnsparse.gate.model import forced_mask, merged_kl
+
+    torch.manual_seed(sink * 10 + local)
+    rows, cols = 5, 7
+    query_blocks = torch.tensor([2, 3, 4, 5, 6])
+    causal = torch.arange(cols)[None, :] <= query_blocks[:, None]
+    target = torch.softmax((torch.randn(2, 3, rows, cols) * 2).masked_fill(~causal, -math.inf), -1)
+    log_probs = torch.log_softmax(torch.randn(2, 3, rows, cols).masked_fill(~causal, -math.inf), -1)
+    forced = forced_mask(query_blocks, cols, sink, local)
+    expected, count = 0.0, 0
+    for b in range(2):
+        for h in range(3):
+            for r in range(rows):
+                i = int(query_blocks[r])
+                kept = [j for j in range(i + 1) if j < sink or j > i - local]
+                t_kept = sum(float(target[b, h, r, j]) for j in kept)
+                g_kept = sum(math.exp(float(log_probs[b, h, r, j])) for j in kept)
+                kl = t_kept * (math.log(t_kept) - math.log(g_kept))
+                kl += sum(float(target[b, h, r, j]) * (math.log(float(target[b, h, r, j])) - float(log_probs[b, h, r, j]))
+                          for j in range(i + 1) if j not in kept)
+                expected, count = expected + kl, count + 1
+    got = merged_kl(target, log_probs, forced)
+    assert float(got) == pytest.approx(expected / count, rel=1e-5)
+    assert float(got) <= float(block_kl(target, log_probs)) + 1e-6  # merging outcomes never raises a KL
+
+
+def test_forced_mask_is_the_selection_rule_forced_blocks() -> None:
+    from attnsparse.attention.selection.base import BlockGrid, forced_blocks
+    from attnsparse.gate.model import forced_mask
+
+    grid = BlockGrid(8, 61, 61)
+    for sink, local in [(1, 1), (0, 2), (3, 4)]:
+        expected = forced_blocks(grid, sink, local)
+        assert torch.equal(forced_mask(torch.arange(grid.query_blocks), grid.key_blocks, sink, local), expected)
+
+
+def test_a_gate_started_at_the_mean_key_is_the_mean_estimator(tmp_path) -> None:
+    """`start_at_mean_key` makes the gate compute the `mean` estimator exactly (whole blocks), so training starts
+    from the training-free estimate; a rank below the head dim is refused."""
+    from attnsparse.attention.selection import BlockGrid, parse_estimator
+
+    gate = BlockGate(GateConfig(2, 4, 2, 8, block=8, rank=10, model="tiny"), seed=3).start_at_mean_key(0.3)
+    gate.requires_grad_(False).save(tmp_path / "gate")
+    torch.manual_seed(4)
+    q, k = torch.randn(1, 4, 32, 8), torch.randn(1, 2, 32, 8)
+    grid = BlockGrid(8, 32, 32)
+    want = parse_estimator("mean").log_mass(q, k, grid, scaling=0.3, layer_idx=1).exp()
+    got = parse_estimator(f"gate:path={tmp_path / 'gate'}").log_mass(q, k, grid, scaling=0.3, layer_idx=1).exp()
+    torch.testing.assert_close(got * grid.causal(), want * grid.causal(), atol=2e-3, rtol=0)  # the 1e-2 extra columns
+    with pytest.raises(AttnsparseError, match="--rank >= the head dim 8"):
+        BlockGate(GateConfig(2, 4, 2, 8, rank=4)).start_at_mean_key(0.3)
+
+
+def test_kept_mass_matches_a_brute_force_selection() -> None:
+    """Kept mass: forced blocks plus the best other blocks of the whole (batch, group) map by estimated mass, the
+    true per-head mass on them averaged over heads and rows; the oracle keeps the most, a covering density all."""
+    from attnsparse.gate.kept import kept_mass, mean_key_estimate, oracle_estimate
+    from attnsparse.gate.observer import PooledLayer
+
+    torch.manual_seed(6)
+    blocks, heads, kv_heads, dim = 6, 4, 2, 5
+    causal = torch.arange(blocks)[None, :] <= torch.arange(blocks)[:, None]
+    target = torch.softmax((torch.randn(1, heads, blocks, blocks) * 3).masked_fill(~causal, -math.inf), -1)
+    record = PooledLayer(target, torch.randn(1, heads, blocks, dim), torch.randn(1, kv_heads, blocks, 3 * dim),
+                         torch.arange(blocks))
+    estimates = {"mean": mean_key_estimate(0.4), "exact": oracle_estimate}
+    mean_k = record.pooled_k[..., :dim].repeat_interleave(2, 1)
+    guess = torch.softmax((record.pooled_q @ mean_k.transpose(-1, -2) * 0.4).masked_fill(~causal, -math.inf), -1)
+    for per, size in (("group", 2), ("head", 1)):
+        report = kept_mass(estimates, [record], block=4, ctx=24, density=0.5, per=per)
+        for name, estimate in (("mean", guess), ("exact", target)):
+            total = 0.0
+            for g in range(heads // size):
+                group = estimate[0, size * g:size * (g + 1)].mean(0)
+                forced = [(r, c) for r in range(blocks) for c in range(r + 1) if c == 0 or c == r]
+                others = sorted(((float(group[r, c]), r, c) for r in range(blocks) for c in range(1, r)),
+                                reverse=True)
+                budget = math.floor(0.5 * 21 + 0.5) - len(forced)
+                chosen = forced + [(r, c) for _, r, c in others[:budget]]
+                total += sum(float(target[0, h, r, c]) for h in range(size * g, size * (g + 1)) for r, c in chosen)
+            assert report[name]["mean"] == pytest.approx(total / (heads * blocks), rel=1e-5), (per, name)
+        assert report["exact"]["mean"] >= report["mean"]["mean"]
+    covered = kept_mass(estimates, [record], block=4, ctx=24, density=1.0)
+    assert covered["mean"]["mean"] == pytest.approx(1.0, rel=1e-6)
+
+
 def _captured(model: torch.nn.Module, ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Each layer's (q, k) in float64 from brute-force attention on the model's float64 twin."""
     seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -194,6 +282,25 @@ def test_prefill_estimator_is_the_gate_distribution(tiny_gate) -> None:
     assert not bool((kept & ~causal).any()) and bool(kept[..., 0].all())  # causal, sink kept
 
 
+def test_prefill_estimator_per_head_is_each_heads_gate_distribution(tiny_gate) -> None:
+    """Under blocksparse per=head the keys arrive repeated per query head; the gate scores each head on its own."""
+    from attnsparse.attention.selection import BlockGrid, parse_estimator
+
+    gate, path = tiny_gate
+    torch.manual_seed(7)
+    q, k = torch.randn(1, 4, 24, 8), torch.randn(1, 2, 24, 8)
+    grid = BlockGrid(8, 24, 24)
+    log_mass = parse_estimator(f"gate:path={path}").log_mass(q, k.repeat_interleave(2, 1), grid, scaling=8**-0.5,
+                                                             layer_idx=0)
+    assert log_mass.shape == (1, 4, 3, 3)
+    for h in range(4):  # head h alone: a "group" of one head on its kv head's keys
+        alone = GateConfig(1, 1, 1, 8, block=8, rank=4)
+        single = BlockGate(alone)
+        single.wq.data[0, 0], single.wk.data[0, 0] = gate.wq[0, h], gate.wk[0, h // 2]
+        expected = _gate_log_mass_by_hand(single, 0, q[:, h:h + 1], k[:, h // 2:h // 2 + 1], 8)
+        torch.testing.assert_close(log_mass[:, h:h + 1].exp() * grid.causal(), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_prefill_with_a_covering_gate_budget_equals_dense(tiny_gate) -> None:
     from attnsparse.core.tiny import tiny_llama
 
@@ -314,9 +421,10 @@ def test_gate_command_run_directory_resume_and_errors(tiny_dir, tmp_path) -> Non
              for b in ("ling", "wood", "stone", "field", "brook", "ridge")]
     text.write_text("\n".join(" ".join(words[(i * 7 + j) % len(words)] for j in range(6)) + "." for i in range(120)))
     base = ["gate", str(tiny_dir), "--data", str(text), "--ctx", "64", "--windows", "3", "--holdout", "1",
-            "--block", "8", "--rank", "4", "--steps", "3", "--no-progress", "--out", str(out)]
+            "--block", "8", "--steps", "3", "--no-progress", "--out", str(out)]
     for args, message in [(["--holdout", "3"], "--holdout 3"), (["--ctx", "8"], "two blocks"),
-                          (["--positions", "32"], "--positions 32")]:
+                          (["--positions", "32"], "--positions 32"), (["--rank", "4"], "--rank >= the head dim 8"),
+                          (["--loss", "mse"], "--loss mse"), (["--density", "0"], "--density 0")]:
         result = CliRunner().invoke(app, base + args)
         errors = [line for line in result.output.splitlines() if line.startswith("error:")]
         assert result.exit_code == 2 and len(errors) == 1 and message in errors[0], result.output

@@ -78,6 +78,22 @@ class BlockGate(torch.nn.Module):
                                                  generator=generator, device="cpu")
                                      / math.sqrt(KEY_FEATURES * c.head_dim))
 
+    def start_at_mean_key(self, scaling: float) -> BlockGate:
+        """Set the weights so every logit is `scaling` x (pooled query . mean key): the training-free `mean`
+        estimator, as a starting point training can only improve on. Needs rank >= head dim; the columns beyond the
+        head dim keep small random values (zero ones would get no gradient)."""
+        c = self.config
+        if c.rank < c.head_dim:
+            raise AttnsparseError(f"a gate started at the mean-key estimate needs --rank >= the head dim {c.head_dim}, "
+                                  f"got {c.rank}; raise --rank or use --init random")
+        with torch.no_grad():
+            self.wq[..., c.head_dim:] *= 1e-2
+            self.wk[..., c.head_dim:] *= 1e-2
+            self.wq[..., : c.head_dim] = torch.eye(c.head_dim) * (scaling * math.sqrt(c.rank))
+            self.wk[..., : c.head_dim] = 0.0
+            self.wk[:, :, : c.head_dim, : c.head_dim] = torch.eye(c.head_dim)
+        return self
+
     def project_queries(self, layer: int, pooled_q: torch.Tensor) -> torch.Tensor:
         """(B, H, N, D) pooled (or single) queries -> (B, H, N, r), scaled by 1 / sqrt(r)."""
         return pooled_q.to(self.wq.dtype) @ self.wq[layer] / math.sqrt(self.config.rank)
@@ -177,6 +193,27 @@ def pool_keys(key: torch.Tensor, block: int) -> torch.Tensor:
     top = torch.nn.functional.pad(k, (0, 0, 0, pad), value=float("-inf")).view(batch, heads, blocks, block, dim)
     bottom = torch.nn.functional.pad(k, (0, 0, 0, pad), value=float("inf")).view(batch, heads, blocks, block, dim)
     return torch.cat([mean, top.amax(3), bottom.amin(3)], dim=-1)
+
+
+def forced_mask(query_blocks: torch.Tensor, key_blocks: int, sink: int, local: int) -> torch.Tensor:
+    """(Nq, Nk) bool: the blocks selection keeps whatever the estimate says, for query blocks at key-block indices
+    `query_blocks`: the first `sink` key blocks and the `local` blocks ending at the diagonal (square blocks)."""
+    cols = torch.arange(key_blocks, device=query_blocks.device)[None, :]
+    rows = query_blocks[:, None]
+    return (cols <= rows) & ((cols < sink) | (cols > rows - local))
+
+
+def merged_kl(target: torch.Tensor, log_probs: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
+    """KL(target || gate) with the `forced` blocks (Nq, Nk) of each row merged into one outcome.
+
+    Selection keeps the forced blocks anyway, so how mass splits among them is nothing the gate must learn; what
+    remains is the forced blocks' total share and the distribution over the other blocks, each weighted by the
+    mass it carries. By the chain rule this is the row KL minus the forced share times the KL among forced blocks."""
+    hidden = torch.full_like(log_probs, float("-inf"))
+    forced_target = torch.where(forced, target, torch.zeros_like(target)).sum(-1, keepdim=True)
+    forced_gate = torch.logsumexp(torch.where(forced, log_probs, hidden), dim=-1, keepdim=True)
+    free_target = torch.where(forced, torch.zeros_like(target), target)
+    return block_kl(torch.cat([free_target, forced_target], -1), torch.cat([log_probs, forced_gate], -1))
 
 
 def block_kl(target: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:

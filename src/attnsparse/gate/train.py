@@ -32,7 +32,7 @@ from attnsparse.attention.backend import sparse_attention
 from attnsparse.core.devices import check_placement, model_device, model_dtype, placement, resolve_device, resolve_dtype
 from attnsparse.core.runs import RunDir, atomic_write_bytes, atomic_write_text
 from attnsparse.errors import AttnsparseError
-from attnsparse.gate.model import BlockGate, GateConfig, block_kl
+from attnsparse.gate.model import BlockGate, GateConfig, block_kl, forced_mask, merged_kl
 from attnsparse.gate.observer import BlockPoolRecorder, PooledLayer
 
 KIND = "gate"
@@ -51,17 +51,29 @@ class GateTrainConfig:
     windows: int = 16  # windows in all, `holdout` of them held out
     holdout: int = 2
     block: int = 64
-    rank: int = 16
+    rank: int = 0  # 0: the model's head dim (what `init="mean"` needs)
     steps: int = 300
     lr: float = 1e-2
     seed: int = 0
+    loss: str = "merged"  # GateLoss.kind
+    init: str = "mean"  # INITS
+    sink: int = 1  # the always-kept blocks the merged loss pools (blocksparse's and decode's defaults)
+    local: int = 1
+    density: float = 0.1  # the block density at which held-out kept mass is reported (attnsparse.gate.kept)
 
     def check(self) -> None:
         """One-line errors for settings that cannot work, before the model is loaded."""
         if self.ctx < 2 * self.block:
             raise AttnsparseError(f"--ctx {self.ctx} must hold at least two blocks of --block {self.block}")
-        if self.block < 1 or self.rank < 1:
-            raise AttnsparseError(f"--block {self.block} and --rank {self.rank} must be >= 1")
+        if self.block < 1 or self.rank < 0:
+            raise AttnsparseError(f"--block {self.block} must be >= 1 and --rank {self.rank} >= 1 (0: the head dim)")
+        if self.loss not in LOSSES or self.init not in INITS:
+            raise AttnsparseError(f"--loss {self.loss} / --init {self.init}: choose a loss of {', '.join(LOSSES)} and "
+                                  f"an init of {', '.join(INITS)}")
+        if not 0.0 < self.density <= 1.0:
+            raise AttnsparseError(f"--density {self.density} must be a share of block pairs in (0, 1]")
+        if self.sink < 0 or self.local < 1:
+            raise AttnsparseError(f"--sink {self.sink} must be >= 0 and --local {self.local} >= 1")
         if not 0 <= self.holdout < self.windows:
             raise AttnsparseError(f"--holdout {self.holdout} must leave training windows of --windows {self.windows}")
         if self.steps < 1 or not self.lr > 0:
@@ -70,6 +82,27 @@ class GateTrainConfig:
             raise AttnsparseError(f"--positions {self.positions} must be 0 or at least --ctx {self.ctx}")
         if not 0.0 <= self.synthetic < 1.0:
             raise AttnsparseError(f"--synthetic {self.synthetic} must be a share in [0, 1)")
+
+
+LOSSES = ("merged", "whole")
+INITS = ("mean", "random")
+
+
+@dataclass(frozen=True)
+class GateLoss:
+    """The fit's per-layer loss: KL to the block-pooled attention over whole rows (`whole`), or with the blocks
+    selection always keeps (sink, local) merged into one outcome (`merged`, `merged_kl`): whole-row KL spends the
+    gate's capacity on how mass splits between the sink and the diagonal, which no selection reads."""
+
+    kind: str = "merged"
+    sink: int = 1
+    local: int = 1
+
+    def __call__(self, log_probs: torch.Tensor, record: PooledLayer) -> torch.Tensor:
+        if self.kind == "whole":
+            return block_kl(record.target, log_probs)
+        forced = forced_mask(record.query_blocks, record.target.shape[-1], self.sink, self.local)
+        return merged_kl(record.target, log_probs, forced)
 
 
 @dataclass
@@ -101,30 +134,34 @@ def stack_windows(features: list[Features]) -> Features:
             for layer in range(len(features[0]))]
 
 
-def layer_kl(gate: BlockGate, layer: int, record: PooledLayer) -> torch.Tensor:
-    """KL(target || gate) over one layer's rows."""
-    return block_kl(record.target, gate.log_probs(layer, record.pooled_q, record.pooled_k, record.query_blocks))
+def layer_kl(gate: BlockGate, layer: int, record: PooledLayer, loss: GateLoss = GateLoss()) -> torch.Tensor:
+    """The loss (default: merged KL) over one layer's rows."""
+    return loss(gate.log_probs(layer, record.pooled_q, record.pooled_k, record.query_blocks), record)
 
 
-def features_kl(gate: BlockGate, batched: Features) -> torch.Tensor:
-    """Mean over layers of KL(target || gate), each layer's rows being every window's (`stack_windows`)."""
-    return torch.stack([layer_kl(gate, layer, record) for layer, record in enumerate(batched)]).mean()
+def features_kl(gate: BlockGate, batched: Features, loss: GateLoss = GateLoss()) -> torch.Tensor:
+    """Mean over layers of the loss, each layer's rows being every window's (`stack_windows`)."""
+    return torch.stack([layer_kl(gate, layer, record, loss) for layer, record in enumerate(batched)]).mean()
 
 
-def mean_key_kl(batched: Features, head_dim: int) -> float:
-    """KL of the training-free estimate softmax(pooled q . mean key / sqrt(D)) over the same blocks (a baseline)."""
-    losses = []
-    for record in batched:
-        heads, kv_heads = record.pooled_q.shape[1], record.pooled_k.shape[1]
-        mean_k = record.pooled_k[..., :head_dim].repeat_interleave(heads // kv_heads, dim=1)
-        logits = record.pooled_q @ mean_k.transpose(-1, -2) / math.sqrt(head_dim)
-        hidden = torch.arange(logits.shape[-1], device=logits.device)[None, :] > record.query_blocks[:, None]
-        losses.append(block_kl(record.target, torch.log_softmax(logits.masked_fill(hidden, -math.inf), -1)))
-    return float(torch.stack(losses).mean())
+def mean_key_logits(record: PooledLayer, scaling: float) -> torch.Tensor:
+    """(B, H, Nq, Nk) logits of the training-free estimate: scaling x (pooled q . mean key), causal (-inf after)."""
+    heads, kv_heads, dim = record.pooled_q.shape[1], record.pooled_k.shape[1], record.pooled_q.shape[-1]
+    mean_k = record.pooled_k[..., :dim].repeat_interleave(heads // kv_heads, dim=1)
+    logits = record.pooled_q @ mean_k.transpose(-1, -2) * scaling
+    hidden = torch.arange(logits.shape[-1], device=logits.device)[None, :] > record.query_blocks[:, None]
+    return logits.masked_fill(hidden, -math.inf)
+
+
+def mean_key_kl(batched: Features, scaling: float, loss: GateLoss = GateLoss()) -> float:
+    """The loss of the training-free estimate softmax(scaling x pooled q . mean key) on the same rows (a baseline)."""
+    return float(torch.stack([loss(torch.log_softmax(mean_key_logits(record, scaling), -1), record)
+                              for record in batched]).mean())
 
 
 def fit_gate(gate: BlockGate, train: Features, steps: int, lr: float,
-             log: list[dict[str, Any]] | None = None, holdout: Features | None = None) -> BlockGate:
+             log: list[dict[str, Any]] | None = None, holdout: Features | None = None,
+             loss: GateLoss = GateLoss()) -> BlockGate:
     """Adam on the gate's parameters only (the features carry no graph), full batch over `stack_windows` records;
     appends the KL to `log` about ten times."""
     gate.requires_grad_(True)
@@ -132,18 +169,19 @@ def fit_gate(gate: BlockGate, train: Features, steps: int, lr: float,
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     every = max(1, steps // 10)
     for step in range(1, steps + 1):
-        loss = fit_step(gate, optimizer, train)
+        value = fit_step(gate, optimizer, train, loss)
         schedule.step()
         if log is not None and (step % every == 0 or step in (1, steps)):
-            row: dict[str, Any] = {"step": step, "train_kl": float(loss.detach())}
+            row: dict[str, Any] = {"step": step, "train_kl": float(value.detach())}
             if holdout:
                 with torch.no_grad():
-                    row["holdout_kl"] = float(features_kl(gate, holdout))
+                    row["holdout_kl"] = float(features_kl(gate, holdout, loss))
             log.append(row)
     return gate.requires_grad_(False)
 
 
-def fit_step(gate: BlockGate, optimizer: torch.optim.Optimizer, train: Features) -> torch.Tensor:
+def fit_step(gate: BlockGate, optimizer: torch.optim.Optimizer, train: Features,
+             loss: GateLoss = GateLoss()) -> torch.Tensor:
     """One full-batch step on the features' device: KL forward, backward, optimizer step; the loss, not synced.
 
     Each layer's KL is backpropagated on its own (the gradient of the mean is the sum of the layers' / L), so only
@@ -151,11 +189,34 @@ def fit_step(gate: BlockGate, optimizer: torch.optim.Optimizer, train: Features)
     optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), device=gate.wq.device)
     for layer, record in enumerate(train):
-        loss = layer_kl(gate, layer, record)
-        (loss / len(train)).backward()
-        total += loss.detach()
+        value = layer_kl(gate, layer, record, loss)
+        (value / len(train)).backward()
+        total += value.detach()
     optimizer.step()
     return total / max(1, len(train))
+
+
+def attention_scaling(model: PreTrainedModel, head_dim: int) -> float:
+    """The score scale of the model's attention modules (transformers sets `scaling` on each), else 1 / sqrt(D)."""
+    for module in model.modules():
+        value = getattr(module, "scaling", None)
+        if hasattr(module, "layer_idx") and isinstance(value, float):
+            return value
+    return head_dim**-0.5
+
+
+def holdout_kept_mass(gate: BlockGate, held: Features, config: GateTrainConfig, scaling: float) -> dict[str, Any]:
+    """Held-out attention mass kept at `config.density` by the gate, the mean-key estimate and the oracle, with one
+    selection per kv group (`gate`, `mean`, `exact`) and per query head (`gate:per=head`, ...)."""
+    from attnsparse.gate.kept import gate_estimate, kept_mass, mean_key_estimate, oracle_estimate
+
+    estimates = {"gate": gate_estimate(gate), "mean": mean_key_estimate(scaling), "exact": oracle_estimate}
+    report: dict[str, Any] = {"density": config.density}
+    for per in ("group", "head"):
+        kept = kept_mass(estimates, held, block=config.block, ctx=config.ctx, density=config.density,
+                         sink=config.sink, local=config.local, per=per)
+        report |= {(name if per == "group" else f"{name}:per=head"): value for name, value in kept.items()}
+    return report
 
 
 def training_windows(tokenizer: PreTrainedTokenizerBase, config: GateTrainConfig) -> torch.Tensor:
@@ -203,6 +264,14 @@ def train_gate(config: GateTrainConfig, out: str | Path | None = None, *, overwr
     record = asdict(config) | placement(where, model_dtype(model))
     shape = ModelShape.of(model)
     check_context(max(config.ctx, config.positions), shape.need("max_context"), "--ctx / --positions")
+    gate_config = GateConfig(shape.need("layers"), shape.need("heads"), shape.need("kv_heads"), shape.need("head_dim"),
+                             config.block, config.rank or shape.need("head_dim"), config.model)
+    scaling = attention_scaling(model, gate_config.head_dim)
+    gate = BlockGate(gate_config, seed=config.seed)
+    if config.init == "mean":
+        gate.start_at_mean_key(scaling)  # a rank below the head dim fails here, before anything is written
+    gate = gate.to(where)
+    loss = GateLoss(config.loss, config.sink, config.local)
     ids = training_windows(tokenizer, config)
     offsets = window_offsets(config)
     resume = previous is not None and not previous.finished and previous.config == record
@@ -224,27 +293,26 @@ def train_gate(config: GateTrainConfig, out: str | Path | None = None, *, overwr
             if progress:
                 print(f"collected window {index + 1}/{len(ids)}", flush=True)
         collect_seconds = time.perf_counter() - started
-        gate_config = GateConfig(shape.need("layers"), shape.need("heads"), shape.need("kv_heads"),
-                                 shape.need("head_dim"), config.block, config.rank, config.model)
-        gate = BlockGate(gate_config, seed=config.seed).to(where)
         train = stack_windows(features[: len(features) - config.holdout])
         held = stack_windows(features[len(features) - config.holdout:])
         log: list[dict[str, Any]] = []
         started = time.perf_counter()
         with torch.no_grad():
-            initial = {"train_kl": float(features_kl(gate, train))}
+            initial = {"train_kl": float(features_kl(gate, train, loss))}
             if held:
-                initial["holdout_kl"] = float(features_kl(gate, held))
-        fit_gate(gate, train, config.steps, config.lr, log, held)
+                initial["holdout_kl"] = float(features_kl(gate, held, loss))
+        fit_gate(gate, train, config.steps, config.lr, log, held, loss)
         fit_seconds = time.perf_counter() - started
+        kept = holdout_kept_mass(gate, held, config, scaling) if held else None
         notes: dict[str, Any] = {
             "tokens": int(ids.numel()), "train_windows": config.windows - config.holdout, "holdout_windows": config.holdout,
             "ctx": config.ctx, "offsets": offsets, "data": config.data, "synthetic": config.synthetic,
             "collect_seconds": round(collect_seconds, 2), "fit_seconds": round(fit_seconds, 2),
             "windows_reused": reused, "threads": torch.get_num_threads(), **placement(where, model_dtype(model)),
             "cpu_seconds": round(time.process_time() - cpu_started, 2),  # this process's CPU time, both phases
-            "initial": initial, "final": log[-1],
-            "mean_key_holdout_kl": mean_key_kl(held, gate_config.head_dim) if held else None,
+            "initial": initial, "final": log[-1], "loss": config.loss, "init": config.init, "scaling": scaling,
+            "mean_key_holdout_kl": mean_key_kl(held, scaling, loss) if held else None,
+            "holdout_kept_mass": kept,
         }
         if path is not None:
             atomic_write_text(path / "train_log.jsonl", "".join(json.dumps(row) + "\n" for row in log))

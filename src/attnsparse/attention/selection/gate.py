@@ -2,8 +2,9 @@
 
 The gate's softmax over key blocks, computed from the call's pooled queries and [mean | max | min] pooled keys
 (attnsparse.gate.model), is per query head; the group's estimate is the mean of its heads' distributions, like
-every estimator here. The gate is loaded once per directory; its block size and the model's attention shape must
-match the policy and the model (one-line errors otherwise). Cost: Qb x Kb x r per head plus the projections.
+every estimator here (under `blocksparse:…:per=head`, each head's own distribution). The gate is loaded once per
+directory; its block size and the model's attention shape must match the policy and the model (one-line errors
+otherwise). Cost: Qb x Kb x r per head plus the projections.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ class GateEstimator(BlockEstimator):
         if grid.key_block != grid.block:
             raise AttnsparseError(f"the gate {self.path} scores square blocks of {grid.block}; give blocksparse one "
                                   f"block size, not {grid.block}x{grid.key_block}")
+        per_head = key.shape[1] == config.heads != config.kv_heads  # blocksparse per=head repeats the keys
+        if per_head:
+            key = key[:, :: config.groups]  # each kv head's keys once: the gate projects them per kv head
         if layer_idx >= config.layers or (query.shape[1], key.shape[1], query.shape[-1]) != (
                 config.heads, config.kv_heads, config.head_dim):
             raise AttnsparseError(
@@ -60,7 +64,7 @@ class GateEstimator(BlockEstimator):
         rows = torch.arange(grid.query_blocks, device=query.device) + grid.first
         with torch.no_grad():
             log_probs = gate.log_probs(layer_idx, grid.pool_queries(query), pool_keys(key, grid.block), rows)
-        return group_mean_log(log_probs, config.groups, grid.causal(query.device))
+        return group_mean_log(log_probs, 1 if per_head else config.groups, grid.causal(query.device))
 
 
 @functools.lru_cache(maxsize=8)
