@@ -38,6 +38,9 @@ def main() -> None:
     parser.add_argument("--train-wall", type=float, default=None, help="wall seconds of the gate command, if timed")
     parser.add_argument("--train-cpu", type=float, default=None, help="CPU seconds (user + sys) of the gate command")
     parser.add_argument("--train-command", default=None, help="the gate command as it was run")
+    parser.add_argument("--per-head", action="store_true", help="also the gate with one selection per query head")
+    parser.add_argument("--kept", action="store_true",
+                        help="also the attention mass each selection keeps on the evaluation windows (gate, mean, exact)")
     parser.add_argument("--fresh", action="store_true")
     parser.add_argument("--results", default=NAME, help="result file name in benchmarks/results (no .json)")
     parser.add_argument("--dense-from", default=None,
@@ -59,6 +62,7 @@ def main() -> None:
 
     settings = {"ctx": args.ctx, "windows": args.windows, "density": args.density, "block": args.block}
     previous = _previous(settings, args.results) if not args.fresh else {}
+    stored = {part: _stored(args.results, part) for part in ("decode", "kept_mass")}  # read before any write
     if args.dense_from:
         dense_ppl = earlier_dense_perplexity(args.dense_from, args.ctx, args.windows, args.data)
         previous["dense"] = {"label": "dense", "policy": "dense", "perplexity": dense_ppl, "from": args.dense_from}
@@ -66,12 +70,13 @@ def main() -> None:
     windows = load_windows(loaded.tokenizer, args.data, args.ctx, max_context=loaded.max_context,
                            count=args.windows)
     head = f"blocksparse:{args.block}:{args.density:g}"
-    specs = ["dense"] + [f"{head}:{name}" for name in args.estimators.split(",") if name] + [
-        f"{head}:gate:path={Path(args.gate).resolve()}"]
+    gate_spec = f"{head}:gate:path={Path(args.gate).resolve()}"
+    specs = ["dense"] + [f"{head}:{name}" for name in args.estimators.split(",") if name] + [gate_spec] + (
+        [f"{gate_spec},per=head"] if args.per_head else [])
     rows: list[dict] = []
     for spec in specs:
-        label = "gate" if ":gate:" in spec else spec
-        if label == "gate":
+        label = ("gate:per=head" if spec.endswith("per=head") else "gate") if ":gate:" in spec else spec
+        if label.startswith("gate"):
             record = _wait_for_gate(Path(args.gate), args.wait)
             if previous.get(label, {}).get("gate") != record:
                 previous.pop(label, None)
@@ -85,12 +90,33 @@ def main() -> None:
         rows.append({"label": label, "policy": result.policy, "perplexity": result.perplexity,
                      "mean_nll": result.mean_nll, "tokens_scored": result.tokens, "block_density": result.density,
                      "seconds": round(time.perf_counter() - started, 1)}
-                    | ({"gate": record} if label == "gate" else {}))
+                    | ({"gate": record} if label.startswith("gate") else {}))
         print(f"{label:>28}  ppl {result.perplexity:.4f}  density {result.density:.4f}  "
               f"{rows[-1]['seconds']:.0f} s", flush=True)
-        _write(settings, rows, args, torch.get_num_threads())
-    decode = _decode(loaded, args) if args.decode_gate else _stored_decode(args.results)
-    _write(settings, rows, args, torch.get_num_threads(), decode)
+        _write(settings, rows, args, torch.get_num_threads(), stored["decode"], stored["kept_mass"])
+    decode = _decode(loaded, args) if args.decode_gate else stored["decode"]
+    kept = _kept(loaded.model, windows, args) if args.kept else stored["kept_mass"]
+    _write(settings, rows, args, torch.get_num_threads(), decode, kept)
+
+
+def _kept(model, windows, args: argparse.Namespace) -> dict:
+    """Attention mass kept at --density on the evaluation windows (recorded under dense attention) by the gate, the
+    mean key and the oracle, per kv group and per query head (attnsparse.gate.kept), each layer's and the mean."""
+    from attnsparse.gate.model import BlockGate
+    from attnsparse.gate.train import (
+        GateTrainConfig,
+        attention_scaling,
+        collect_features,
+        holdout_kept_mass,
+        stack_windows,
+    )
+
+    gate = BlockGate.load(args.gate)
+    features = stack_windows([collect_features(model, windows[i:i + 1], args.block) for i in range(len(windows))])
+    config = GateTrainConfig(ctx=args.ctx, block=args.block, windows=2, holdout=1, density=args.density)
+    report = holdout_kept_mass(gate, features, config, attention_scaling(model, gate.config.head_dim))
+    print({name: round(value["mean"], 4) for name, value in report.items() if name != "density"}, flush=True)
+    return report
 
 
 def _decode(loaded, args: argparse.Namespace) -> dict:
@@ -121,9 +147,9 @@ def _decode(loaded, args: argparse.Namespace) -> dict:
             "rows": rows}
 
 
-def _stored_decode(name: str) -> dict | None:
+def _stored(name: str, part: str) -> dict | None:
     path = RESULTS / f"{name}.json"
-    return json.loads(path.read_text()).get("decode") if path.is_file() else None
+    return json.loads(path.read_text()).get(part) if path.is_file() else None
 
 
 def _wait_for_gate(directory: Path, wait: bool) -> dict:
@@ -146,11 +172,12 @@ def _previous(settings: dict, name: str) -> dict[str, dict]:
 
 
 def _write(settings: dict, rows: list[dict], args: argparse.Namespace, threads: int,
-           decode: dict | None = None) -> None:
+           decode: dict | None = None, kept: dict | None = None) -> None:
     dense = next((row["perplexity"] for row in rows if row["label"] == "dense"), None)
     for row in rows:
         row["ratio_to_dense"] = row["perplexity"] / dense if dense else None
-    gate_row = next((row for row in rows if row["label"] == "gate"), None)
+    gate_rows = [row for row in rows if row["label"].startswith("gate") and row["ratio_to_dense"] is not None]
+    gate_row = min(gate_rows, key=lambda row: row["ratio_to_dense"], default=None)  # the best selection unit
     targets = [] if gate_row is None else _targets(gate_row, args)
     if decode is not None:
         mean_row, gate_decode = decode["rows"][1], decode["rows"][2]
@@ -164,7 +191,8 @@ def _write(settings: dict, rows: list[dict], args: argparse.Namespace, threads: 
         "model": "smollm2-135m (embedded GGUF Q4_1, dequantised to float32)",
         "data": "wikitext-2 test.txt (shared/data), evenly spaced windows; each scores its last ctx - 1 tokens",
         "settings": settings, "data_path": args.data, "machine": machine() | {"threads": threads}, "perplexity": rows,
-        **({"decode": decode} if decode is not None else {}), "targets": targets,
+        **({"decode": decode} if decode is not None else {}), **({"kept_mass": kept} if kept is not None else {}),
+        "targets": targets,
     })
 
 
@@ -180,8 +208,8 @@ def _targets(gate_row: dict, args: argparse.Namespace) -> list[dict]:
                   + (f", {args.train_cpu / 60:.1f} min CPU" if args.train_cpu else ""),
          "met": train_seconds <= 30 * 60,
          "command": args.train_command or "attnsparse gate (its settings: the gate row's gate.config)"},
-        {"measure": f"whole-window perplexity at {args.ctx // 1024}K under sparse prefill, learned gate, "
-                    f"density <= 10 % of causal block pairs, x dense",
+        {"measure": f"whole-window perplexity at {args.ctx // 1024}K under sparse prefill, learned gate "
+                    f"({gate_row['label']}), density <= 10 % of causal block pairs, x dense",
          "target": "<= 1.01",
          "value": None if gate_row["ratio_to_dense"] is None else round(gate_row["ratio_to_dense"], 4),
          "met": bool(gate_row["ratio_to_dense"] is not None and gate_row["ratio_to_dense"] <= 1.01
