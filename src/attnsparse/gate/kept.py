@@ -9,6 +9,7 @@ most a selection of that size can. A lower KL does not imply more kept mass; thi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -22,6 +23,15 @@ from attnsparse.gate.observer import PooledLayer
 Estimate = Callable[[int, PooledLayer, BlockGrid, int], torch.Tensor]
 
 
+def mean_key_logits(record: PooledLayer, scaling: float) -> torch.Tensor:
+    """(B, H, Nq, Nk) logits of the training-free estimate: scaling x (pooled q . mean key), causal (-inf after)."""
+    heads, kv_heads, dim = record.pooled_q.shape[1], record.pooled_k.shape[1], record.pooled_q.shape[-1]
+    mean_k = record.pooled_k[..., :dim].repeat_interleave(heads // kv_heads, dim=1)
+    logits = record.pooled_q @ mean_k.transpose(-1, -2) * scaling
+    hidden = torch.arange(logits.shape[-1], device=logits.device)[None, :] > record.query_blocks[:, None]
+    return logits.masked_fill(hidden, -math.inf)
+
+
 def oracle_estimate(layer: int, record: PooledLayer, grid: BlockGrid, groups: int) -> torch.Tensor:
     """The true block masses, averaged over each group's heads: the selection that keeps the most."""
     batch, heads, rows, cols = record.target.shape
@@ -30,7 +40,6 @@ def oracle_estimate(layer: int, record: PooledLayer, grid: BlockGrid, groups: in
 
 def mean_key_estimate(scaling: float) -> Estimate:
     """The training-free `mean` estimator: scaling x (pooled q . mean key), group mean of the heads' softmax."""
-    from attnsparse.gate.train import mean_key_logits
 
     def estimate(layer: int, record: PooledLayer, grid: BlockGrid, groups: int) -> torch.Tensor:
         return group_mean_log(mean_key_logits(record, scaling), groups, grid.causal(record.target.device))

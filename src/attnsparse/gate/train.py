@@ -17,7 +17,6 @@ attention), and the gate's first weights are drawn on the CPU, so a seed starts 
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from contextlib import nullcontext
@@ -32,6 +31,7 @@ from attnsparse.attention.backend import sparse_attention
 from attnsparse.core.devices import check_placement, model_device, model_dtype, placement, resolve_device, resolve_dtype
 from attnsparse.core.runs import RunDir, atomic_write_bytes, atomic_write_text
 from attnsparse.errors import AttnsparseError
+from attnsparse.gate.kept import gate_estimate, kept_mass, mean_key_estimate, mean_key_logits, oracle_estimate
 from attnsparse.gate.model import BlockGate, GateConfig, block_kl, forced_mask, merged_kl
 from attnsparse.gate.observer import BlockPoolRecorder, PooledLayer
 
@@ -144,15 +144,6 @@ def features_kl(gate: BlockGate, batched: Features, loss: GateLoss = GateLoss())
     return torch.stack([layer_kl(gate, layer, record, loss) for layer, record in enumerate(batched)]).mean()
 
 
-def mean_key_logits(record: PooledLayer, scaling: float) -> torch.Tensor:
-    """(B, H, Nq, Nk) logits of the training-free estimate: scaling x (pooled q . mean key), causal (-inf after)."""
-    heads, kv_heads, dim = record.pooled_q.shape[1], record.pooled_k.shape[1], record.pooled_q.shape[-1]
-    mean_k = record.pooled_k[..., :dim].repeat_interleave(heads // kv_heads, dim=1)
-    logits = record.pooled_q @ mean_k.transpose(-1, -2) * scaling
-    hidden = torch.arange(logits.shape[-1], device=logits.device)[None, :] > record.query_blocks[:, None]
-    return logits.masked_fill(hidden, -math.inf)
-
-
 def mean_key_kl(batched: Features, scaling: float, loss: GateLoss = GateLoss()) -> float:
     """The loss of the training-free estimate softmax(scaling x pooled q . mean key) on the same rows (a baseline)."""
     return float(torch.stack([loss(torch.log_softmax(mean_key_logits(record, scaling), -1), record)
@@ -208,8 +199,6 @@ def attention_scaling(model: PreTrainedModel, head_dim: int) -> float:
 def holdout_kept_mass(gate: BlockGate, held: Features, config: GateTrainConfig, scaling: float) -> dict[str, Any]:
     """Held-out attention mass kept at `config.density` by the gate, the mean-key estimate and the oracle, with one
     selection per kv group (`gate`, `mean`, `exact`) and per query head (`gate:per=head`, ...)."""
-    from attnsparse.gate.kept import gate_estimate, kept_mass, mean_key_estimate, oracle_estimate
-
     estimates = {"gate": gate_estimate(gate), "mean": mean_key_estimate(scaling), "exact": oracle_estimate}
     report: dict[str, Any] = {"density": config.density}
     for per in ("group", "head"):
