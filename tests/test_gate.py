@@ -10,6 +10,7 @@ import torch
 from attnsparse.attention.backend import sparse_attention
 from attnsparse.errors import AttnsparseError
 from attnsparse.gate import BlockGate, GateConfig, block_kl
+from attnsparse.gate.model import prepared_kl
 from attnsparse.gate.observer import BlockPoolRecorder
 from attnsparse.gate.train import collect_features, features_kl, fit_gate, stack_windows
 from tests.model_reference import float64_twin, reference_attention, sharpened_llama
@@ -60,6 +61,31 @@ def test_merged_kl_matches_brute_force_and_never_exceeds_the_row_kl(sink: int, l
     got = merged_kl(target, log_probs, forced)
     assert float(got) == pytest.approx(expected / count, rel=1e-5)
     assert float(got) <= float(block_kl(target, log_probs)) + 1e-6  # merging outcomes never raises a KL
+
+
+@pytest.mark.parametrize("kind,sink,local", [("merged", 1, 1), ("merged", 2, 3), ("merged", 0, 2), ("whole", 1, 1)])
+def test_prepared_target_gives_the_loss_and_gradient_of_the_plain_one(kind: str, sink: int, local: int) -> None:
+    """The fit's prepared path (target reduced once) against GateLoss on log-softmax, value and gradient."""
+    from attnsparse.gate.observer import PooledLayer
+    from attnsparse.gate.train import GateLoss
+
+    torch.manual_seed(7 + sink + 3 * local)
+    rows, cols = 5, 9
+    query_blocks = torch.tensor([0, 2, 5, 7, 8])  # row 0 sees only the sink block, rows differ in forced count
+    causal = torch.arange(cols)[None, :] <= query_blocks[:, None]
+    target = torch.softmax((torch.randn(2, 3, rows, cols) * 2).masked_fill(~causal, -math.inf), -1)
+    target[0, 1, 3] = torch.where(causal[3], 1.0 / int(causal[3].sum()), 0.0)  # a row with no zero-mass blocks
+    record = PooledLayer(target.clone(), torch.zeros(2, 3, rows, 4), torch.zeros(2, 3, cols, 12), query_blocks)
+    loss = GateLoss(kind, sink, local)
+    logits = (torch.randn(2, 3, rows, cols) * 3).masked_fill(~causal, -math.inf).requires_grad_(True)
+    plain = loss(torch.log_softmax(logits, -1), record)
+    (want,) = torch.autograd.grad(plain, logits)
+    prepared = loss.prepare(record, in_place=True)
+    fast = prepared_kl(logits, prepared.target)
+    (got,) = torch.autograd.grad(fast, logits)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+    assert torch.equal(record.target, prepared.target.free)  # in place: no second copy of the map
 
 
 def test_forced_mask_is_the_selection_rule_forced_blocks() -> None:

@@ -216,6 +216,48 @@ def merged_kl(target: torch.Tensor, log_probs: torch.Tensor, forced: torch.Tenso
     return block_kl(torch.cat([free_target, forced_target], -1), torch.cat([log_probs, forced_gate], -1))
 
 
+@dataclass
+class PreparedTarget:
+    """A layer's target reduced once, before the fit, to what the merged KL needs of it: a step then builds only
+    the logits, their log-sum-exp and one product (not the ~10 full-size maps `merged_kl` allocates from scratch)."""
+
+    free: torch.Tensor  # (B, H, Nq, Nk) the target with the forced blocks zeroed (0 after the diagonal)
+    free_share: torch.Tensor  # (B, H, Nq) its row sums
+    forced_share: torch.Tensor  # (B, H, Nq) the forced blocks' total share
+    forced_index: torch.Tensor  # (Nq, F) long, each row's forced key blocks, padded where a row has fewer
+    forced_valid: torch.Tensor  # (Nq, F) bool
+    visible: torch.Tensor  # (Nq, Nk) bool, causal
+    constant: torch.Tensor  # (B, H, Nq) sum of t log t over the merged outcomes (the KL's target-only part)
+
+
+def prepare_target(target: torch.Tensor, query_blocks: torch.Tensor, forced: torch.Tensor,
+                   in_place: bool = False) -> PreparedTarget:
+    """`PreparedTarget` of a (B, H, Nq, Nk) target with `forced` (Nq, Nk) blocks merged (none: whole-row KL);
+    `in_place` zeroes the forced blocks in `target` itself instead of a copy (the caller no longer needs it)."""
+    visible = torch.arange(target.shape[-1], device=target.device)[None, :] <= query_blocks[:, None]
+    forced_share = torch.where(forced, target, torch.zeros((), device=target.device)).sum(-1)
+    free = target.masked_fill_(forced, 0.0) if in_place else target.masked_fill(forced, 0.0)
+    counts = forced.sum(-1)
+    width = int(counts.max()) if counts.numel() else 0
+    forced_index = torch.sort(forced.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :width]
+    forced_valid = torch.arange(width, device=target.device)[None, :] < counts[:, None]
+    constant = torch.xlogy(free, free).sum(-1) + torch.xlogy(forced_share, forced_share)
+    return PreparedTarget(free, free.sum(-1), forced_share, forced_index, forced_valid, visible, constant)
+
+
+def prepared_kl(logits: torch.Tensor, prepared: PreparedTarget) -> torch.Tensor:
+    """`merged_kl` (mean over rows) from the gate's logits (B, H, Nq, Nk), -inf after the diagonal, and a
+    `PreparedTarget`: constant - sum_j free_j log g_j - forced_share log g(forced), with log g = logits - lse."""
+    lse = torch.logsumexp(logits, dim=-1)
+    cross = (prepared.free * logits.masked_fill(~prepared.visible, 0.0)).sum(-1) - prepared.free_share * lse
+    if prepared.forced_index.shape[-1]:
+        index = prepared.forced_index.expand(*logits.shape[:-2], -1, -1)
+        chosen = logits.gather(-1, index).masked_fill(~prepared.forced_valid, float("-inf"))
+        forced_gate = torch.logsumexp(chosen, dim=-1) - lse  # -inf only on rows with nothing forced (share 0)
+        cross = cross + torch.where(prepared.forced_share > 0, prepared.forced_share * forced_gate, 0.0)
+    return (prepared.constant - cross).mean()
+
+
 def block_kl(target: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
     """Mean over rows of KL(target || gate) = sum_j t_j (log t_j - log g_j), with 0 log 0 = 0.
 

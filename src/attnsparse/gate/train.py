@@ -32,7 +32,16 @@ from attnsparse.core.devices import check_placement, model_device, model_dtype, 
 from attnsparse.core.runs import RunDir, atomic_write_bytes, atomic_write_text
 from attnsparse.errors import AttnsparseError
 from attnsparse.gate.kept import gate_estimate, kept_mass, mean_key_estimate, mean_key_logits, oracle_estimate
-from attnsparse.gate.model import BlockGate, GateConfig, block_kl, forced_mask, merged_kl
+from attnsparse.gate.model import (
+    BlockGate,
+    GateConfig,
+    PreparedTarget,
+    block_kl,
+    forced_mask,
+    merged_kl,
+    prepare_target,
+    prepared_kl,
+)
 from attnsparse.gate.observer import BlockPoolRecorder, PooledLayer
 
 KIND = "gate"
@@ -101,8 +110,27 @@ class GateLoss:
     def __call__(self, log_probs: torch.Tensor, record: PooledLayer) -> torch.Tensor:
         if self.kind == "whole":
             return block_kl(record.target, log_probs)
-        forced = forced_mask(record.query_blocks, record.target.shape[-1], self.sink, self.local)
-        return merged_kl(record.target, log_probs, forced)
+        return merged_kl(record.target, log_probs, self.forced(record))
+
+    def forced(self, record: PooledLayer) -> torch.Tensor:
+        """(Nq, Nk) the blocks merged into one outcome (none for `whole`)."""
+        sink, local = (0, 0) if self.kind == "whole" else (self.sink, self.local)
+        return forced_mask(record.query_blocks, record.target.shape[-1], sink, local)
+
+    def prepare(self, record: PooledLayer, in_place: bool = False) -> FitLayer:
+        """The record as the fit reads it (`PreparedTarget`); `in_place` reuses the record's target tensor."""
+        prepared = prepare_target(record.target, record.query_blocks, self.forced(record), in_place)
+        return FitLayer(prepared, record.pooled_q, record.pooled_k, record.query_blocks)
+
+
+@dataclass
+class FitLayer:
+    """One layer's training rows with their target prepared once (`GateLoss.prepare`)."""
+
+    target: PreparedTarget
+    pooled_q: torch.Tensor
+    pooled_k: torch.Tensor
+    query_blocks: torch.Tensor
 
 
 @dataclass
@@ -134,12 +162,19 @@ def stack_windows(features: list[Features]) -> Features:
             for layer in range(len(features[0]))]
 
 
-def layer_kl(gate: BlockGate, layer: int, record: PooledLayer, loss: GateLoss = GateLoss()) -> torch.Tensor:
-    """The loss (default: merged KL) over one layer's rows."""
+def layer_kl(gate: BlockGate, layer: int, record: PooledLayer | FitLayer, loss: GateLoss = GateLoss()) -> torch.Tensor:
+    """The loss (default: merged KL) over one layer's rows; from a `FitLayer` without rebuilding the target's parts."""
+    if isinstance(record, FitLayer):
+        return prepared_kl(gate.logits(layer, record.pooled_q, record.pooled_k, record.query_blocks), record.target)
     return loss(gate.log_probs(layer, record.pooled_q, record.pooled_k, record.query_blocks), record)
 
 
-def features_kl(gate: BlockGate, batched: Features, loss: GateLoss = GateLoss()) -> torch.Tensor:
+def fit_layers(train: Features | list[FitLayer], loss: GateLoss, in_place: bool = False) -> list[FitLayer]:
+    """The training records prepared for the fit (those already prepared pass through)."""
+    return [record if isinstance(record, FitLayer) else loss.prepare(record, in_place) for record in train]
+
+
+def features_kl(gate: BlockGate, batched: Features | list[FitLayer], loss: GateLoss = GateLoss()) -> torch.Tensor:
     """Mean over layers of the loss, each layer's rows being every window's (`stack_windows`)."""
     return torch.stack([layer_kl(gate, layer, record, loss) for layer, record in enumerate(batched)]).mean()
 
@@ -150,11 +185,12 @@ def mean_key_kl(batched: Features, scaling: float, loss: GateLoss = GateLoss()) 
                               for record in batched]).mean())
 
 
-def fit_gate(gate: BlockGate, train: Features, steps: int, lr: float,
+def fit_gate(gate: BlockGate, train: Features | list[FitLayer], steps: int, lr: float,
              log: list[dict[str, Any]] | None = None, holdout: Features | None = None,
              loss: GateLoss = GateLoss()) -> BlockGate:
-    """Adam on the gate's parameters only (the features carry no graph), full batch over `stack_windows` records;
-    appends the KL to `log` about ten times."""
+    """Adam on the gate's parameters only (the features carry no graph), full batch over `stack_windows` records
+    (prepared once, `fit_layers`); appends the KL to `log` about ten times."""
+    train = fit_layers(train, loss)
     gate.requires_grad_(True)
     optimizer = torch.optim.Adam(gate.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
@@ -171,7 +207,7 @@ def fit_gate(gate: BlockGate, train: Features, steps: int, lr: float,
     return gate.requires_grad_(False)
 
 
-def fit_step(gate: BlockGate, optimizer: torch.optim.Optimizer, train: Features,
+def fit_step(gate: BlockGate, optimizer: torch.optim.Optimizer, train: Features | list[FitLayer],
              loss: GateLoss = GateLoss()) -> torch.Tensor:
     """One full-batch step on the features' device: KL forward, backward, optimizer step; the loss, not synced.
 
@@ -282,8 +318,10 @@ def train_gate(config: GateTrainConfig, out: str | Path | None = None, *, overwr
             if progress:
                 print(f"collected window {index + 1}/{len(ids)}", flush=True)
         collect_seconds = time.perf_counter() - started
-        train = stack_windows(features[: len(features) - config.holdout])
+        # the stacked copy is the training rows' only copy: the fit reuses its target tensors in place
+        train = fit_layers(stack_windows(features[: len(features) - config.holdout]), loss, in_place=True)
         held = stack_windows(features[len(features) - config.holdout:])
+        del features
         log: list[dict[str, Any]] = []
         started = time.perf_counter()
         with torch.no_grad():
