@@ -50,10 +50,8 @@ def main() -> None:
         estimates[f"pooled_q{sub}_exact_keys"] = raw.exact_keys_estimate(sub, scaling)
     if args.gate:
         estimates["gate"] = gate_estimate(BlockGate.load(args.gate))
-    # kept_mass numbers records 0..n-1; the estimates are called with the model's layer index
     chosen = [records[layer] for layer in layers]
-    remapped = {name: _at_layers(estimate, layers) for name, estimate in estimates.items()}
-    kept = kept_mass(remapped, chosen, block=BLOCK, ctx=CTX, density=DENSITY, per="head")
+    kept = kept_mass(estimates, chosen, block=BLOCK, ctx=CTX, density=DENSITY, per="head", layers=layers)
     table = {name: {"layers": dict(zip(layers, (round(x, 4) for x in v["layers"]), strict=True)),
                     "mean": round(float(v["mean"]), 4)} for name, v in kept.items()}
     for name, row in table.items():
@@ -73,10 +71,6 @@ def pooling_targets(table: dict[str, dict]) -> list[dict]:
         value["key pooling and projections (mean query, exact keys - gate)"] = round(pooled_query - table["gate"]["mean"], 4)
     return [{"measure": "kept attention mass lost to pooling, 8K, blocks of 16, 10 %, per head (mean over the layers)",
              "target": "measured (what limits the learned gate's selection)", "value": value, "met": True}]
-
-
-def _at_layers(estimate: Estimate, layers: list[int]) -> Estimate:
-    return lambda index, record, grid, groups: estimate(layers[index], record, grid, groups)
 
 
 class RawQueriesKeys:

@@ -102,19 +102,14 @@ def main() -> None:
 def _kept(model, windows, args: argparse.Namespace) -> dict:
     """Attention mass kept at --density on the evaluation windows (recorded under dense attention) by the gate, the
     mean key and the oracle, per kv group and per query head (attnsparse.gate.kept), each layer's and the mean."""
+    from attnsparse.gate.kept import gate_report
     from attnsparse.gate.model import BlockGate
-    from attnsparse.gate.train import (
-        GateTrainConfig,
-        attention_scaling,
-        collect_features,
-        holdout_kept_mass,
-        stack_windows,
-    )
+    from attnsparse.gate.train import attention_scaling, collect_features, stack_windows
 
     gate = BlockGate.load(args.gate)
     features = stack_windows([collect_features(model, windows[i:i + 1], args.block) for i in range(len(windows))])
-    config = GateTrainConfig(ctx=args.ctx, block=args.block, windows=2, holdout=1, density=args.density)
-    report = holdout_kept_mass(gate, features, config, attention_scaling(model, gate.config.head_dim))
+    report = gate_report(gate, features, attention_scaling(model, gate.config.head_dim), block=args.block,
+                         ctx=args.ctx, density=args.density)
     print({name: round(value["mean"], 4) for name, value in report.items() if name != "density"}, flush=True)
     return report
 

@@ -146,6 +146,10 @@ def test_kept_mass_matches_a_brute_force_selection() -> None:
         assert report["exact"]["mean"] >= report["mean"]["mean"]
     covered = kept_mass(estimates, [record], block=4, ctx=24, density=1.0)
     assert covered["mean"]["mean"] == pytest.approx(1.0, rel=1e-6)
+    seen: list[int] = []
+    kept_mass({"spy": lambda layer, *rest: seen.append(layer) or oracle_estimate(layer, *rest)}, [record, record],
+              block=4, ctx=24, density=0.5, layers=[7, 3])
+    assert seen == [7, 3]  # each record's estimate is asked for the model layer it came from
 
 
 def _captured(model: torch.nn.Module, ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -59,21 +60,36 @@ def gate_estimate(gate: BlockGate) -> Estimate:
 
 
 def kept_mass(estimates: dict[str, Estimate], records: list[PooledLayer], *, block: int, ctx: int, density: float,
-              sink: int = 1, local: int = 1, per: str = "group") -> dict[str, dict[str, float | list[float]]]:
+              sink: int = 1, local: int = 1, per: str = "group",
+              layers: list[int] | None = None) -> dict[str, dict[str, float | list[float]]]:
     """Per estimate: the mean kept mass over layers and each layer's, for windows of `ctx` tokens (whole prefill
     windows: every query block recorded) in blocks of `block`, at `density` of causal block pairs, one selection
-    per kv group (`per="group"`) or per query head (`"head"`, as `blocksparse:…:per=head`)."""
+    per kv group (`per="group"`) or per query head (`"head"`, as `blocksparse:…:per=head`). `layers` names the
+    model layer of each record (default: record i is layer i)."""
     grid = BlockGrid(block, ctx, ctx)
     report: dict[str, dict[str, float | list[float]]] = {}
+    indices = list(range(len(records))) if layers is None else layers
     for name, estimate in estimates.items():
-        layers = []
-        for layer, record in enumerate(records):
+        kept = []
+        for layer, record in zip(indices, records, strict=True):
             rows, cols = record.target.shape[-2:]
             if rows != grid.query_blocks or cols != grid.key_blocks:
                 raise AttnsparseError(f"kept mass needs whole windows of {ctx} tokens in blocks of {block} "
                                       f"({grid.query_blocks} blocks); layer {layer} holds {rows} x {cols}")
             groups = 1 if per == "head" else record.pooled_q.shape[1] // record.pooled_k.shape[1]
             keep = select_blocks(estimate(layer, record, grid, groups), grid, Density(density), sink=sink, local=local)
-            layers.append(float((record.target * keep.repeat_interleave(groups, dim=1)).sum(-1).mean()))
-        report[name] = {"mean": sum(layers) / len(layers), "layers": layers}
+            kept.append(float((record.target * keep.repeat_interleave(groups, dim=1)).sum(-1).mean()))
+        report[name] = {"mean": sum(kept) / len(kept), "layers": kept}
+    return report
+
+
+def gate_report(gate: BlockGate, records: list[PooledLayer], scaling: float, *, block: int, ctx: int,
+                density: float, sink: int = 1, local: int = 1) -> dict[str, Any]:
+    """Kept mass at `density` by the gate, the mean-key estimate and the oracle, with one selection per kv group
+    (`gate`, `mean`, `exact`) and per query head (`gate:per=head`, ...): what `attnsparse gate` reports held out."""
+    estimates = {"gate": gate_estimate(gate), "mean": mean_key_estimate(scaling), "exact": oracle_estimate}
+    report: dict[str, Any] = {"density": density}
+    for per in ("group", "head"):
+        kept = kept_mass(estimates, records, block=block, ctx=ctx, density=density, sink=sink, local=local, per=per)
+        report |= {(name if per == "group" else f"{name}:per=head"): value for name, value in kept.items()}
     return report

@@ -31,7 +31,7 @@ from attnsparse.attention.backend import sparse_attention
 from attnsparse.core.devices import check_placement, model_device, model_dtype, placement, resolve_device, resolve_dtype
 from attnsparse.core.runs import RunDir, atomic_write_bytes, atomic_write_text
 from attnsparse.errors import AttnsparseError
-from attnsparse.gate.kept import gate_estimate, kept_mass, mean_key_estimate, mean_key_logits, oracle_estimate
+from attnsparse.gate.kept import gate_report, mean_key_logits
 from attnsparse.gate.model import (
     BlockGate,
     GateConfig,
@@ -232,18 +232,6 @@ def attention_scaling(model: PreTrainedModel, head_dim: int) -> float:
     return head_dim**-0.5
 
 
-def holdout_kept_mass(gate: BlockGate, held: Features, config: GateTrainConfig, scaling: float) -> dict[str, Any]:
-    """Held-out attention mass kept at `config.density` by the gate, the mean-key estimate and the oracle, with one
-    selection per kv group (`gate`, `mean`, `exact`) and per query head (`gate:per=head`, ...)."""
-    estimates = {"gate": gate_estimate(gate), "mean": mean_key_estimate(scaling), "exact": oracle_estimate}
-    report: dict[str, Any] = {"density": config.density}
-    for per in ("group", "head"):
-        kept = kept_mass(estimates, held, block=config.block, ctx=config.ctx, density=config.density,
-                         sink=config.sink, local=config.local, per=per)
-        report |= {(name if per == "group" else f"{name}:per=head"): value for name, value in kept.items()}
-    return report
-
-
 def training_windows(tokenizer: PreTrainedTokenizerBase, config: GateTrainConfig) -> torch.Tensor:
     """(windows, ctx) evenly spaced windows of the text with the synthetic retrieval/copy documents mixed in."""
     from attnsparse.condense.mixture import mix_synthetic
@@ -330,7 +318,8 @@ def train_gate(config: GateTrainConfig, out: str | Path | None = None, *, overwr
                 initial["holdout_kl"] = float(features_kl(gate, held, loss))
         fit_gate(gate, train, config.steps, config.lr, log, held, loss)
         fit_seconds = time.perf_counter() - started
-        kept = holdout_kept_mass(gate, held, config, scaling) if held else None
+        kept = gate_report(gate, held, scaling, block=config.block, ctx=config.ctx, density=config.density,
+                           sink=config.sink, local=config.local) if held else None
         notes: dict[str, Any] = {
             "tokens": int(ids.numel()), "train_windows": config.windows - config.holdout, "holdout_windows": config.holdout,
             "ctx": config.ctx, "offsets": offsets, "data": config.data, "synthetic": config.synthetic,
