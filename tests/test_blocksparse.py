@@ -237,15 +237,20 @@ def test_estimators_match_brute_force_block_masses(estimator, n, block, queries,
     (1, 9, 3, 301, 64, 64, None, 4),  # queries in 64, keys in 4: 16 key blocks gathered per tile, partial last
     (2, 4, 2, 90, 16, 32, 41, 8),  # keys in 8 under queries in 32, fewer queries than keys
     (1, 4, 1, 70, 16, 48, None, 24),  # key blocks of 24: tiles of 2 blocks, 48 columns
+    (1, 6, 3, 100, 32, 64, None, 32),  # key blocks of 32: two 16-key panels each, read in place, partial last
+    (1, 2, 2, 61, 16, 36, 50, 12),  # key blocks of 12: copied runs that cross 16-key panels
 ])
+@pytest.mark.parametrize("per_head", [False, True])
 def test_kernel_matches_brute_force_over_the_same_blocks(kernel_build, batch, heads, kv_heads, n, dim, block, queries,
-                                                         key_block):
+                                                         key_block, per_head):
+    """Per kv group (the group's heads share kept blocks) and per query head (each head its own blocks, read from
+    its kv head's keys)."""
     from attnsparse.core import native
 
     q, k, v = _inputs(batch, heads, kv_heads, n, dim, seed=n + dim, queries=queries)
     grid = BlockGrid(block, q.shape[2], n, key_block)
-    blocks = _random_blocks(grid, batch, kv_heads, seed=2)
-    keep = R.block_keep_tokens(blocks, grid, heads // kv_heads)
+    blocks = _random_blocks(grid, batch, heads if per_head else kv_heads, seed=2)
+    keep = R.block_keep_tokens(blocks, grid, 1 if per_head else heads // kv_heads)
     expected = R.attention(q, k, v, dim**-0.5, keep=keep).transpose(1, 2)
     kernel = native.load("blocksparse")
     assert kernel is not None and kernel.vector_paths() == (0 if kernel_build == "portable" else 1)

@@ -22,11 +22,12 @@ def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
 
     `blocks` has one row per kv group, or one per query head (a per-head selection: the keys are then read per head).
     """
+    out = _native(query, key, value, blocks, grid, scaling)
+    if out is not None:
+        return out.to(query.dtype)
     if blocks.shape[1] != key.shape[1]:
         key, value = (t.repeat_interleave(blocks.shape[1] // key.shape[1], dim=1) for t in (key, value))
-    out = _native(query, key, value, blocks, grid, scaling)
-    if out is None:
-        out = _flex(query, key, value, blocks, grid, scaling)
+    out = _flex(query, key, value, blocks, grid, scaling)
     if out is None:
         out = gathered_block_attention(query, key, value, blocks, grid, scaling)
     return out.to(query.dtype)
@@ -76,21 +77,33 @@ def _native(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, blocks:
     """The compiled kernel's result, or None where it does not apply (not CPU float32, no compiler)."""
     if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (query, key, value)):
         return None
-    kernel = native.function("blocksparse", "block_sparse_prefill", "ppppp" + "n" * 10 + "fnp")
+    kernel = native.function("blocksparse", "block_sparse_prefill", "ppppp" + "n" * 11 + "fnp")
     if kernel is None:
         return None
     batch, heads, queries, dim = query.shape
     kv_heads = key.shape[1]
-    q, k, v = query.contiguous(), key.contiguous(), value.contiguous()
+    q, v = query.contiguous(), value.contiguous()
+    chunked = chunk_transposed_keys(key)
     offsets, index = block_lists(blocks)
     out = torch.empty(batch, queries, heads, dim, dtype=torch.float32)
-    status = kernel(q.data_ptr(), k.data_ptr(), v.data_ptr(), offsets.data_ptr(), index.data_ptr(), batch, kv_heads,
-                    heads // kv_heads, queries, grid.keys, dim, grid.block, grid.key_block, grid.first,
-                    grid.query_blocks,
-                    scaling, torch.get_num_threads(), out.data_ptr())
+    status = kernel(q.data_ptr(), chunked.data_ptr(), v.data_ptr(), offsets.data_ptr(), index.data_ptr(), batch,
+                    kv_heads, heads // kv_heads, blocks.shape[1], queries, grid.keys, dim, grid.block, grid.key_block,
+                    grid.first, grid.query_blocks, scaling, torch.get_num_threads(), out.data_ptr())
     if status != 0:
         raise MemoryError("block-sparse prefill kernel could not allocate its scratch")
     return out
+
+
+KEY_CHUNK = 16  # keys per panel of the kernel's key copy (COLS in blocksparse.c)
+
+
+def chunk_transposed_keys(key: torch.Tensor) -> torch.Tensor:
+    """The kernel's key copy: (B, Hkv, K, D) -> (B, Hkv, ceil(K / 16), D, 16), each 16 consecutive keys transposed
+    into one panel (zero-padded after the last key), so tiles read keys as contiguous 16-wide rows."""
+    batch, kv_heads, keys, dim = key.shape
+    chunks = -(-keys // KEY_CHUNK)
+    padded = torch.nn.functional.pad(key, (0, 0, 0, chunks * KEY_CHUNK - keys))
+    return padded.view(batch, kv_heads, chunks, KEY_CHUNK, dim).transpose(-1, -2).contiguous()
 
 
 def block_lists(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

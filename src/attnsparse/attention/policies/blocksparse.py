@@ -53,7 +53,7 @@ class SelectionStats:
     pairs: int = 0
 
     def add(self, blocks: torch.Tensor, grid: BlockGrid) -> None:
-        self.kept += int(blocks.sum())
+        self.kept += int(torch.count_nonzero(blocks))
         self.pairs += grid.causal_pairs() * blocks.shape[0] * blocks.shape[1]
 
 

@@ -114,7 +114,8 @@ class BlockGrid:
 def _pool(x: torch.Tensor, start: int, block: int, blocks: int) -> torch.Tensor:
     """Means of x (..., N, D) over the position blocks its rows fall in, rows being positions start .. start + N."""
     lead = start % block
-    padded = torch.nn.functional.pad(x, (0, 0, lead, blocks * block - lead - x.shape[-2]))
+    tail = blocks * block - lead - x.shape[-2]
+    padded = torch.nn.functional.pad(x, (0, 0, lead, tail)) if lead or tail else x.contiguous()
     sums = padded.view(*x.shape[:-2], blocks, block, x.shape[-1]).sum(dim=-2)
     index = torch.arange(blocks * block, device=x.device).view(blocks, block) + (start - lead)
     present = ((index >= start) & (index < start + x.shape[-2])).sum(dim=-1).clamp(min=1)
@@ -147,7 +148,10 @@ class BlockEstimator:
 
 def group_mean_log(log_mass: torch.Tensor, groups: int, causal: torch.Tensor) -> torch.Tensor:
     """Per query head log-masses (B, H, Qb, Kb) -> per kv group (B, Hkv, Qb, Kb): each head's row normalised over
-    its visible blocks, then the mean mass of the group's G heads (in log)."""
+    its visible blocks, then the mean mass of the group's G heads (in log). With one head a group, the log-masses
+    themselves (they need no normalising or masking: readers normalise each row over its visible blocks)."""
+    if groups == 1:
+        return log_mass
     batch, heads, rows, cols = log_mass.shape
     probs = torch.softmax(log_mass.masked_fill(~causal, float("-inf")), dim=-1).nan_to_num(0.0)
     return probs.view(batch, heads // groups, groups, rows, cols).mean(dim=2).log()
@@ -218,14 +222,18 @@ def _select_density(probs: torch.Tensor, causal: torch.Tensor, forced: torch.Ten
         return keep
     candidates = (causal & ~forced).expand_as(probs)
     ranked = probs.masked_fill(~candidates, -1.0).reshape(batch, heads, -1)
-    # the first `extra` of a stable descending sort, without sorting: everything above the extra-th largest value,
-    # then the earliest of the entries equal to it (topk finds that value ~10x faster than a sort of the map)
+    # the first `extra` of a stable descending sort, without sorting: topk's `extra` largest (~10x faster than a sort
+    # of the map), unless entries equal to the smallest of them are left out, when the earliest of those go in
     extra = min(extra, ranked.shape[-1])
-    threshold = torch.topk(ranked, extra, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
-    above = ranked > threshold
+    values, index = torch.topk(ranked, extra, dim=-1, sorted=False)
+    threshold = values.amin(dim=-1, keepdim=True)
     ties = ranked == threshold
-    room = extra - above.sum(dim=-1, keepdim=True)
-    chosen = above | (ties & (ties.cumsum(dim=-1) <= room))
+    if bool((torch.count_nonzero(ties, dim=-1) > torch.count_nonzero(values == threshold, dim=-1)).any()):
+        above = ranked > threshold
+        ties &= ties.cumsum(dim=-1) <= extra - above.sum(dim=-1, keepdim=True)
+        chosen = above | ties
+    else:
+        chosen = torch.zeros_like(ties).scatter_(-1, index, True)
     return keep | (chosen.view_as(keep) & candidates)
 
 

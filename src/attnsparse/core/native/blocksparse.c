@@ -1,11 +1,12 @@
 /* Block-sparse prefill attention over kept key blocks (attnsparse.attention.blockattend).
  *
- * One work item is a (batch x kv head, query block) pair: the G query heads of the group and the block's queries
- * form R = G x nq rows that are scored against tiles of kept key blocks in turn (small key blocks gathered, in
- * ascending order, into one tile of about 64 keys), flash-attention style (running max, running sum, rescaled
- * accumulator), so every kept key and value is read once per item and nothing of size Q x K exists. Scores are
- * a register-blocked 4-row x 16-column product against the tile's keys transposed once per tile; the weighted
- * values a 4-row x 16-channel product. float32 throughout, causal inside the diagonal span.
+ * One work item is a (batch x selection, query block) pair, a selection being a kv group (its G query heads share
+ * the kept blocks) or one query head: the selection's heads and the block's queries form R rows that are scored
+ * against tiles of kept key blocks in turn (small key blocks side by side, in ascending order, in one tile of about
+ * 64 keys), flash-attention style (running max, running sum, rescaled accumulator), so every kept key and value is
+ * read once per item and nothing of size Q x K exists. Scores are a register-blocked 4-row x 16-column product
+ * against 16-key panels of a key copy transposed once per call; the weighted values a 4-row x 16-channel product.
+ * float32 throughout, causal inside the diagonal span.
  * Items are handed to torch's own OpenMP threads (see blockattn.c for why the kernels share torch's pool).
  */
 #include <math.h>
@@ -34,16 +35,23 @@ static inline float exp_nonpositive(float x) {
     return p * scale;
 }
 
-/* s (rows x width) = q (rows x dim) . kt (dim x width); width a multiple of COLS. */
-static void score_tile(const float *q, const float *kt, int64_t rows, int64_t dim, int64_t width, float *s) {
+/* Keys are read from a chunk-transposed copy made once per call: chunks of CHUNK consecutive keys, each stored as a
+ * (dim x CHUNK) matrix, so a tile's keys are CHUNK-column panels that the score product reads in place (key blocks
+ * that are whole chunks) or copies with short contiguous runs (smaller blocks), never a strided transpose per tile. */
+#define CHUNK COLS
+
+/* s (rows x width) = q (rows x dim) . [panel 0 | panel 1 | ...], each panel (dim x CHUNK) at kp[n]. */
+static void score_tile(const float *q, const float *const *kp, int64_t rows, int64_t dim, int64_t panels,
+                       int64_t width, float *s) {
     int64_t r = 0;
 #ifdef VECTOR_KERNELS
     for (; r + ROWS <= rows; r += ROWS)
-        for (int64_t c = 0; c < width; c += COLS) {
+        for (int64_t n = 0; n < panels; n++) {
+            const float *kt = kp[n];
             __m256 a[ROWS][2];
             for (int i = 0; i < ROWS; i++) a[i][0] = a[i][1] = _mm256_setzero_ps();
             for (int64_t d = 0; d < dim; d++) {
-                __m256 k0 = _mm256_loadu_ps(kt + d * width + c), k1 = _mm256_loadu_ps(kt + d * width + c + 8);
+                __m256 k0 = _mm256_loadu_ps(kt + d * CHUNK), k1 = _mm256_loadu_ps(kt + d * CHUNK + 8);
                 for (int i = 0; i < ROWS; i++) {
                     __m256 x = _mm256_set1_ps(q[(r + i) * dim + d]);
                     a[i][0] = _mm256_fmadd_ps(x, k0, a[i][0]);
@@ -51,26 +59,28 @@ static void score_tile(const float *q, const float *kt, int64_t rows, int64_t di
                 }
             }
             for (int i = 0; i < ROWS; i++) {
-                _mm256_storeu_ps(s + (r + i) * width + c, a[i][0]);
-                _mm256_storeu_ps(s + (r + i) * width + c + 8, a[i][1]);
+                _mm256_storeu_ps(s + (r + i) * width + n * CHUNK, a[i][0]);
+                _mm256_storeu_ps(s + (r + i) * width + n * CHUNK + 8, a[i][1]);
             }
         }
 #endif
-    for (; r < rows; r++) {
-        float *out = s + r * width;
-        memset(out, 0, sizeof(float) * (size_t)width);
-        for (int64_t d = 0; d < dim; d++) {
-            float x = q[r * dim + d];
-            const float *row = kt + d * width;
+    for (; r < rows; r++)
+        for (int64_t n = 0; n < panels; n++) {
+            float *out = s + r * width + n * CHUNK;
+            const float *kt = kp[n];
+            memset(out, 0, sizeof(float) * CHUNK);
+            for (int64_t d = 0; d < dim; d++) {
+                float x = q[r * dim + d];
+                const float *row = kt + d * CHUNK;
 #pragma omp simd
-            for (int64_t c = 0; c < width; c++) out[c] += x * row[c];
+                for (int64_t c = 0; c < CHUNK; c++) out[c] += x * row[c];
+            }
         }
-    }
 }
 
-/* o (rows x dim) += p (rows x stride, first `len` columns) . v (len x dim). */
-static void weigh_tile(const float *p, int64_t stride, const float *v, int64_t rows, int64_t len, int64_t dim,
-                       float *o) {
+/* o (rows x dim) += p (rows x stride, first `len` columns) . v, value row c being vp[c / CHUNK] + (c % CHUNK) * dim. */
+static void weigh_tile(const float *p, int64_t stride, const float *const *vp, int64_t rows, int64_t len,
+                       int64_t dim, float *o) {
     int64_t r = 0;
 #ifdef VECTOR_KERNELS
     if (dim % COLS == 0)
@@ -82,7 +92,8 @@ static void weigh_tile(const float *p, int64_t stride, const float *v, int64_t r
                     a[i][1] = _mm256_loadu_ps(o + (r + i) * dim + d + 8);
                 }
                 for (int64_t c = 0; c < len; c++) {
-                    __m256 v0 = _mm256_loadu_ps(v + c * dim + d), v1 = _mm256_loadu_ps(v + c * dim + d + 8);
+                    const float *row = vp[c / CHUNK] + (c % CHUNK) * dim + d;
+                    __m256 v0 = _mm256_loadu_ps(row), v1 = _mm256_loadu_ps(row + 8);
                     for (int i = 0; i < ROWS; i++) {
                         __m256 w = _mm256_set1_ps(p[(r + i) * stride + c]);
                         a[i][0] = _mm256_fmadd_ps(w, v0, a[i][0]);
@@ -99,7 +110,7 @@ static void weigh_tile(const float *p, int64_t stride, const float *v, int64_t r
         float *out = o + r * dim;
         for (int64_t c = 0; c < len; c++) {
             float w = p[r * stride + c];
-            const float *row = v + c * dim;
+            const float *row = vp[c / CHUNK] + (c % CHUNK) * dim;
 #pragma omp simd
             for (int64_t d = 0; d < dim; d++) out[d] += w * row[d];
         }
@@ -107,68 +118,86 @@ static void weigh_tile(const float *p, int64_t stride, const float *v, int64_t r
 }
 
 typedef struct {
-    const float *q, *k, *v;
+    const float *q, *kc, *v;
     const int64_t *offsets, *index;
-    int64_t kv_heads, groups, queries, keys, dim, block, key_block, first, query_blocks, tile_blocks, width;
+    int64_t kv_heads, groups, selections, queries, keys, chunks, dim, block, key_block, first, query_blocks,
+        tile_blocks, width;
     float scaling;
     float *out;
 } Job;
 
-/* Scratch of one thread: queries (R x D), scores (R x W), keys transposed (D x W), gathered values (W x D),
- * accumulator (R x D), m, l; the key position of each tile column. */
+/* Scratch of one thread: queries (R x D), scores (R x W), copied key panels (W/CHUNK x D x CHUNK), copied values
+ * (W x D), accumulator (R x D), m, l; each tile column's key position; each panel's keys and values. */
 typedef struct {
     float *q, *s, *kt, *vt, *o, *m, *l;
     int64_t *pos;
+    const float **kp, **vp;
 } Scratch;
 
-/* Gathers the next kept key blocks of an item (up to tile_blocks of them, skipping any wholly after the last query
- * p1 - 1) into one tile: keys transposed, values by row, each column's position. Returns the tile's columns and
- * advances *e; *values points at the values to weigh (the gathered ones, or the block itself when a tile is one
- * block, which needs no copy). */
-static int64_t gather_tile(const Job *j, const float *keys, const float *values, int64_t *e, int64_t end,
-                           int64_t p1, Scratch *w, const float **weighed) {
-    int64_t cols = 0, taken = 0, dim = j->dim, width = j->width, t_single = -1;
+/* Collects the next kept key blocks of an item (up to tile_blocks of them, skipping any wholly after the last query
+ * p1 - 1) as one tile of CHUNK-column panels: key blocks made of whole chunks are used in place (keys from the
+ * chunked copy, values from the value rows); smaller blocks are copied side by side into the scratch panels. Fills
+ * kp, vp and pos; returns the tile's columns and advances *e. */
+static int64_t gather_tile(const Job *j, const float *chunked, const float *values, int64_t *e, int64_t end,
+                           int64_t p1, Scratch *w) {
+    int64_t cols = 0, taken = 0, dim = j->dim, in_place = j->key_block % CHUNK == 0;
     for (; *e < end && taken < j->tile_blocks; (*e)++) {
         int64_t t0 = j->index[*e] * j->key_block;
         if (t0 > p1 - 1) continue; /* a block wholly in the future (the selection never keeps one) */
         int64_t nk = t0 + j->key_block < j->keys ? j->key_block : j->keys - t0;
-        for (int64_t d = 0; d < dim; d++) {
-            float *col = w->kt + d * width + cols;
-            for (int64_t c = 0; c < nk; c++) col[c] = keys[(t0 + c) * dim + d];
+        if (in_place) { /* cols is a multiple of CHUNK here: every earlier block filled whole panels */
+            for (int64_t c = 0; c < nk; c += CHUNK) {
+                w->kp[(cols + c) / CHUNK] = chunked + (t0 + c) / CHUNK * dim * CHUNK;
+                w->vp[(cols + c) / CHUNK] = values + (t0 + c) * dim;
+            }
+        } else {
+            for (int64_t c = 0; c < nk;) { /* runs that cross no chunk boundary, in the source or the tile */
+                int64_t src = t0 + c, dst = cols + c, run = nk - c;
+                if (run > CHUNK - src % CHUNK) run = CHUNK - src % CHUNK;
+                if (run > CHUNK - dst % CHUNK) run = CHUNK - dst % CHUNK;
+                const float *from = chunked + src / CHUNK * dim * CHUNK + src % CHUNK;
+                float *to = w->kt + dst / CHUNK * dim * CHUNK + dst % CHUNK;
+                for (int64_t d = 0; d < dim; d++) memcpy(to + d * CHUNK, from + d * CHUNK, sizeof(float) * (size_t)run);
+                c += run;
+            }
+            memcpy(w->vt + cols * dim, values + t0 * dim, sizeof(float) * (size_t)(nk * dim));
         }
-        if (j->tile_blocks > 1) memcpy(w->vt + cols * dim, values + t0 * dim, sizeof(float) * (size_t)(nk * dim));
-        else t_single = t0;
         for (int64_t c = 0; c < nk; c++) w->pos[cols + c] = t0 + c;
         cols += nk;
         taken++;
     }
-    for (int64_t d = 0; d < dim; d++)
-        for (int64_t c = cols; c < width; c++) w->kt[d * width + c] = 0.0f;
-    *weighed = t_single >= 0 ? values + t_single * dim : w->vt;
+    if (!in_place)
+        for (int64_t n = 0; n * CHUNK < cols; n++) {
+            w->kp[n] = w->kt + n * dim * CHUNK;
+            w->vp[n] = w->vt + n * CHUNK * dim;
+        }
     return cols;
 }
 
 static void run_item(const Job *j, int64_t item, Scratch *w) {
-    int64_t bh = item / j->query_blocks, r = item % j->query_blocks;
+    /* item = (batch x selection, query block); a selection covers `share` query heads of one kv head */
+    int64_t bs = item / j->query_blocks, r = item % j->query_blocks;
+    int64_t heads = j->kv_heads * j->groups, share = heads / j->selections;
+    int64_t b = bs / j->selections, head0 = bs % j->selections * share, hk = head0 / j->groups;
     int64_t offset = j->keys - j->queries, block_start = (j->first + r) * j->block;
     int64_t p0 = block_start > offset ? block_start : offset;
     int64_t p1 = block_start + j->block < j->keys ? block_start + j->block : j->keys;
-    int64_t nq = p1 - p0, rows = j->groups * nq, dim = j->dim, width = j->width;
-    for (int64_t g = 0; g < j->groups; g++) /* rows in (g, query) order, pre-scaled */
+    int64_t nq = p1 - p0, rows = share * nq, dim = j->dim, width = j->width;
+    for (int64_t g = 0; g < share; g++) /* rows in (head, query) order, pre-scaled */
         for (int64_t i = 0; i < nq; i++) {
-            const float *src = j->q + ((bh * j->groups + g) * j->queries + (p0 - offset + i)) * dim;
+            const float *src = j->q + ((b * heads + head0 + g) * j->queries + (p0 - offset + i)) * dim;
             float *dst = w->q + (g * nq + i) * dim;
             for (int64_t d = 0; d < dim; d++) dst[d] = src[d] * j->scaling;
         }
     memset(w->o, 0, sizeof(float) * (size_t)(rows * dim));
     for (int64_t i = 0; i < rows; i++) { w->m[i] = -INFINITY; w->l[i] = 0.0f; }
-    const float *keys = j->k + bh * j->keys * dim, *values = j->v + bh * j->keys * dim;
+    int64_t bk = b * j->kv_heads + hk;
+    const float *chunked = j->kc + bk * j->chunks * dim * CHUNK, *values = j->v + bk * j->keys * dim;
     int64_t e = j->offsets[item], end = j->offsets[item + 1];
     while (e < end) {
-        const float *weighed;
-        int64_t cols = gather_tile(j, keys, values, &e, end, p1, w, &weighed);
+        int64_t cols = gather_tile(j, chunked, values, &e, end, p1, w);
         if (cols == 0) break;
-        score_tile(w->q, w->kt, rows, dim, width, w->s);
+        score_tile(w->q, w->kp, rows, dim, (cols + CHUNK - 1) / CHUNK, width, w->s);
         int diagonal = w->pos[cols - 1] > p0; /* some rows see only a prefix of the (ascending) columns */
         for (int64_t i = 0; i < rows; i++) {
             float *s = w->s + i * width;
@@ -198,35 +227,35 @@ static void run_item(const Job *j, int64_t item, Scratch *w) {
                 for (int64_t d = 0; d < dim; d++) o[d] *= alpha;
             }
         }
-        weigh_tile(w->s, width, weighed, rows, cols, dim, w->o);
+        weigh_tile(w->s, width, w->vp, rows, cols, dim, w->o);
     }
-    int64_t heads = j->kv_heads * j->groups, b = bh / j->kv_heads, hk = bh % j->kv_heads;
-    for (int64_t g = 0; g < j->groups; g++)
+    for (int64_t g = 0; g < share; g++)
         for (int64_t i = 0; i < nq; i++) {
             int64_t row = g * nq + i;
             float inv = w->l[row] > 0.0f ? 1.0f / w->l[row] : 0.0f;
-            float *dst = j->out + ((b * j->queries + (p0 - offset + i)) * heads + hk * j->groups + g) * dim;
+            float *dst = j->out + ((b * j->queries + (p0 - offset + i)) * heads + head0 + g) * dim;
             const float *o = w->o + row * dim;
             for (int64_t d = 0; d < dim; d++) dst[d] = o[d] * inv;
         }
 }
 
-/* q (B*Hkv, G, Q, D), k and v (B*Hkv, K, D), all contiguous float32; queries in blocks of `block`, keys in blocks
- * of `key_block` (a divisor of block); kept key blocks of item (bh, r) are index[offsets[bh * Qb + r] ..
- * offsets[bh * Qb + r + 1]), ascending; out (B, Q, Hkv * G, D). Kept key blocks are gathered into tiles of about
- * TILE_KEYS columns, so small key blocks still give full register tiles. Returns 0, or -1 when scratch cannot be
- * allocated. */
+/* q (B, Hkv * G, Q, D); kc the keys chunk-transposed, (B * Hkv, ceil(K / CHUNK), D, CHUNK) zero-padded; v
+ * (B * Hkv, K, D); all contiguous float32. One selection per kv group (selections = Hkv) or per query head
+ * (selections = Hkv * G): the kept key blocks of item (bs, r) are index[offsets[bs * Qb + r] .. offsets[bs * Qb + r
+ * + 1]), ascending, bs = b * selections + s. Queries in blocks of `block`, keys in blocks of `key_block` (a divisor
+ * of block), gathered into tiles of about TILE_KEYS columns so small key blocks still give full register tiles.
+ * out (B, Q, Hkv * G, D). Returns 0, or -1 when scratch cannot be allocated. */
 #define TILE_KEYS 64
-int block_sparse_prefill(const float *q, const float *k, const float *v, const int64_t *offsets,
-                         const int64_t *index, int64_t batch, int64_t kv_heads, int64_t groups, int64_t queries,
-                         int64_t keys, int64_t dim, int64_t block, int64_t key_block, int64_t first,
+int block_sparse_prefill(const float *q, const float *kc, const float *v, const int64_t *offsets,
+                         const int64_t *index, int64_t batch, int64_t kv_heads, int64_t groups, int64_t selections,
+                         int64_t queries, int64_t keys, int64_t dim, int64_t block, int64_t key_block, int64_t first,
                          int64_t query_blocks, float scaling, int64_t threads, float *out) {
     int64_t tile_blocks = key_block >= TILE_KEYS ? 1 : TILE_KEYS / key_block;
-    int64_t width = (tile_blocks * key_block + COLS - 1) / COLS * COLS;
-    Job job = {q, k, v, offsets, index, kv_heads, groups, queries, keys, dim, block, key_block, first, query_blocks,
-               tile_blocks, width, scaling, out};
-    int64_t items = batch * kv_heads * query_blocks;
-    int64_t rows = groups * block;
+    int64_t width = (tile_blocks * key_block + CHUNK - 1) / CHUNK * CHUNK, panels = width / CHUNK;
+    Job job = {q, kc, v, offsets, index, kv_heads, groups, selections, queries, keys, (keys + CHUNK - 1) / CHUNK,
+               dim, block, key_block, first, query_blocks, tile_blocks, width, scaling, out};
+    int64_t items = batch * selections * query_blocks;
+    int64_t rows = kv_heads * groups / selections * block;
     int failed = 0;
     if (threads < 1) threads = 1;
     if (threads > items) threads = items;
@@ -236,11 +265,12 @@ int block_sparse_prefill(const float *q, const float *k, const float *v, const i
         size_t floats = (size_t)(rows * dim * 2 + rows * width + 2 * dim * width + 2 * rows);
         float *base = malloc(sizeof(float) * floats);
         int64_t *pos = malloc(sizeof(int64_t) * (size_t)width);
-        if (!base || !pos) {
+        const float **panel = malloc(sizeof(float *) * (size_t)(2 * panels));
+        if (!base || !pos || !panel) {
 #pragma omp atomic write
             failed = 1;
         }
-        Scratch w = {NULL, NULL, NULL, NULL, NULL, NULL, NULL, pos};
+        Scratch w = {NULL, NULL, NULL, NULL, NULL, NULL, NULL, pos, panel, panel ? panel + panels : NULL};
         if (base) {
             w.q = base;
             w.s = w.q + rows * dim;
@@ -252,9 +282,10 @@ int block_sparse_prefill(const float *q, const float *k, const float *v, const i
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t item = 0; item < items; item++)
-            if (base && pos) run_item(&job, item, &w);
+            if (base && pos && panel) run_item(&job, item, &w);
         free(base);
         free(pos);
+        free(panel);
     }
     return failed ? -1 : 0;
 }
