@@ -4,8 +4,9 @@ On one 8K WikiText-2 test window in blocks of 16, per query head, for the chosen
 masses), the mean-key estimate, a gate (--gate), and the estimate a pooled query would give if it saw every key
 exactly: softmax(q̄_s · k / sqrt(D)) over all keys, summed into key blocks, averaged over S sub-block mean queries
 q̄_s (S = 1: the block's mean query, what the gate and `mean` see). The gap oracle − (S = 1, exact keys) is what query
-pooling costs; (S = 1, exact keys) − gate is what the gate's pooled keys and projections cost. Writes
-benchmarks/results/<--results>.json.
+pooling costs; (S = 1, exact keys) − gate is what the gate's pooled keys and projections cost. The block's mean query
+against K mean keys per key block (K = 2, 4, 8; training-free) shows how much of the key-pooling loss a summary of
+several keys per block recovers. Writes benchmarks/results/<--results>.json.
 
     OMP_NUM_THREADS=1 python benchmarks/gate_pooling_smollm2.py --layers 3,10,20,25,29 --gate GATE
 """
@@ -35,6 +36,8 @@ def main() -> None:
     parser.add_argument("--layers", default="3,10,20,25,29")
     parser.add_argument("--gate", default=None, help="a gate trained in blocks of 16 (attnsparse gate)")
     parser.add_argument("--subblocks", default="1,2,4", help="sub-block query counts S")
+    parser.add_argument("--key-subblocks", default="2,4,8",
+                        help="mean keys per key block K for the mean query's sub-block key estimate")
     parser.add_argument("--results", default="gate_pooling_smollm2")
     args = parser.parse_args()
     layers = [int(x) for x in args.layers.split(",")]
@@ -48,6 +51,8 @@ def main() -> None:
     estimates: dict[str, Estimate] = {"exact": oracle_estimate, "mean": mean_key_estimate(scaling)}
     for sub in (int(s) for s in args.subblocks.split(",")):
         estimates[f"pooled_q{sub}_exact_keys"] = raw.exact_keys_estimate(sub, scaling)
+    for key_sub in (int(s) for s in args.key_subblocks.split(",") if s):
+        estimates[f"mean_q_{key_sub}_sub_keys"] = raw.sub_block_keys_estimate(key_sub, scaling)
     if args.gate:
         estimates["gate"] = gate_estimate(BlockGate.load(args.gate))
     chosen = [records[layer] for layer in layers]
@@ -103,6 +108,25 @@ class RawQueriesKeys:
                 logits = logits.masked_fill(positions[None, :] > last[:, None], -math.inf)
                 mass += torch.softmax(logits, -1).view(batch, heads, blocks, blocks, BLOCK).sum(-1) / sub
             return group_mean_log(mass.clamp_min(1e-30).log(), groups, grid.causal(mass.device))
+
+        return estimate
+
+    def sub_block_keys_estimate(self, key_sub: int, scaling: float) -> Estimate:
+        """Block masses from the block's mean query against `key_sub` mean keys per key block (each the mean of
+        BLOCK / key_sub consecutive keys, weighted by its key count): what a summary of several keys per block
+        keeps. key_sub = 1 is the `mean` estimate, key_sub = BLOCK the mean query against exact keys."""
+
+        def estimate(layer: int, record: PooledLayer, grid: BlockGrid, groups: int) -> torch.Tensor:
+            query = torch.cat(self.queries[layer], 2)  # (1, H, T, D)
+            batch, heads, tokens, dim = query.shape
+            key = self.keys[layer].repeat_interleave(heads // self.keys[layer].shape[1], 1)
+            blocks = tokens // BLOCK
+            pooled_q = query.view(batch, heads, blocks, BLOCK, dim).mean(-2)
+            pooled_k = key.view(batch, heads, blocks * key_sub, BLOCK // key_sub, dim).mean(-2)
+            logits = (pooled_q @ pooled_k.transpose(-1, -2)) * scaling + math.log(BLOCK // key_sub)
+            hidden = torch.arange(blocks)[None, :] > torch.arange(blocks)[:, None]
+            logits = logits.view(batch, heads, blocks, blocks, key_sub).logsumexp(-1).masked_fill(hidden, -math.inf)
+            return group_mean_log(torch.log_softmax(logits, -1), groups, grid.causal(logits.device))
 
         return estimate
 

@@ -214,6 +214,26 @@ def _block_members(grid) -> tuple[list[list[int]], list[list[int]]]:
     return q_members, k_members
 
 
+def mean_query_block_probs(q: torch.Tensor, k: torch.Tensor, grid, scaling: float) -> torch.Tensor:
+    """One batch row. Each query block's mean query against every key at or before the block's last query: its
+    softmax summed per key block."""
+    groups = q.shape[0] // k.shape[0]
+    offset = grid.keys - grid.queries
+    q_members, k_members = _block_members(grid)
+    per_head = []
+    for h in range(q.shape[0]):
+        rows = []
+        for qs in q_members:
+            q_mean = q[h, qs].double().mean(0)
+            last = offset + qs[-1]
+            logits = [scaling * float(q_mean @ k[h // groups, t].double()) for t in range(last + 1)]
+            top = max(logits)
+            weights = [math.exp(x - top) for x in logits]
+            rows.append([sum(weights[t] for t in ks if t <= last) / sum(weights) for ks in k_members])
+        per_head.append(rows)
+    return _group_block_probs(per_head, groups, block_causal(grid))
+
+
 def mean_key_block_probs(q: torch.Tensor, k: torch.Tensor, grid, scaling: float) -> torch.Tensor:
     """One batch row: q (H, Q, D), k (Hkv, K, D). Mass of block j for block r ∝ |j| exp(scaling q̄_r · k̄_j)."""
     groups = q.shape[0] // k.shape[0]

@@ -122,7 +122,7 @@ def test_gathered_attention_matches_brute_force_over_the_same_blocks(batch, head
                                atol=2e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("estimator", ["mean", "antidiag", "vslash", "exact"])
+@pytest.mark.parametrize("estimator", ["mean", "antidiag", "vslash", "exact", "meanquery"])
 def test_covering_density_reproduces_dense_through_the_backend(estimator):
     q, k, v = _inputs(2, 4, 2, 45, 16, seed=3)
     policy = parse_policy(f"blocksparse:8:1:{estimator}")
@@ -207,7 +207,8 @@ def _estimated_probs(estimator, q, k, grid, scaling):
 
 @pytest.mark.parametrize("n,block,queries,heads,kv_heads,key_block", [
     (21, 4, None, 4, 2, 4), (16, 8, None, 2, 2, 8), (19, 4, 6, 3, 1, 4), (23, 8, None, 4, 2, 2), (19, 8, 9, 2, 1, 4)])
-@pytest.mark.parametrize("estimator", ["mean", "antidiag:stride=2", "antidiag:stride=3", "vslash:last=5", "exact:chunk=4"])
+@pytest.mark.parametrize("estimator", ["mean", "antidiag:stride=2", "antidiag:stride=3", "vslash:last=5", "exact:chunk=4",
+                                       "meanquery:chunk=2"])
 def test_estimators_match_brute_force_block_masses(estimator, n, block, queries, heads, kv_heads, key_block):
     q, k, _ = _inputs(2, heads, kv_heads, n, 8, seed=n + block, queries=queries)
     grid = BlockGrid(block, q.shape[2], n, key_block)
@@ -223,6 +224,8 @@ def test_estimators_match_brute_force_block_masses(estimator, n, block, queries,
             expected = R.antidiagonal_block_probs(q[b], k[b], grid, 0.4, value)
         elif name == "exact":
             expected = R.exact_block_probs(q[b], k[b], grid, 0.4)
+        elif name == "meanquery":
+            expected = R.mean_query_block_probs(q[b], k[b], grid, 0.4)
         else:
             expected = R.vertical_slash_block_probs(q[b], k[b], grid, 0.4, value)
         torch.testing.assert_close(got[b], expected, atol=1e-5, rtol=1e-4)

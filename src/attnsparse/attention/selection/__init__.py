@@ -25,6 +25,7 @@ from attnsparse.attention.selection.base import (
 from attnsparse.attention.selection.exact import ExactMass
 from attnsparse.attention.selection.gate import GateEstimator
 from attnsparse.attention.selection.mean import MeanKey
+from attnsparse.attention.selection.meanquery import MeanQuery
 from attnsparse.attention.selection.vslash import VerticalSlash
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "GateEstimator",
     "Mass",
     "MeanKey",
+    "MeanQuery",
     "VerticalSlash",
     "density_budget",
     "expand_to_keys",
