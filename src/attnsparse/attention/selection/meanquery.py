@@ -58,7 +58,9 @@ class MeanQuery(BlockEstimator):
             width = -(-(int(last[stop - 1]) + 1) // size) * size  # keys up to the chunk's last query, in blocks
             q = pooled[:, :, start:stop].reshape(batch, kv_heads, groups * (stop - start), -1)
             scores = (q @ keys[:, :, :width].transpose(-1, -2)).view(batch, heads, stop - start, width)
-            hidden = torch.arange(width, device=query.device)[None, :] > last[start:stop, None]
-            probs = torch.softmax(scores.masked_fill(hidden, float("-inf")), dim=-1)
+            tail = min(width, (grid.first + start) * grid.block) // size * size  # only the chunk's own span
+            hidden = torch.arange(tail, width, device=query.device)[None, :] > last[start:stop, None]
+            scores[..., tail:].masked_fill_(hidden, float("-inf"))  # has keys after a row's last query
+            probs = torch.softmax(scores, dim=-1)
             mass[:, :, start:stop, : width // size] = probs.view(batch, heads, stop - start, -1, size).sum(-1)
         return group_mean_log(mass.log(), groups, grid.causal(query.device))
