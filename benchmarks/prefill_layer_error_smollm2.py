@@ -8,7 +8,7 @@ differently from the loss: the layers that decide the loss are not those with th
 benchmarks/results/<--results>.json.
 
     OMP_NUM_THREADS=1 python benchmarks/prefill_layer_error_smollm2.py --ctx 2048 \
-        --policies blocksparse:16:0.1:mean:per=head,blocksparse:16:0.1:meanquery:per=head
+        --policies 'blocksparse:16:0.1:mean:per=head;blocksparse:16:0.1:mean:sub=4,per=head'
 """
 
 from __future__ import annotations
@@ -56,8 +56,9 @@ def layer_errors(model: torch.nn.Module, ids: torch.Tensor, policy: str) -> tupl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ctx", type=int, default=2048)
-    parser.add_argument("--policies", default="blocksparse:16:0.1:mean:per=head,blocksparse:16:0.1:meanquery:per=head,"
-                                              "blocksparse:16:0.1:exact:per=head")
+    parser.add_argument("--policies", default="blocksparse:16:0.1:mean:per=head;blocksparse:16:0.1:meanquery:per=head;"
+                                              "blocksparse:16:0.1:exact:per=head",
+                        help="prefill policies separated by ';' (a spec's keywords use commas)")
     parser.add_argument("--results", default="prefill_layer_error_smollm2")
     args = parser.parse_args()
     loaded = load_model("smollm2-135m")
@@ -65,7 +66,7 @@ def main() -> None:
     with torch.no_grad():
         dense_loss = float(loaded.model(ids, labels=ids).loss)
     rows = {}
-    for policy in (p for p in args.policies.split(",") if p):
+    for policy in (p for p in args.policies.split(";") if p):
         loss, errors = layer_errors(loaded.model, ids, policy)
         rows[policy] = {"loss": round(loss, 4), "perplexity_ratio": round(math.exp(loss - dense_loss), 4),
                         "error_sum": round(sum(errors), 3), "layer_errors": [round(e, 4) for e in errors]}

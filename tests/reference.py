@@ -234,6 +234,32 @@ def mean_query_block_probs(q: torch.Tensor, k: torch.Tensor, grid, scaling: floa
     return _group_block_probs(per_head, groups, block_causal(grid))
 
 
+def sub_block_mean_key_probs(q: torch.Tensor, k: torch.Tensor, grid, scaling: float, sub: int) -> torch.Tensor:
+    """One batch row. Queries in sub-blocks of `sub` positions; each sub-block's mean query gives key block j (mean
+    key k̄_j) the mass |j| exp(scaling q̄ · k̄_j), normalised over the key blocks starting at or before its last
+    query; a query block's mass is the mean of its sub-blocks' masses weighted by their queries."""
+    groups = q.shape[0] // k.shape[0]
+    offset = grid.keys - grid.queries
+    q_members, k_members = _block_members(grid)
+    per_head = []
+    for h in range(q.shape[0]):
+        rows = []
+        for qs in q_members:
+            masses = [0.0] * len(k_members)
+            for start in sorted({(offset + i) // sub for i in qs}):
+                part = [i for i in qs if (offset + i) // sub == start]
+                q_mean = q[h, part].double().mean(0)
+                last = offset + part[-1]
+                weights = [len(ks) * math.exp(scaling * float(q_mean @ k[h // groups, ks].double().mean(0)))
+                           if ks[0] <= last else 0.0 for ks in k_members]
+                total = sum(weights)
+                for j in range(len(k_members)):
+                    masses[j] += weights[j] / total * len(part) / len(qs)
+            rows.append(masses)
+        per_head.append(rows)
+    return _group_block_probs(per_head, groups, block_causal(grid))
+
+
 def mean_key_block_probs(q: torch.Tensor, k: torch.Tensor, grid, scaling: float) -> torch.Tensor:
     """One batch row: q (H, Q, D), k (Hkv, K, D). Mass of block j for block r ∝ |j| exp(scaling q̄_r · k̄_j)."""
     groups = q.shape[0] // k.shape[0]

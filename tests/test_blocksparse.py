@@ -261,24 +261,17 @@ def test_kernel_matches_brute_force_over_the_same_blocks(kernel_build, batch, he
                                atol=3e-6, rtol=2e-5)
 
 
-@pytest.mark.parametrize("n,block,queries,key_block,sub", [(37, 8, None, 2, 4), (45, 16, 30, 4, 4), (29, 16, 7, 4, 8)])
+@pytest.mark.parametrize("n,block,queries,key_block,sub", [(37, 8, None, 2, 4), (45, 16, 30, 4, 4), (29, 16, 7, 4, 8),
+                                                         (41, 16, None, 16, 4), (37, 8, 23, 8, 1), (30, 16, 11, 8, 2)])
 def test_sub_block_mean_estimator_averages_the_sub_blocks_masses(n, block, queries, key_block, sub):
     """mean:sub=S: a query block's mass on key block j is the query-weighted mean of its S-query sub-blocks' masses
-    (each from its mean query), which differs from the mass of the whole block's mean query."""
+    (each from its mean query, over the key blocks starting by its last query), which differs from the mass of the
+    whole block's mean query; S may be smaller than a key block."""
     q, k, _ = _inputs(2, 4, 2, n, 8, seed=n, queries=queries)
-    grid, fine = BlockGrid(block, q.shape[2], n, key_block), BlockGrid(sub, q.shape[2], n, key_block)
+    grid = BlockGrid(block, q.shape[2], n, key_block)
     got = _estimated_probs(f"mean:sub={sub}", q, k, grid, 0.4)
-    offset = n - q.shape[2]
     for b in range(2):
-        fine_probs = R.mean_key_block_probs(q[b], k[b], fine, 0.4)  # (Hkv, sub-rows, Kb)
-        expected = torch.zeros_like(got[b])
-        counts = torch.zeros(grid.query_blocks, dtype=torch.float64)
-        for s in range(fine.query_blocks):
-            members = [i for i in range(q.shape[2]) if (offset + i) // sub == fine.first + s]
-            row = (offset + members[0]) // block - grid.first
-            expected[:, row] += len(members) * fine_probs[:, s]
-            counts[row] += len(members)
-        expected /= counts[None, :, None]
+        expected = R.sub_block_mean_key_probs(q[b], k[b], grid, 0.4, sub)
         torch.testing.assert_close(got[b], expected, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(got, _estimated_probs("mean", q, k, grid, 0.4), atol=1e-3)
     with pytest.raises(AttnsparseError, match="sub=3"):

@@ -4,8 +4,8 @@ Each query block's mean query is scored against each key block's mean key (scale
 a block's log-mass is that score plus the log of its key count, so a partial last block is not over-weighted.
 Cost: Qb x Kb x D per head, negligible beside attention.
 
-With `sub=S` (S divides the query block, and key blocks divide S) the queries are pooled in sub-blocks of S instead:
-each sub-block's softmax over the key blocks it may see is its guessed mass, and a query block's mass is the mean of
+With `sub=S` (S divides the query block) the queries are pooled in sub-blocks of S instead: each sub-block's
+softmax over the key blocks it may see (those starting at or before its last query) is its guessed mass, and a query block's mass is the mean of
 its sub-blocks' (weighted by their queries). The softmax of one mean query over a block of 64 dilutes what only a
 few of its queries look for (an induction target, a copied span); averaging masses keeps it. Cost: (Q/S) x Kb x D.
 """
@@ -46,18 +46,30 @@ class MeanKey(BlockEstimator):
                  layer_idx: int) -> torch.Tensor:
         if not self.sub or self.sub == grid.block:
             return _pooled_log_mass(query, key, grid, scaling)
-        if grid.block % self.sub or self.sub % grid.key_block:
-            raise AttnsparseError(f"mean:sub={self.sub} must divide the query block {grid.block} and be a multiple "
-                                  f"of the key block {grid.key_block}")
-        fine = BlockGrid(self.sub, grid.queries, grid.keys, grid.key_block)
-        probs = _pooled_log_mass(query, key, fine, scaling).exp()  # (B, Hkv, sub-rows, Kb), rows sum to 1
-        sub_queries, _ = fine.counts(query.device)
-        first_position = (torch.arange(fine.query_blocks, device=query.device) + fine.first) * fine.block
-        rows = grid.query_block_of(first_position)  # the query block of each sub-block
-        sums = torch.zeros(*probs.shape[:2], grid.query_blocks, grid.key_blocks, device=query.device)
-        sums.index_add_(2, rows, probs * sub_queries[:, None])
-        queries, _ = grid.counts(query.device)
-        return (sums / queries[:, None]).log()
+        if grid.block % self.sub:
+            raise AttnsparseError(f"mean:sub={self.sub} must divide the query block {grid.block}")
+        return _sub_block_log_mass(query, key, grid, scaling, self.sub)
+
+
+def _sub_block_log_mass(query: torch.Tensor, key: torch.Tensor, grid: BlockGrid, scaling: float,
+                        sub: int) -> torch.Tensor:
+    """Per kv group log-masses from sub-blocks of `sub` queries: each sub-block's mean query softmaxed over the key
+    blocks it may see (mean keys), the softmaxes averaged into the query block, weighted by their queries."""
+    groups = query.shape[1] // key.shape[1]
+    fine = BlockGrid(sub, grid.queries, grid.keys, 1)  # sub-blocks of queries; the key grid is the coarse one's
+    pooled_q = fine.pool_queries(query)  # (B, H, S, D)
+    pooled_k = grid.pool_keys(key).repeat_interleave(groups, dim=1)  # (B, H, Kb, D)
+    _, key_counts = grid.counts(query.device)
+    sub_queries, _ = fine.counts(query.device)
+    first_position = (torch.arange(fine.query_blocks, device=query.device) + fine.first) * sub
+    last_query = (first_position + sub).clamp(max=grid.keys) - 1
+    hidden = torch.arange(grid.key_blocks, device=query.device)[None, :] * grid.key_block > last_query[:, None]
+    logits = (pooled_q @ pooled_k.transpose(-1, -2)) * scaling + key_counts.log()
+    probs = torch.softmax(logits.masked_fill(hidden, float("-inf")), dim=-1)  # (B, H, S, Kb)
+    sums = torch.zeros(*probs.shape[:2], grid.query_blocks, grid.key_blocks, device=query.device)
+    sums.index_add_(2, grid.query_block_of(first_position.clamp(min=grid.offset)), probs * sub_queries[:, None])
+    queries, _ = grid.counts(query.device)
+    return group_mean_log((sums / queries[:, None]).log(), groups, grid.causal(query.device))
 
 
 def _pooled_log_mass(query: torch.Tensor, key: torch.Tensor, grid: BlockGrid, scaling: float) -> torch.Tensor:
