@@ -103,12 +103,13 @@ def chunk_transposed_keys(key: torch.Tensor) -> torch.Tensor:
     batch, kv_heads, keys, dim = key.shape
     chunks = -(-keys // KEY_CHUNK)
     padded = torch.nn.functional.pad(key, (0, 0, 0, chunks * KEY_CHUNK - keys))
-    return padded.view(batch, kv_heads, chunks, KEY_CHUNK, dim).transpose(-1, -2).contiguous()
+    return padded.reshape(batch, kv_heads, chunks, KEY_CHUNK, dim).transpose(-1, -2).contiguous()
 
 
 def block_lists(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A block mask (B, Hkv, Qb, Kb) as compressed rows: offsets (B*Hkv*Qb + 1,) and ascending key-block indices,
-    int64 (the kernel's input; row (b, h, r) keeps index[offsets[i] : offsets[i + 1]] with i = (b*Hkv + h)*Qb + r)."""
+    """A block mask (B, S, Qb, Kb), S selections (kv groups or query heads), as compressed rows: offsets
+    (B*S*Qb + 1,) and ascending key-block indices, int64 (the kernel's input; row (b, s, r) keeps
+    index[offsets[i] : offsets[i + 1]] with i = (b*S + s)*Qb + r)."""
     flat = blocks.reshape(-1, blocks.shape[-1])
     offsets = torch.zeros(flat.shape[0] + 1, dtype=torch.int64)
     offsets[1:] = flat.sum(-1).cumsum(0)
