@@ -88,3 +88,12 @@ def test_kernel_build_fixture_switches_the_build(kernel_build: str) -> None:
         pytest.skip("no C compiler")
     vector = native.function("blockattn", "vector_paths", "")()
     assert vector == 0 if kernel_build == "portable" else vector == 7 or not {"avx2", "fma", "f16c"} <= _cpu_flags()
+
+
+def test_build_cache_key_tells_apart_hosts_that_share_a_model_name() -> None:
+    """A -march=native build keyed on a generic model name alone would load on a host without its extensions."""
+    model = "model name\t: Intel(R) Xeon(R) Processor\n"
+    with_512 = native._cpu_model(model + "flags\t\t: fpu sse avx2 fma avx512f avx512bw\n")
+    without = native._cpu_model(model + "flags\t\t: fpu sse avx2 fma\n")
+    assert with_512 != without and "Xeon" in with_512 and "avx512f" in with_512
+    assert "asimd" in native._cpu_model("Features\t: fp asimd sve\n")  # arm64 names its flags "Features"

@@ -45,14 +45,17 @@ def _target_flags() -> list[str]:
     return ["-march=x86-64"] if platform.machine().lower() in ("x86_64", "amd64") else []
 
 
-def _cpu_model() -> str:
+def _cpu_model(cpuinfo: str | None = None) -> str:
+    """The CPU's model name and feature flags from /proc/cpuinfo (or `cpuinfo`): both, since a generic model name
+    such as "Intel(R) Xeon(R) Processor" covers hosts with and without AVX-512, and a -march=native build for one
+    must not load on the other (the build cache is keyed on this)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
-                return line
+        lines = (Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo).splitlines()
     except OSError:
-        pass
-    return platform.processor()
+        return platform.processor()
+    model = next((line for line in lines if line.startswith("model name")), "")
+    flags = next((line for line in lines if line.startswith(("flags", "Features"))), "")
+    return f"{model} {flags}".strip() or platform.processor()
 
 
 @cache
