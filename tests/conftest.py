@@ -98,6 +98,41 @@ def kernel_build(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
     native.forget()  # the environment is restored right after; kernels load again lazily under it
 
 
+def cpu_flags() -> set[str]:
+    """This machine's CPU feature flags (empty where /proc/cpuinfo has none)."""
+    from pathlib import Path
+
+    try:
+        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags"))
+    except (OSError, StopIteration):
+        return set()
+    return set(line.split(":", 1)[1].split())
+
+
+@pytest.fixture(params=("native", "portable", "avx2"))
+def wide_kernel_build(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """`kernel_build` for a kernel with AVX-512 tiles beside its AVX2 ones: on an AVX-512 host the native build runs
+    the AVX-512 path and the "avx2" build (ATTNSPARSE_NATIVE_PORTABLE=avx2) the AVX2 one; elsewhere "avx2" is what
+    native already runs and is skipped. Yields (build, the vector path the kernel must report: 2, 1 or 0)."""
+    from attnsparse.core import native
+
+    flags = cpu_flags()
+    has_avx2 = {"avx2", "fma", "f16c"} <= flags
+    build = request.param
+    if build == "avx2" and not (has_avx2 and "avx512f" in flags):
+        pytest.skip("the native build already runs the AVX2 paths here (or the CPU has none)")
+    monkeypatch.setenv("ATTNSPARSE_NATIVE", "1")
+    if build == "native":
+        monkeypatch.delenv("ATTNSPARSE_NATIVE_PORTABLE", raising=False)
+        expected = 2 if "avx512f" in flags else 1 if has_avx2 else 0
+    else:
+        monkeypatch.setenv("ATTNSPARSE_NATIVE_PORTABLE", "1" if build == "portable" else "avx2")
+        expected = 0 if build == "portable" else 1
+    native.forget()
+    yield build, expected
+    native.forget()
+
+
 @pytest.fixture
 def block_kv():
     """Factory: random decode-step inputs in block layout, seeded: (q, keys, key_blocks, value_blocks).

@@ -244,8 +244,8 @@ def test_estimators_match_brute_force_block_masses(estimator, n, block, queries,
     (1, 2, 2, 61, 16, 36, 50, 12),  # key blocks of 12: copied runs that cross 16-key panels
 ])
 @pytest.mark.parametrize("per_head", [False, True])
-def test_kernel_matches_brute_force_over_the_same_blocks(kernel_build, batch, heads, kv_heads, n, dim, block, queries,
-                                                         key_block, per_head):
+def test_kernel_matches_brute_force_over_the_same_blocks(wide_kernel_build, batch, heads, kv_heads, n, dim, block,
+                                                         queries, key_block, per_head):
     """Per kv group (the group's heads share kept blocks) and per query head (each head its own blocks, read from
     its kv head's keys)."""
     from attnsparse.core import native
@@ -256,7 +256,7 @@ def test_kernel_matches_brute_force_over_the_same_blocks(kernel_build, batch, he
     keep = R.block_keep_tokens(blocks, grid, 1 if per_head else heads // kv_heads)
     expected = R.attention(q, k, v, dim**-0.5, keep=keep).transpose(1, 2)
     kernel = native.load("blocksparse")
-    assert kernel is not None and kernel.vector_paths() == (0 if kernel_build == "portable" else 1)
+    assert kernel is not None and kernel.vector_paths() == wide_kernel_build[1]
     torch.testing.assert_close(block_sparse_attention(q, k, v, blocks, grid, dim**-0.5), expected,
                                atol=3e-6, rtol=2e-5)
 

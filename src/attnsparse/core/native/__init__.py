@@ -6,7 +6,8 @@ ATTNSPARSE_NATIVE=0, `load` returns None and callers use their numpy path: resul
 
 Kernels are built for the CPU they run on (-march=native: AVX2/FMA/F16C paths where it has them).
 ATTNSPARSE_NATIVE_PORTABLE=1 builds for the baseline of the architecture instead (x86-64: no AVX2, FMA or F16C),
-under its own cache key, so the portable paths can be run and tested on any machine.
+under its own cache key, so the portable paths can be run and tested on any machine; ATTNSPARSE_NATIVE_PORTABLE=avx2
+builds for x86-64-v3 (AVX2, FMA, F16C, no AVX-512), so an AVX-512 host also runs the AVX2 paths.
 """
 
 from __future__ import annotations
@@ -35,14 +36,22 @@ def enabled() -> bool:
 
 def portable() -> bool:
     """True when kernels are to be built without the CPU's own extensions (ATTNSPARSE_NATIVE_PORTABLE=1)."""
-    return os.environ.get("ATTNSPARSE_NATIVE_PORTABLE", "0").strip() in ("1", "true", "yes", "on")
+    return _portable_setting() in ("1", "true", "yes", "on")
+
+
+def _portable_setting() -> str:
+    return os.environ.get("ATTNSPARSE_NATIVE_PORTABLE", "0").strip().lower()
 
 
 def _target_flags() -> list[str]:
-    """-march=native, or the architecture's baseline for a portable build."""
+    """-march=native; the architecture's baseline for a portable build; with ATTNSPARSE_NATIVE_PORTABLE=avx2 on
+    x86-64, AVX2/FMA/F16C without AVX-512 (x86-64-v3: how an AVX-512 host tests the paths other hosts take)."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    if _portable_setting() == "avx2" and x86:
+        return ["-march=x86-64-v3"]
     if not portable():
         return ["-march=native"]
-    return ["-march=x86-64"] if platform.machine().lower() in ("x86_64", "amd64") else []
+    return ["-march=x86-64"] if x86 else []
 
 
 def _cpu_model(cpuinfo: str | None = None) -> str:

@@ -13,13 +13,20 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
-#define VECTOR_KERNELS 1
+#define VECTOR_KERNELS 2 /* 16-float vectors: one per panel row */
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define VECTOR_KERNELS 1 /* 8-float vectors: two per panel row */
 #endif
 
-#define ROWS 4   /* rows of the register tile */
-#define COLS 16  /* columns of the register tile: two 8-float vectors */
+#if VECTOR_KERNELS == 2
+#define ROWS 8   /* rows of the register tile */
+#else
+#define ROWS 4
+#endif
+#define COLS 16  /* columns of the register tile: one 16-float or two 8-float vectors */
 
 /* exp(x) for x <= 0 in float32 (relative error ~2e-7): 2^(x log2 e) as an integer power times a degree-6
  * polynomial on [-ln2/2, ln2/2]; branch-free so the loops over a row vectorize; arguments below -87 give 0. */
@@ -44,7 +51,19 @@ static inline float exp_nonpositive(float x) {
 static void score_tile(const float *q, const float *const *kp, int64_t rows, int64_t dim, int64_t panels,
                        int64_t width, float *s) {
     int64_t r = 0;
-#ifdef VECTOR_KERNELS
+#if VECTOR_KERNELS == 2
+    for (; r + ROWS <= rows; r += ROWS)
+        for (int64_t n = 0; n < panels; n++) {
+            const float *kt = kp[n];
+            __m512 a[ROWS];
+            for (int i = 0; i < ROWS; i++) a[i] = _mm512_setzero_ps();
+            for (int64_t d = 0; d < dim; d++) {
+                __m512 k0 = _mm512_loadu_ps(kt + d * CHUNK);
+                for (int i = 0; i < ROWS; i++) a[i] = _mm512_fmadd_ps(_mm512_set1_ps(q[(r + i) * dim + d]), k0, a[i]);
+            }
+            for (int i = 0; i < ROWS; i++) _mm512_storeu_ps(s + (r + i) * width + n * CHUNK, a[i]);
+        }
+#elif VECTOR_KERNELS == 1
     for (; r + ROWS <= rows; r += ROWS)
         for (int64_t n = 0; n < panels; n++) {
             const float *kt = kp[n];
@@ -82,7 +101,20 @@ static void score_tile(const float *q, const float *const *kp, int64_t rows, int
 static void weigh_tile(const float *p, int64_t stride, const float *const *vp, int64_t rows, int64_t len,
                        int64_t dim, float *o) {
     int64_t r = 0;
-#ifdef VECTOR_KERNELS
+#if VECTOR_KERNELS == 2
+    if (dim % COLS == 0)
+        for (; r + ROWS <= rows; r += ROWS)
+            for (int64_t d = 0; d < dim; d += COLS) {
+                __m512 a[ROWS];
+                for (int i = 0; i < ROWS; i++) a[i] = _mm512_loadu_ps(o + (r + i) * dim + d);
+                for (int64_t c = 0; c < len; c++) {
+                    __m512 v0 = _mm512_loadu_ps(vp[c / CHUNK] + (c % CHUNK) * dim + d);
+                    for (int i = 0; i < ROWS; i++)
+                        a[i] = _mm512_fmadd_ps(_mm512_set1_ps(p[(r + i) * stride + c]), v0, a[i]);
+                }
+                for (int i = 0; i < ROWS; i++) _mm512_storeu_ps(o + (r + i) * dim + d, a[i]);
+            }
+#elif VECTOR_KERNELS == 1
     if (dim % COLS == 0)
         for (; r + ROWS <= rows; r += ROWS)
             for (int64_t d = 0; d < dim; d += COLS) {
@@ -290,10 +322,11 @@ int block_sparse_prefill(const float *q, const float *kc, const float *v, const 
     return failed ? -1 : 0;
 }
 
-/* 1 when this build has the AVX2 + FMA tiles, 0 for the portable loops (tests check both builds ran). */
+/* 2 when this build has the AVX-512 tiles, 1 for AVX2 + FMA, 0 for the portable loops (tests check each build
+ * ran the path it was built for). */
 int vector_paths(void) {
 #ifdef VECTOR_KERNELS
-    return 1;
+    return VECTOR_KERNELS;
 #else
     return 0;
 #endif
