@@ -222,18 +222,16 @@ def _select_density(probs: torch.Tensor, causal: torch.Tensor, forced: torch.Ten
         return keep
     candidates = (causal & ~forced).expand_as(probs)
     ranked = probs.masked_fill(~candidates, -1.0).reshape(batch, heads, -1)
-    # the first `extra` of a stable descending sort, without sorting: topk's `extra` largest (~10x faster than a sort
-    # of the map), unless entries equal to the smallest of them are left out, when the earliest of those go in
+    # the first `extra` of a stable descending sort, without sorting: everything at or above the extra-th largest value
+    # (topk finds it ~10x faster than a sort of the map), unless that takes more than `extra` (ties at the value),
+    # when the earliest of the tied entries fill what is left
     extra = min(extra, ranked.shape[-1])
-    values, index = torch.topk(ranked, extra, dim=-1, sorted=False)
-    threshold = values.amin(dim=-1, keepdim=True)
-    ties = ranked == threshold
-    if bool((torch.count_nonzero(ties, dim=-1) > torch.count_nonzero(values == threshold, dim=-1)).any()):
+    threshold = torch.topk(ranked, extra, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+    chosen = ranked >= threshold
+    if bool((torch.count_nonzero(chosen, dim=-1) > extra).any()):  # ties at the threshold left out: the earliest
         above = ranked > threshold
-        ties &= ties.cumsum(dim=-1) <= extra - above.sum(dim=-1, keepdim=True)
-        chosen = above | ties
-    else:
-        chosen = torch.zeros_like(ties).scatter_(-1, index, True)
+        ties = ranked == threshold
+        chosen = above | (ties & (ties.cumsum(dim=-1) <= extra - above.sum(dim=-1, keepdim=True)))
     return keep | (chosen.view_as(keep) & candidates)
 
 

@@ -75,8 +75,8 @@ def _sub_block_log_mass(query: torch.Tensor, key: torch.Tensor, grid: BlockGrid,
 def _pooled_log_mass(query: torch.Tensor, key: torch.Tensor, grid: BlockGrid, scaling: float) -> torch.Tensor:
     """Per kv group log-masses from each query block's mean query against each key block's mean key."""
     groups = query.shape[1] // key.shape[1]
-    pooled_q = grid.pool_queries(query)  # (B, H, Qb, D)
+    pooled_q = grid.pool_queries(query) * scaling  # (B, H, Qb, D), scaled here rather than the (Qb, Kb) map
     pooled_k = grid.pool_keys(key).repeat_interleave(groups, dim=1)  # (B, H, Kb, D)
     _, key_counts = grid.counts(query.device)
-    logits = (pooled_q @ pooled_k.transpose(-1, -2)) * scaling + key_counts.log()
+    logits = (pooled_q @ pooled_k.transpose(-1, -2)).add_(key_counts.log())
     return group_mean_log(logits, groups, grid.causal(query.device))

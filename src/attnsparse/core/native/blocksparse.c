@@ -243,6 +243,7 @@ static void run_item(const Job *j, int64_t item, Scratch *w) {
                 continue;
             }
             float top = w->m[i];
+#pragma omp simd reduction(max : top)
             for (int64_t c = 0; c < seen; c++) top = s[c] > top ? s[c] : top;
             float alpha = exp_nonpositive(w->m[i] - top), total = 0.0f; /* m = -inf first: alpha 0 */
 #pragma omp simd reduction(+ : total)
