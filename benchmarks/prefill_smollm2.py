@@ -71,7 +71,10 @@ def main() -> None:
     parser.add_argument("--density", type=float, default=0.1)
     parser.add_argument("--blocks", default=str(DEFAULT_BLOCK),
                         help="comma list of block sizes: B, or QxK for queries in blocks of Q and keys in blocks of K")
-    parser.add_argument("--estimators", default=",".join(ESTIMATORS), help="comma list of estimators")
+    parser.add_argument("--estimators", default=",".join(ESTIMATORS),
+                        help="comma list of estimators (';' between them when their keywords hold commas)")
+    parser.add_argument("--results", default=None, help="result file name (default: from the parts, blocks and "
+                                                         "estimators)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--ttft-rounds", type=int, default=2)
     parser.add_argument("--layer", type=int, default=15)
@@ -88,7 +91,8 @@ def main() -> None:
     model = loaded.model.eval()
     windows = load_windows(loaded.tokenizer, args.data, args.ctx, count=args.windows)
     blocks = [b.strip() for b in args.blocks.split(",") if b.strip()]  # B or QxK (queries in Q, keys in K)
-    estimators = [e.strip() for e in args.estimators.split(",") if e.strip()]
+    separator = ";" if ";" in args.estimators else ","  # ';' when an estimator's keywords hold commas
+    estimators = [e.strip() for e in args.estimators.split(separator) if e.strip()]
     policies = [parse_policy(f"blocksparse:{b}:{args.density:g}:{e}") for b in blocks for e in estimators]
     result: dict = {"ctx": args.ctx, "windows": args.windows, "blocks": blocks, "density": args.density,
                     "model": "smollm2-135m (embedded GGUF Q4_1, dequantised to float32)",
@@ -125,7 +129,7 @@ def main() -> None:
         name += "_blocks" + "-".join(blocks)
     if estimators != ["mean"] and estimators != list(ESTIMATORS):  # earlier files: the default set, or mean
         name += "_" + "-".join(e.replace(":", "").replace("=", "") for e in estimators)
-    print("wrote", write_result(name, result))
+    print("wrote", write_result(args.results or name, result))
 
 
 def _attention(model: torch.nn.Module, ids: torch.Tensor, policies: list, layer: int, rounds: int) -> dict:
