@@ -10,7 +10,7 @@ import torch
 from attnsparse.attention.backend import sparse_attention
 from attnsparse.errors import AttnsparseError
 from attnsparse.gate import BlockGate, GateConfig, block_kl
-from attnsparse.gate.model import prepared_kl
+from attnsparse.gate.model import pool_keys, pool_queries, prepared_kl
 from attnsparse.gate.observer import BlockPoolRecorder
 from attnsparse.gate.train import collect_features, features_kl, fit_gate, stack_windows
 from tests.model_reference import float64_twin, reference_attention, sharpened_llama
@@ -470,3 +470,15 @@ def test_gate_command_run_directory_resume_and_errors(tiny_dir, tmp_path) -> Non
     resumed = CliRunner().invoke(app, base)
     assert resumed.exit_code == 0, resumed.output
     assert json.loads((out / "gate.json").read_text())["notes"]["windows_reused"] == 3  # ... reuses its features
+
+
+@pytest.mark.parametrize("length,block", [(32, 8), (37, 8), (5, 8), (16, 16)])
+def test_pooled_keys_are_each_blocks_mean_max_and_min(length, block):
+    """The gate's key features, with and without a partial last block, against a loop over each block's own keys."""
+    key = torch.randn(2, 3, length, 4, generator=torch.Generator().manual_seed(length))
+    got, got_q = pool_keys(key, block), pool_queries(key, block)
+    for j in range(-(-length // block)):
+        own = key[:, :, j * block:(j + 1) * block]
+        expected = torch.cat([own.mean(2), own.amax(2), own.amin(2)], dim=-1)
+        torch.testing.assert_close(got[:, :, j], expected)
+        torch.testing.assert_close(got_q[:, :, j], own.mean(2))

@@ -177,7 +177,8 @@ def pool_queries(query: torch.Tensor, block: int) -> torch.Tensor:
     """(B, H, Q, D) -> (B, H, ceil(Q / block), D): the mean query of each block (a partial last block: its own)."""
     batch, heads, length, dim = query.shape
     blocks = -(-length // block)
-    padded = torch.nn.functional.pad(query.float(), (0, 0, 0, blocks * block - length))
+    pad = blocks * block - length
+    padded = torch.nn.functional.pad(query.float(), (0, 0, 0, pad)) if pad else query.float().contiguous()
     counts = torch.full((blocks,), float(block), device=query.device)
     counts[-1] = length - (blocks - 1) * block
     return padded.view(batch, heads, blocks, block, dim).sum(3) / counts[:, None]
@@ -188,10 +189,13 @@ def pool_keys(key: torch.Tensor, block: int) -> torch.Tensor:
     batch, heads, length, dim = key.shape
     blocks = -(-length // block)
     pad = blocks * block - length
-    k = key.float()
+    k = key.float().contiguous()
     mean = pool_queries(k, block)
-    top = torch.nn.functional.pad(k, (0, 0, 0, pad), value=float("-inf")).view(batch, heads, blocks, block, dim)
-    bottom = torch.nn.functional.pad(k, (0, 0, 0, pad), value=float("inf")).view(batch, heads, blocks, block, dim)
+    if not pad:  # no padding: one view serves both extremes
+        top = bottom = k.view(batch, heads, blocks, block, dim)
+    else:
+        top = torch.nn.functional.pad(k, (0, 0, 0, pad), value=float("-inf")).view(batch, heads, blocks, block, dim)
+        bottom = torch.nn.functional.pad(k, (0, 0, 0, pad), value=float("inf")).view(batch, heads, blocks, block, dim)
     return torch.cat([mean, top.amax(3), bottom.amin(3)], dim=-1)
 
 
