@@ -62,9 +62,9 @@ class GateEstimator(BlockEstimator):
                 f"{config.kv_heads} kv heads x {config.head_dim} dims ({config.model or 'unknown model'}) but layer "
                 f"{layer_idx} has {query.shape[1]} / {key.shape[1]} x {query.shape[-1]}; train a gate for this model")
         rows = torch.arange(grid.query_blocks, device=query.device) + grid.first
-        with torch.no_grad():
-            log_probs = gate.log_probs(layer_idx, grid.pool_queries(query), pool_keys(key, grid.block), rows)
-        return group_mean_log(log_probs, 1 if per_head else config.groups, grid.causal(query.device))
+        with torch.no_grad():  # logits are log-masses up to each row's normaliser, which every reader applies
+            logits = gate.logits(layer_idx, grid.pool_queries(query), pool_keys(key, grid.block), rows)
+        return group_mean_log(logits, 1 if per_head else config.groups, grid.causal(query.device))
 
 
 @functools.lru_cache(maxsize=8)
