@@ -214,65 +214,61 @@ def _block_members(grid) -> tuple[list[list[int]], list[list[int]]]:
     return q_members, k_members
 
 
-def mean_query_block_probs(q: torch.Tensor, k: torch.Tensor, grid, scaling: float) -> torch.Tensor:
-    """One batch row. Each query block's mean query against every key at or before the block's last query: its
-    softmax summed per key block."""
+def _per_block_rows(q: torch.Tensor, k: torch.Tensor, grid, row) -> torch.Tensor:
+    """Block masses from `row(q_h (Q, D), k_h (K, D), query indices of a block, offset, key blocks)` -> one mass per
+    key block, for each query head and query block; then normalised over visible blocks and averaged per group."""
     groups = q.shape[0] // k.shape[0]
     offset = grid.keys - grid.queries
     q_members, k_members = _block_members(grid)
-    per_head = []
-    for h in range(q.shape[0]):
-        rows = []
-        for qs in q_members:
-            q_mean = q[h, qs].double().mean(0)
-            last = offset + qs[-1]
-            logits = [scaling * float(q_mean @ k[h // groups, t].double()) for t in range(last + 1)]
-            top = max(logits)
-            weights = [math.exp(x - top) for x in logits]
-            rows.append([sum(weights[t] for t in ks if t <= last) / sum(weights) for ks in k_members])
-        per_head.append(rows)
+    per_head = [[row(q[h].double(), k[h // groups].double(), qs, offset, k_members) for qs in q_members]
+                for h in range(q.shape[0])]
     return _group_block_probs(per_head, groups, block_causal(grid))
+
+
+def _softmax(logits: list[float]) -> list[float]:
+    top = max(logits)
+    weights = [math.exp(x - top) for x in logits]
+    return [w / sum(weights) for w in weights]
+
+
+def mean_query_block_probs(q: torch.Tensor, k: torch.Tensor, grid, scaling: float) -> torch.Tensor:
+    """One batch row. Each query block's mean query against every key at or before the block's last query: its
+    softmax summed per key block."""
+
+    def row(qh, kh, qs, offset, k_members):
+        last = offset + qs[-1]
+        probs = _softmax([scaling * float(qh[qs].mean(0) @ kh[t]) for t in range(last + 1)])
+        return [sum(probs[t] for t in ks if t <= last) for ks in k_members]
+
+    return _per_block_rows(q, k, grid, row)
 
 
 def sub_block_mean_key_probs(q: torch.Tensor, k: torch.Tensor, grid, scaling: float, sub: int) -> torch.Tensor:
     """One batch row. Queries in sub-blocks of `sub` positions; each sub-block's mean query gives key block j (mean
     key k̄_j) the mass |j| exp(scaling q̄ · k̄_j), normalised over the key blocks starting at or before its last
     query; a query block's mass is the mean of its sub-blocks' masses weighted by their queries."""
-    groups = q.shape[0] // k.shape[0]
-    offset = grid.keys - grid.queries
-    q_members, k_members = _block_members(grid)
-    per_head = []
-    for h in range(q.shape[0]):
-        rows = []
-        for qs in q_members:
-            masses = [0.0] * len(k_members)
-            for start in sorted({(offset + i) // sub for i in qs}):
-                part = [i for i in qs if (offset + i) // sub == start]
-                q_mean = q[h, part].double().mean(0)
-                last = offset + part[-1]
-                weights = [len(ks) * math.exp(scaling * float(q_mean @ k[h // groups, ks].double().mean(0)))
-                           if ks[0] <= last else 0.0 for ks in k_members]
-                total = sum(weights)
-                for j in range(len(k_members)):
-                    masses[j] += weights[j] / total * len(part) / len(qs)
-            rows.append(masses)
-        per_head.append(rows)
-    return _group_block_probs(per_head, groups, block_causal(grid))
+
+    def row(qh, kh, qs, offset, k_members):
+        masses = [0.0] * len(k_members)
+        for start in sorted({(offset + i) // sub for i in qs}):
+            part = [i for i in qs if (offset + i) // sub == start]
+            q_mean, last = qh[part].mean(0), offset + part[-1]
+            weights = [len(ks) * math.exp(scaling * float(q_mean @ kh[ks].mean(0))) if ks[0] <= last else 0.0
+                       for ks in k_members]
+            for j, weight in enumerate(weights):
+                masses[j] += weight / sum(weights) * len(part) / len(qs)
+        return masses
+
+    return _per_block_rows(q, k, grid, row)
 
 
 def mean_key_block_probs(q: torch.Tensor, k: torch.Tensor, grid, scaling: float) -> torch.Tensor:
     """One batch row: q (H, Q, D), k (Hkv, K, D). Mass of block j for block r ∝ |j| exp(scaling q̄_r · k̄_j)."""
-    groups = q.shape[0] // k.shape[0]
-    q_members, k_members = _block_members(grid)
-    per_head = []
-    for h in range(q.shape[0]):
-        rows = []
-        for qs in q_members:
-            q_mean = q[h, qs].double().mean(0)
-            rows.append([len(ks) * math.exp(scaling * float(q_mean @ k[h // groups, ks].double().mean(0)))
-                         for ks in k_members])
-        per_head.append(rows)
-    return _group_block_probs(per_head, groups, block_causal(grid))
+
+    def row(qh, kh, qs, offset, k_members):
+        return [len(ks) * math.exp(scaling * float(qh[qs].mean(0) @ kh[ks].mean(0))) for ks in k_members]
+
+    return _per_block_rows(q, k, grid, row)
 
 
 def antidiagonal_block_probs(q: torch.Tensor, k: torch.Tensor, grid, scaling: float, stride: int) -> torch.Tensor:
@@ -337,24 +333,16 @@ def vertical_slash_block_probs(q: torch.Tensor, k: torch.Tensor, grid, scaling: 
 def exact_block_probs(q: torch.Tensor, k: torch.Tensor, grid, scaling: float) -> torch.Tensor:
     """One batch row. Each query's softmax over the keys at or before it, summed per key block, averaged over the
     query block's queries: the true block-pooled attention."""
-    groups = q.shape[0] // k.shape[0]
-    offset = grid.keys - grid.queries
-    q_members, k_members = _block_members(grid)
-    per_head = []
-    for h in range(q.shape[0]):
-        rows = []
-        for qs in q_members:
-            masses = [0.0] * len(k_members)
-            for i in qs:
-                logits = [scaling * float(q[h, i].double() @ k[h // groups, t].double()) for t in range(offset + i + 1)]
-                top = max(logits)
-                weights = [math.exp(x - top) for x in logits]
-                total = sum(weights)
-                for j, ks in enumerate(k_members):
-                    masses[j] += sum(weights[t] for t in ks if t <= offset + i) / total / len(qs)
-            rows.append(masses)
-        per_head.append(rows)
-    return _group_block_probs(per_head, groups, block_causal(grid))
+
+    def row(qh, kh, qs, offset, k_members):
+        masses = [0.0] * len(k_members)
+        for i in qs:
+            probs = _softmax([scaling * float(qh[i] @ kh[t]) for t in range(offset + i + 1)])
+            for j, ks in enumerate(k_members):
+                masses[j] += sum(probs[t] for t in ks if t <= offset + i) / len(qs)
+        return masses
+
+    return _per_block_rows(q, k, grid, row)
 
 
 # ---- block top-k decoding, row by row (decode policy `block:B:BUDGET`, mean-key score) -------------------------

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from attnsparse.core import native
+from tests.conftest import cpu_flags
 
 
 def test_switched_off_or_no_working_compiler_gives_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -57,14 +58,6 @@ def test_kernels_share_torchs_openmp_runtime() -> None:
     assert len(runtimes) <= 1, runtimes
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags"))
-    except (OSError, StopIteration):
-        return set()
-    return set(line.split(":", 1)[1].split())
-
-
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
 def test_portable_build_has_its_own_cache_entry_and_no_vector_paths(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
@@ -79,7 +72,7 @@ def test_portable_build_has_its_own_cache_entry_and_no_vector_paths(tmp_path: Pa
     native.forget()
     assert len(list((tmp_path / "native").glob("blockattn-*.so"))) == 2
     assert paths["1"] == 0
-    if {"avx2", "fma", "f16c"} <= _cpu_flags():
+    if {"avx2", "fma", "f16c"} <= cpu_flags():
         assert paths["0"] == 7  # this machine's build takes the AVX2/FMA/F16C paths
 
 
@@ -87,7 +80,7 @@ def test_kernel_build_fixture_switches_the_build(kernel_build: str) -> None:
     if shutil.which("cc") is None:
         pytest.skip("no C compiler")
     vector = native.function("blockattn", "vector_paths", "")()
-    assert vector == 0 if kernel_build == "portable" else vector == 7 or not {"avx2", "fma", "f16c"} <= _cpu_flags()
+    assert vector == 0 if kernel_build == "portable" else vector == 7 or not {"avx2", "fma", "f16c"} <= cpu_flags()
 
 
 def test_build_cache_key_tells_apart_hosts_that_share_a_model_name() -> None:

@@ -146,6 +146,31 @@ class BlockEstimator:
         raise NotImplementedError
 
 
+@dataclass(frozen=True)
+class ChunkedEstimator(BlockEstimator):
+    """An estimator whose one keyword, `chunk=C` (C >= 1, default `default_chunk`), sets how much of the call one
+    pass works on: memory, never the result."""
+
+    chunk: int | None = None
+    default_chunk: ClassVar[int] = 1
+    chunk_unit: ClassVar[str] = "queries"
+
+    def __post_init__(self) -> None:
+        if self.chunk is None:
+            object.__setattr__(self, "chunk", self.default_chunk)
+        if self.chunk < 1:
+            raise AttnsparseError(f"{self.name}:chunk={self.chunk}: give a chunk of >= 1 {self.chunk_unit}")
+
+    @classmethod
+    def from_spec(cls, spec: ParsedSpec) -> ChunkedEstimator:
+        expect_fields(spec, 0, keywords=("chunk",))
+        return cls(int(spec.kwargs.get("chunk", cls.default_chunk)))
+
+    @property
+    def spec(self) -> str:
+        return self.name if self.chunk == self.default_chunk else f"{self.name}:chunk={self.chunk}"
+
+
 def group_mean_log(log_mass: torch.Tensor, groups: int, causal: torch.Tensor) -> torch.Tensor:
     """Per query head log-masses (B, H, Qb, Kb) -> per kv group (B, Hkv, Qb, Kb): each head's row normalised over
     its visible blocks, then the mean mass of the group's G heads (in log). With one head a group, the log-masses

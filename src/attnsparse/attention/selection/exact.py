@@ -9,38 +9,21 @@ is a diagnostic, never faster than dense.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from attnsparse.attention.selection.base import ESTIMATORS, BlockEstimator, BlockGrid, group_mean_log
-from attnsparse.errors import AttnsparseError
-from attnsparse.specs import ParsedSpec, expect_fields
+from attnsparse.attention.selection.base import ESTIMATORS, BlockGrid, ChunkedEstimator, group_mean_log
 
 DEFAULT_CHUNK = 512
 
 
 @ESTIMATORS.register("exact", usage="exact[:chunk=C] (queries per chunk of the dense pass, default 512)",
                      help="oracle: true block masses from dense attention (diagnostic: costs a dense attention)")
-@dataclass(frozen=True)
-class ExactMass(BlockEstimator):
-    chunk: int = DEFAULT_CHUNK
+class ExactMass(ChunkedEstimator):
+    default_chunk: ClassVar[int] = DEFAULT_CHUNK
     name: ClassVar[str] = "exact"
-
-    def __post_init__(self) -> None:
-        if self.chunk < 1:
-            raise AttnsparseError(f"exact:chunk={self.chunk}: give a chunk of >= 1 queries")
-
-    @classmethod
-    def from_spec(cls, spec: ParsedSpec) -> ExactMass:
-        expect_fields(spec, 0, keywords=("chunk",))
-        return cls(int(spec.kwargs.get("chunk", DEFAULT_CHUNK)))
-
-    @property
-    def spec(self) -> str:
-        return self.name if self.chunk == DEFAULT_CHUNK else f"{self.name}:chunk={self.chunk}"
 
     def log_mass(self, query: torch.Tensor, key: torch.Tensor, grid: BlockGrid, *, scaling: float,
                  layer_idx: int) -> torch.Tensor:

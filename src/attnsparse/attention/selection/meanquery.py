@@ -10,38 +10,22 @@ chunks of C query blocks so memory stays (C x K) per head.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from attnsparse.attention.selection.base import ESTIMATORS, BlockEstimator, BlockGrid, group_mean_log
-from attnsparse.errors import AttnsparseError
-from attnsparse.specs import ParsedSpec, expect_fields
+from attnsparse.attention.selection.base import ESTIMATORS, BlockGrid, ChunkedEstimator, group_mean_log
 
 DEFAULT_CHUNK = 64
 
 
 @ESTIMATORS.register("meanquery", usage="meanquery[:chunk=C] (query blocks per chunk, default 64)",
                      help="mean query of the query block . every key, softmax summed per key block")
-@dataclass(frozen=True)
-class MeanQuery(BlockEstimator):
-    chunk: int = DEFAULT_CHUNK
+class MeanQuery(ChunkedEstimator):
+    default_chunk: ClassVar[int] = DEFAULT_CHUNK
+    chunk_unit: ClassVar[str] = "query blocks"
     name: ClassVar[str] = "meanquery"
-
-    def __post_init__(self) -> None:
-        if self.chunk < 1:
-            raise AttnsparseError(f"meanquery:chunk={self.chunk}: give a chunk of >= 1 query blocks")
-
-    @classmethod
-    def from_spec(cls, spec: ParsedSpec) -> MeanQuery:
-        expect_fields(spec, 0, keywords=("chunk",))
-        return cls(int(spec.kwargs.get("chunk", DEFAULT_CHUNK)))
-
-    @property
-    def spec(self) -> str:
-        return self.name if self.chunk == DEFAULT_CHUNK else f"{self.name}:chunk={self.chunk}"
 
     def log_mass(self, query: torch.Tensor, key: torch.Tensor, grid: BlockGrid, *, scaling: float,
                  layer_idx: int) -> torch.Tensor:
