@@ -5,8 +5,8 @@ a block's log-mass is that score plus the log of its key count, so a partial las
 Cost: Qb x Kb x D per head, negligible beside attention.
 
 With `sub=S` (S divides the query block) the queries are pooled in sub-blocks of S instead: each sub-block's
-softmax over the key blocks it may see (those starting at or before its last query) is its guessed mass, and a query block's mass is the mean of
-its sub-blocks' (weighted by their queries). The softmax of one mean query over a block of 64 dilutes what only a
+softmax over the key blocks it may see (those starting at or before its last query) is its guessed mass, and a
+query block's mass is the mean of its sub-blocks' (weighted by their queries). The softmax of one mean query over a block of 64 dilutes what only a
 few of its queries look for (an induction target, a copied span); averaging masses keeps it. Cost: (Q/S) x Kb x D.
 """
 
@@ -57,15 +57,12 @@ def _sub_block_log_mass(query: torch.Tensor, key: torch.Tensor, grid: BlockGrid,
     blocks it may see (mean keys), the softmaxes averaged into the query block, weighted by their queries."""
     groups = query.shape[1] // key.shape[1]
     fine = BlockGrid(sub, grid.queries, grid.keys, 1)  # sub-blocks of queries; the key grid is the coarse one's
-    pooled_q = fine.pool_queries(query)  # (B, H, S, D)
-    pooled_k = grid.pool_keys(key).repeat_interleave(groups, dim=1)  # (B, H, Kb, D)
-    _, key_counts = grid.counts(query.device)
     sub_queries, _ = fine.counts(query.device)
     first_position = (torch.arange(fine.query_blocks, device=query.device) + fine.first) * sub
     last_query = (first_position + sub).clamp(max=grid.keys) - 1
     hidden = torch.arange(grid.key_blocks, device=query.device)[None, :] * grid.key_block > last_query[:, None]
-    logits = (pooled_q @ pooled_k.transpose(-1, -2)) * scaling + key_counts.log()
-    probs = torch.softmax(logits.masked_fill(hidden, float("-inf")), dim=-1)  # (B, H, S, Kb)
+    logits = _mean_key_logits(fine.pool_queries(query), key, grid, scaling)  # (B, H, S, Kb)
+    probs = torch.softmax(logits.masked_fill(hidden, float("-inf")), dim=-1)
     sums = torch.zeros(*probs.shape[:2], grid.query_blocks, grid.key_blocks, device=query.device)
     sums.index_add_(2, grid.query_block_of(first_position.clamp(min=grid.offset)), probs * sub_queries[:, None])
     queries, _ = grid.counts(query.device)
@@ -74,9 +71,13 @@ def _sub_block_log_mass(query: torch.Tensor, key: torch.Tensor, grid: BlockGrid,
 
 def _pooled_log_mass(query: torch.Tensor, key: torch.Tensor, grid: BlockGrid, scaling: float) -> torch.Tensor:
     """Per kv group log-masses from each query block's mean query against each key block's mean key."""
-    groups = query.shape[1] // key.shape[1]
-    pooled_q = grid.pool_queries(query) * scaling  # (B, H, Qb, D), scaled here rather than the (Qb, Kb) map
-    pooled_k = grid.pool_keys(key).repeat_interleave(groups, dim=1)  # (B, H, Kb, D)
-    _, key_counts = grid.counts(query.device)
-    logits = (pooled_q @ pooled_k.transpose(-1, -2)).add_(key_counts.log())
-    return group_mean_log(logits, groups, grid.causal(query.device))
+    logits = _mean_key_logits(grid.pool_queries(query), key, grid, scaling)
+    return group_mean_log(logits, query.shape[1] // key.shape[1], grid.causal(query.device))
+
+
+def _mean_key_logits(pooled_q: torch.Tensor, key: torch.Tensor, grid: BlockGrid, scaling: float) -> torch.Tensor:
+    """scaling x pooled queries (B, H, N, D) . each key block's mean key, plus the log of its key count: (B, H, N, Kb)."""
+    pooled_k = grid.pool_keys(key).repeat_interleave(pooled_q.shape[1] // key.shape[1], dim=1)  # (B, H, Kb, D)
+    _, key_counts = grid.counts(key.device)
+    # scaled on the pooled queries rather than on the (N, Kb) map
+    return ((pooled_q * scaling) @ pooled_k.transpose(-1, -2)).add_(key_counts.log())
