@@ -60,6 +60,9 @@ def condense_command(
     synthetic: float | None = typer.Option(
         None, "--synthetic", help="Share of the training text made of synthetic retrieval/copy documents."
     ),
+    sampled: int | None = typer.Option(
+        None, "--sampled", help="Windows of --seq-len tokens sampled from the original model, added to the text's."
+    ),
     lora_rank: int | None = typer.Option(None, "--lora-rank", help="LoRA rank."),
     lora_targets: str | None = typer.Option(None, "--lora-targets", help="LoRA on qk or attn projections."),
     steps: int | None = typer.Option(None, "--steps", help="Optimizer steps."),
@@ -96,7 +99,7 @@ def condense_command(
             "k_schedule": k_schedule, "layers": _layers(layers), "margin": margin, "lambda_rate": lambda_rate, "distill": distill,
             "distill_weight": distill_weight, "temperature": temperature, "dense_weight": dense_weight, "sparse_aware": sparse_aware,
             "sparse_policy": sparse_policy, "trainable": trainable,
-            "budget": budget, "synthetic": synthetic,
+            "budget": budget, "synthetic": synthetic, "sampled": sampled,
             "lora_rank": lora_rank, "lora_targets": lora_targets, "steps": steps, "batch_size": batch_size, "grad_accum": grad_accum,
             "seq_len": seq_len, "lr": lr, "lr_scheduler": lr_scheduler, "warmup_steps": warmup_steps, "seed": seed,
             "save_steps": save_steps, "save_total_limit": save_total_limit, "query_chunk": query_chunk, "fsdp": fsdp,

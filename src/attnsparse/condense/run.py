@@ -33,6 +33,7 @@ from attnsparse.condense.distill import lm_loss
 from attnsparse.condense.losses import CondensationRegularizer
 from attnsparse.condense.mixture import mix_synthetic
 from attnsparse.condense.plots import plot_curves, read_log
+from attnsparse.condense.sampled import cached_sampled_windows
 from attnsparse.condense.schedules import ConstrainedLambda
 from attnsparse.condense.trainable import add_lora, merged, set_trainable
 from attnsparse.condense.trainer import CondenseTrainer, NonFiniteStop, _barrier, full_state_dict, install_callbacks
@@ -44,6 +45,7 @@ from attnsparse.errors import AttnsparseError
 
 KIND = "condense"
 LOG_NAME = "train_log.jsonl"
+SAMPLED_DIR = "sampled"  # windows sampled from the original (--sampled), one file per seeded batch
 
 
 @dataclass
@@ -254,6 +256,15 @@ def condense(
                     target = out / stale
                     shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
     _barrier()
+    if config.sampled:
+        # process 0 samples (or reads its cache); the others then read that cache, so every process holds the same data
+        def sampled() -> torch.Tensor:
+            return cached_sampled_windows(net.to(args.device), tokenizer, config.sampled, config.seq_len, config.seed,
+                                          out / SAMPLED_DIR, echo=echo if main else None)
+
+        drawn = sampled() if main else None
+        _barrier()
+        token_windows = torch.cat([token_windows, drawn if drawn is not None else sampled()])
 
     saved = load_state(checkpoint) if checkpoint is not None else {}
     controller = _controller(config, net, token_windows, saved)
