@@ -18,7 +18,8 @@ densities, retrieval-score summaries, `targets`/`notes` marking tasks where the 
 and prints Markdown tables. Usage:
 
     .venv/bin/python benchmarks/tasks_smollm2.py [--lengths 1024,4096] [--depths 0.5] [--trials 5] \
-        [--tasks passkey,common-words] [--no-retrieval] [--work runs/tasks_smollm2] [--results tasks_smollm2]
+        [--tasks passkey,common-words] [--no-retrieval] [--work runs/tasks_smollm2] [--results tasks_smollm2] \
+        [--seed-from benchmarks/results/tasks_smollm2.json]   # an earlier run's cells, checked against this profile
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threshold", type=float, default=0.1, help="retrieval score of a retrieval head")
     parser.add_argument("--work", default=str(ROOT / "runs" / "tasks_smollm2"))
     parser.add_argument("--results", default="tasks_smollm2")
+    parser.add_argument("--seed-from", default=None,
+                        help="an earlier results JSON of this script: its cells enter --work/cells (same trials, and its "
+                             "profile's retrieval heads must equal this profile's, since they decide the plans)")
     parser.add_argument("--cached-only", action="store_true",
                         help="report only the cells already in --work/cells (a partial grid, listed as such)")
     return parser.parse_args()
@@ -121,10 +125,8 @@ def run_cell(loaded: Any, task: str, length: int, depth: float, trials: int, pla
     from attnsparse.core.runs import atomic_write_json
     from attnsparse.evaluate.tasks.run import prepare_tasks, run_grid
 
-    key = {"task": task, "length": length, "depth": depth, "trials": trials, "retrieval": retrieval,
-           "plans": {name: _plan_key(spec) for name, spec in plans.items()}}
-    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    path = cells / f"{task.replace(':', '_')}_{length}_{depth}_{digest}.json"
+    key = _cell_key(task, length, depth, trials, retrieval, plans)
+    path = _cell_path(cells, task, length, depth, key)
     if path.is_file():
         return json.loads(path.read_text())
     if cached_only:
@@ -144,6 +146,43 @@ def run_cell(loaded: Any, task: str, length: int, depth: float, trials: int, pla
                                "sum": (result.retrieval.mean() * sum(result.retrieval.samples.values())).tolist()}
     atomic_write_json(path, record)
     return record
+
+
+def seed_cells(previous_path: Path, profile: Any, trials: int, plans: dict[int, dict[str, str]], retrieval: bool,
+               cells: Path) -> int:
+    """Write the cells of an earlier run's results into the cache under this run's keys; how many were new."""
+    from attnsparse.core.runs import atomic_write_json
+
+    previous = json.loads(previous_path.read_text())
+    heads = previous["retrieval"]["profile"]["measured"].get("heads_above")
+    if previous["grid"]["trials"] != trials or heads != profile.data.get("retrieval", {}).get("heads_above"):
+        sys.exit(f"error: --seed-from {previous_path}: its trials ({previous['grid']['trials']}) or retrieval heads "
+                 f"({heads}) differ from this run's ({trials}, {profile.data.get('retrieval', {}).get('heads_above')}); "
+                 "its plans would not be this run's")
+    grouped: dict[tuple, list[dict[str, Any]]] = {}
+    for row in previous["rows"]:
+        grouped.setdefault((row["task"], row["length"], row["depth"]), []).append(row)
+    written = 0
+    for (task, length, depth), rows in grouped.items():
+        if length not in plans:
+            continue
+        path = _cell_path(cells, task, length, depth, _cell_key(task, length, depth, trials, retrieval, plans[length]))
+        if not path.is_file():
+            atomic_write_json(path, {"key": _cell_key(task, length, depth, trials, retrieval, plans[length]),
+                                     "rows": rows, "retrieval": None, "seeded_from": previous["command"]})
+            written += 1
+    return written
+
+
+def _cell_key(task: str, length: int, depth: float, trials: int, retrieval: bool,
+              plans: dict[str, str]) -> dict[str, Any]:
+    return {"task": task, "length": length, "depth": depth, "trials": trials, "retrieval": retrieval,
+            "plans": {name: _plan_key(spec) for name, spec in plans.items()}}
+
+
+def _cell_path(cells: Path, task: str, length: int, depth: float, key: dict[str, Any]) -> Path:
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return cells / f"{task.replace(':', '_')}_{length}_{depth}_{digest}.json"
 
 
 def _plan_key(spec: str) -> Any:
@@ -194,12 +233,15 @@ def main() -> None:
     plans, density, skipped = build_plans(args, profile, lengths, facts, work / "plans")
     cells = work / "cells"
     cells.mkdir(parents=True, exist_ok=True)
+    if args.seed_from:
+        print(f"seeded {seed_cells(Path(args.seed_from), profile, args.trials, plans, not args.no_retrieval, cells)} "
+              f"cells from {args.seed_from}", flush=True)
     no_depth = {t.spec for t in parse_tasks(tasks) if not t.uses_depth}
     rows: list[dict[str, Any]] = []
     retrieval_sum, retrieval_samples = None, 0
     # Length outermost: an interrupted run has covered every task at the short lengths first.
     todo = [(task, n, d) for n in lengths for task in tasks for d in (depths[:1] if task in no_depth else depths)]
-    missing = []
+    missing, seeded = [], []
     for index, (task, n, depth) in enumerate(todo):
         record = run_cell(loaded, task, n, depth, args.trials, plans[n], not args.no_retrieval, cells,
                           args.cached_only)
@@ -207,6 +249,8 @@ def main() -> None:
             missing.append({"task": task, "length": n, "depth": depth})
             continue
         rows += record["rows"]
+        if record.get("seeded_from"):
+            seeded.append({"task": task, "length": n, "depth": depth, "from": record["seeded_from"]})
         if record["retrieval"]:
             part = torch.tensor(record["retrieval"]["sum"])
             retrieval_sum = part if retrieval_sum is None else retrieval_sum + part
@@ -254,6 +298,7 @@ def main() -> None:
         "protection_minus_uniform": protection,
         "floor": floor, "notes": notes,
         "partial": bool(missing), "missing_cells": missing,
+        "seeded_cells": seeded,  # cells measured by an earlier run (--seed-from), with its command
         "targets": [{"measure": "issue-13 grid measured: 5 tasks x 1K/2K/4K/8K x 3 depths, 20 trials, every plan",
                      "target": "every cell at 20 trials",
                      "value": f"{len(todo) - len(missing)} of {len(todo)} cells (lengths {lengths}) at {args.trials} "
