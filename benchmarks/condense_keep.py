@@ -11,7 +11,8 @@ Each evaluation is cached under --work/<name>/ (an interrupted run resumes). Wri
 (with a `targets` list) and prints a Markdown table. Usage:
 
     .venv/bin/python benchmarks/condense_keep.py --model keep16=runs/keep16/condense/model [--model ...] \
-        [--lengths 1024,4096] [--depths 0.1,0.5,0.9] [--trials 10] [--results condense_keep_smollm2]
+        [--lengths 1024,4096] [--depths 0.1,0.5,0.9] [--trials 10] [--results condense_keep_smollm2] \
+        [--original-from benchmarks/results/condense_keep_smollm2_budget16.json]   # reuse its original rows
 """
 
 from __future__ import annotations
@@ -57,6 +58,22 @@ def passkey(spec: str, work: Path, plans: list[str], lengths: list[int], depths:
     accuracy = accuracy_table(results)
     atomic_write_json(out, {"key": key, "accuracy": accuracy})
     return accuracy
+
+
+def stored_original(path: Path, policies: list[str], plans: list[str], lengths: list[int], depths: list[float],
+                    trials: int) -> dict[str, Any]:
+    """The original model's rows of an earlier result, when its protocol is this run's (else a one-line exit)."""
+    import sys
+
+    stored = json.loads(path.read_text())
+    asked = {"lengths": lengths, "depths": depths, "trials": trials, "plans": plans}
+    original = stored["models"]["original"]
+    missing = [p for p in policies if any(p not in row for row in original["perplexity"].values())]
+    if stored["protocol"]["passkey"] != asked or missing or set(original["perplexity"]) != set(DOMAINS):
+        sys.exit(f"error: --original-from {path}: its passkey protocol {stored['protocol']['passkey']} is not this "
+                 f"run's {asked}, or it lacks the policies {missing}; measure the original instead (drop the option)")
+    return {"model": original["model"], "passkey": original["passkey"],
+            "perplexity": {domain: {p: row[p] for p in policies} for domain, row in original["perplexity"].items()}}
 
 
 def targets(original: dict[str, Any], model: dict[str, Any], sparse_plan: str, trials: int) -> list[dict[str, Any]]:
@@ -113,6 +130,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "condense_keep")
     parser.add_argument("--results", default="condense_keep_smollm2")
     parser.add_argument("--note", default="")
+    parser.add_argument("--original-from", type=Path, default=None,
+                        help="a committed result of this script whose original-model rows are reused (same passkey "
+                             "protocol, every asked policy present) instead of measuring the original again")
     args = parser.parse_args()
 
     policies = [p for p in args.policies.split(",") if p]
@@ -121,7 +141,11 @@ def main() -> None:
     depths = [float(v) for v in args.depths.split(",")]
     specs = {"original": ORIGINAL} | dict(item.split("=", 1) for item in args.model)
     models: dict[str, dict[str, Any]] = {}
+    if args.original_from is not None:
+        models["original"] = stored_original(args.original_from, policies, plans, lengths, depths, args.trials)
     for name, spec in specs.items():
+        if name in models:
+            continue
         work = args.work / name
         models[name] = {"model": spec,
                         "perplexity": perplexities(spec, work, policies, args.ctx),
@@ -129,6 +153,7 @@ def main() -> None:
     result = {
         "benchmark": "condense_keep_smollm2",
         "note": args.note,
+        "original_from": None if args.original_from is None else str(args.original_from),
         "protocol": {"perplexity": {d: {"text": t, "windows": w, "ctx": args.ctx} for d, (t, w) in DOMAINS.items()},
                      "passkey": {"lengths": lengths, "depths": depths, "trials": args.trials, "plans": plans}},
         "models": models,
