@@ -149,7 +149,7 @@ def run_cell(loaded: Any, task: str, length: int, depth: float, trials: int, pla
 
 
 def seed_cells(previous_path: Path, profile: Any, trials: int, plans: dict[int, dict[str, str]], retrieval: bool,
-               cells: Path) -> int:
+               cells: Path, first_depth: float) -> int:
     """Write the cells of an earlier run's results into the cache under this run's keys; how many were new."""
     from attnsparse.core.runs import atomic_write_json
 
@@ -161,7 +161,9 @@ def seed_cells(previous_path: Path, profile: Any, trials: int, plans: dict[int, 
                  "its plans would not be this run's")
     grouped: dict[tuple, list[dict[str, Any]]] = {}
     for row in previous["rows"]:
-        grouped.setdefault((row["task"], row["length"], row["depth"]), []).append(row)
+        # a task without a depth (common-words) is cached under the run's first depth, as run_cell is called
+        depth = first_depth if row["depth"] is None else row["depth"]
+        grouped.setdefault((row["task"], row["length"], depth), []).append(row)
     written = 0
     for (task, length, depth), rows in grouped.items():
         if length not in plans:
@@ -234,7 +236,7 @@ def main() -> None:
     cells = work / "cells"
     cells.mkdir(parents=True, exist_ok=True)
     if args.seed_from:
-        print(f"seeded {seed_cells(Path(args.seed_from), profile, args.trials, plans, not args.no_retrieval, cells)} "
+        print(f"seeded {seed_cells(Path(args.seed_from), profile, args.trials, plans, not args.no_retrieval, cells, depths[0])} "
               f"cells from {args.seed_from}", flush=True)
     no_depth = {t.spec for t in parse_tasks(tasks) if not t.uses_depth}
     rows: list[dict[str, Any]] = []
