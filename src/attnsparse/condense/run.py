@@ -6,6 +6,7 @@ Run directory layout (OUT):
     train_log.jsonl      one record per optimizer step: loss components, mean top-k mass, λ, k, lr, grad norm
     curves.png           the log drawn as curves
     checkpoints/checkpoint-N/   Trainer checkpoints (atomic: complete or absent) + attnsparse_state.json
+    sampled/             windows sampled from the original (--sampled), one tensor file per seeded batch
     model/               the condensed model: from_pretrained-loadable safetensors + tokenizer (LoRA merged)
 
 It runs unchanged as one process or under `torchrun` / `accelerate launch` (DDP; FSDP via `fsdp=`): every
