@@ -22,8 +22,8 @@ CELLS = "1024@0.9,2048@0.9,3072@0.9,4096@0.9,4096@0.8,4096@0.7,3072@0.5,4096@0.5
 def main() -> None:
     from attnsparse.core.models import load_model
     from attnsparse.evaluate.passkey import run_passkey
-    from attnsparse.evaluate.tasks.passkey import passkey_ids
     from attnsparse.evaluate.tasks.base import Prompter
+    from attnsparse.evaluate.tasks.passkey import passkey_ids
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", default=[], help="NAME=DIR of a condensed model (repeatable)")

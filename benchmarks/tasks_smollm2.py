@@ -168,10 +168,10 @@ def seed_cells(previous_path: Path, profile: Any, trials: int, plans: dict[int, 
     for (task, length, depth), rows in grouped.items():
         if length not in plans:
             continue
-        path = _cell_path(cells, task, length, depth, _cell_key(task, length, depth, trials, retrieval, plans[length]))
+        key = _cell_key(task, length, depth, trials, retrieval, plans[length])
+        path = _cell_path(cells, task, length, depth, key)
         if not path.is_file():
-            atomic_write_json(path, {"key": _cell_key(task, length, depth, trials, retrieval, plans[length]),
-                                     "rows": rows, "retrieval": None, "seeded_from": previous["command"]})
+            atomic_write_json(path, {"key": key, "rows": rows, "retrieval": None, "seeded_from": previous["command"]})
             written += 1
     return written
 
