@@ -57,6 +57,10 @@ def test_cache_is_reused_and_batches_are_seeded_alone(tmp_path: Path) -> None:
     assert torch.equal(more[:5], first) and more.shape == (7, 12)  # a larger count keeps the windows drawn
     other = cached_sampled_windows(model, tokenizer, 5, 12, 4, tmp_path / "c", batch_size=2)
     assert not torch.equal(other, first)
+    assert not torch.equal(first[0:2], first[2:4])  # each batch has its own seed
+    marked = sorted((tmp_path / "c").glob("seed3-*batch0001*"))[0]
+    torch.save(torch.zeros(2, 12, dtype=torch.long), marked)
+    assert (cached_sampled_windows(model, tokenizer, 5, 12, 3, tmp_path / "c", batch_size=2)[2:4] == 0).all()  # read
 
 
 def test_start_token_and_bad_count() -> None:
