@@ -13,7 +13,8 @@ prompt is prefilled once, densely, and answered under each plan from that prefil
 The profile (`--profile`, or one measured into --work: WikiText-2 valid when present, else builtin, ctx 1024, 4
 windows, `--retrieval` with 2 trials on seed-1 prompts, so heads are chosen on other prompts than they are tested on)
 gives the streaming classes and the retrieval scores. Each (task, length, depth) cell is cached under
---work/cells/ (an interrupted run continues where it stopped). Writes benchmarks/results/<--results>.json (rows,
+--work/cells/ (an interrupted run continues where it stopped); a run over part of a grid already in its --results
+file is refused before any work (writing would drop the other cells). Writes benchmarks/results/<--results>.json (rows,
 densities, retrieval-score summaries, `targets`/`notes` marking tasks where the original itself is near the floor)
 and prints Markdown tables. Usage:
 
@@ -32,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, WIKITEXT_VALID, write_result
+from common import RESULTS, ROOT, WIKITEXT_VALID, write_result
 
 UNIFORM = "block:16:0.0625"
 FLOOR = 0.2  # dense accuracy below this: the original itself is near the floor on that task
@@ -203,6 +204,21 @@ def score_summary(scores: list[list[float]], threshold: float) -> dict[str, Any]
             "top10": [{"layer": layer, "head": head, "score": round(s, 4)} for layer, head, s in best]}
 
 
+def refuse_dropping_cells(results: str, todo: list[tuple[str, int, float]], no_depth: set[str]) -> None:
+    """Stop, before any work, when --results names a file holding cells outside this run's grid: writing it would
+    drop them (a run over one length would leave only that length in the results)."""
+    path = RESULTS / f"{results}.json"
+    if not path.is_file():
+        return
+    grid = {(task, n, None if task in no_depth else depth) for task, n, depth in todo}
+    held = {(row["task"], row["length"], row["depth"]) for row in json.loads(path.read_text()).get("rows", [])}
+    dropped = sorted({n for _, n, _ in held - grid})
+    if dropped:
+        sys.exit(f"error: --results {results}: {path} holds cells outside this run's grid (lengths {dropped}), which "
+                 f"writing it would drop; write this run under another --results name, or report the whole grid "
+                 f"(all its --lengths and --tasks) with --cached-only and --seed-from {path}")
+
+
 def aggregate(rows: list[dict[str, Any]], by: tuple[str, ...]) -> dict[tuple, tuple[int, int]]:
     out: dict[tuple, tuple[int, int]] = {}
     for row in rows:
@@ -224,6 +240,10 @@ def main() -> None:
     tasks = [t.spec for t in parse_tasks(args.tasks)]
     lengths = list(split_list(args.lengths, "--lengths", int))
     depths = list(split_list(args.depths, "--depths", float))
+    no_depth = {t.spec for t in parse_tasks(tasks) if not t.uses_depth}
+    # Length outermost: an interrupted run has covered every task at the short lengths first.
+    todo = [(task, n, d) for n in lengths for task in tasks for d in (depths[:1] if task in no_depth else depths)]
+    refuse_dropping_cells(args.results, todo, no_depth)
     work = Path(args.work)
     loaded = load_model(args.model)
     shape = ModelShape.of(loaded.model)
@@ -238,11 +258,8 @@ def main() -> None:
     if args.seed_from:
         print(f"seeded {seed_cells(Path(args.seed_from), profile, args.trials, plans, not args.no_retrieval, cells, depths[0])} "
               f"cells from {args.seed_from}", flush=True)
-    no_depth = {t.spec for t in parse_tasks(tasks) if not t.uses_depth}
     rows: list[dict[str, Any]] = []
     retrieval_sum, retrieval_samples = None, 0
-    # Length outermost: an interrupted run has covered every task at the short lengths first.
-    todo = [(task, n, d) for n in lengths for task in tasks for d in (depths[:1] if task in no_depth else depths)]
     missing, seeded = [], []
     for index, (task, n, depth) in enumerate(todo):
         record = run_cell(loaded, task, n, depth, args.trials, plans[n], not args.no_retrieval, cells,
