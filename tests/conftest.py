@@ -6,6 +6,12 @@ import os
 from pathlib import Path
 
 import pytest
+
+# Under pytest-xdist each worker is one process per core: one intra-op thread each, or the workers' OpenMP teams
+# oversubscribe the cores and spin against each other. Set before torch is imported, which reads it once.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import torch
 from hypothesis import settings
 

@@ -113,3 +113,19 @@ def test_default_model_converts_once_then_loads_from_cache(tmp_path, monkeypatch
     assert cached.source == "embedded-cache" and cached.max_context == 8192
     facts = describe(cached.model)
     assert (facts["layers"], facts["query_heads"], facts["kv_heads"], facts["head_dim"]) == (30, 9, 3, 64)
+
+
+def test_a_cache_entry_saved_meanwhile_by_another_process_is_kept(tmp_path):
+    """Two first uses convert at once (parallel test workers, two jobs): the second to finish keeps the first's
+    complete directory, which the other process may be reading, instead of deleting it; an explicit save replaces."""
+    from attnsparse.core.models import save_atomically
+
+    loaded = load_model(save_tiny(str(tmp_path / "tiny"), tiny_llama()))
+    target = tmp_path / "cache" / "model"
+    save_atomically(loaded.model, loaded.tokenizer, target)
+    marker = target / "written-first"
+    marker.write_text("")
+    save_atomically(loaded.model, loaded.tokenizer, target, replace=False)
+    assert marker.is_file() and sorted(p.name for p in target.parent.iterdir()) == ["model"]  # no staging left
+    save_atomically(loaded.model, loaded.tokenizer, target)
+    assert not marker.exists() and (target / "config.json").is_file()

@@ -162,20 +162,25 @@ def _load_embedded(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreT
         model, tokenizer = _load_directory(cached, dtype)
         return model, tokenizer, "embedded-cache"
     model, tokenizer = _load_gguf(embedded_gguf(name), torch.float32)
-    save_atomically(model, tokenizer, cached)
+    save_atomically(model, tokenizer, cached, replace=False)
     return model.to(dtype), tokenizer, "embedded"
 
 
 def save_atomically(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path,
-                    state_dict: dict[str, torch.Tensor] | None = None) -> None:
+                    state_dict: dict[str, torch.Tensor] | None = None, replace: bool = True) -> None:
     """Save to a temporary sibling and rename, so a crash never leaves a half-written cache entry; `state_dict`
-    replaces the model's own (the gathered weights of a sharded model)."""
+    replaces the model's own (the gathered weights of a sharded model). With replace=False a complete `target`
+    saved meanwhile by another process is kept and this copy dropped: concurrent first uses of the cache (parallel
+    test workers, two jobs) never delete a directory the other may be reading."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
         staging.chmod(0o755)
         model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(staging)
+        if target.exists() and not replace and (target / "config.json").is_file():
+            shutil.rmtree(staging)
+            return
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
