@@ -76,6 +76,9 @@ def condense_command(
     save_steps: int | None = typer.Option(None, "--save-steps", help="Checkpoint every N steps."),
     save_total_limit: int | None = typer.Option(None, "--keep-checkpoints", help="Checkpoints to keep (at least 1)."),
     query_chunk: int | None = typer.Option(None, "--query-chunk", help="Queries per attention chunk."),
+    gradient_checkpointing: bool | None = typer.Option(
+        None, "--gradient-checkpointing/--no-gradient-checkpointing",
+        help="Recompute each layer's activations in the backward pass: far less memory, slower steps."),
     fsdp: str | None = typer.Option(
         None, "--fsdp", help="Shard under torchrun / accelerate launch (FSDP2, CPU or GPU): 'full_shard auto_wrap', "
         "'shard_grad_op auto_wrap', add 'offload' to keep weights on the host."
@@ -102,7 +105,8 @@ def condense_command(
             "budget": budget, "synthetic": synthetic, "sampled": sampled,
             "lora_rank": lora_rank, "lora_targets": lora_targets, "steps": steps, "batch_size": batch_size, "grad_accum": grad_accum,
             "seq_len": seq_len, "lr": lr, "lr_scheduler": lr_scheduler, "warmup_steps": warmup_steps, "seed": seed,
-            "save_steps": save_steps, "save_total_limit": save_total_limit, "query_chunk": query_chunk, "fsdp": fsdp,
+            "save_steps": save_steps, "save_total_limit": save_total_limit, "query_chunk": query_chunk,
+            "gradient_checkpointing": gradient_checkpointing, "fsdp": fsdp,
             "device": device, "dtype": dtype,
         }
         if preset is not None:

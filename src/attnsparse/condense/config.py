@@ -18,7 +18,8 @@ from attnsparse.errors import AttnsparseError
 
 DISTILL_MODES: tuple[str, ...] = ("none", "add", "only")
 # Settings that may differ between the first run and a resume without changing the result.
-RESUME_FREE: tuple[str, ...] = ("save_steps", "save_total_limit", "query_chunk", "fsdp", "preset", "device")
+RESUME_FREE: tuple[str, ...] = ("save_steps", "save_total_limit", "query_chunk", "fsdp", "preset", "device",
+                                "gradient_checkpointing")
 # transformers' learning-rate schedulers that need nothing beyond warmup and step counts (the others want an
 # evaluation loop or extra scheduler arguments this command does not take).
 LR_SCHEDULERS: tuple[str, ...] = (
@@ -82,6 +83,7 @@ class CondenseConfig:
     save_steps: int = 25
     save_total_limit: int | None = 2  # checkpoints kept, at least 1 (None: all)
     query_chunk: int | None = None
+    gradient_checkpointing: bool = False  # recompute each layer in backward (condense/recompute.py): less memory
     fsdp: str = ""
     preset: str | None = None
     device: str | None = None  # cpu or cuda (None: cuda when available); under torchrun each process its local GPU

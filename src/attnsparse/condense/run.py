@@ -34,6 +34,7 @@ from attnsparse.condense.distill import lm_loss
 from attnsparse.condense.losses import CondensationRegularizer
 from attnsparse.condense.mixture import mix_synthetic
 from attnsparse.condense.plots import plot_curves, read_log
+from attnsparse.condense.recompute import enable_recompute
 from attnsparse.condense.sampled import cached_sampled_windows
 from attnsparse.condense.schedules import ConstrainedLambda
 from attnsparse.condense.trainable import add_lora, merged, set_trainable
@@ -278,6 +279,8 @@ def condense(
     # peft wraps `net` in place and merging hands `net` back, so restoring `net` on exit restores the final model
     with run.guard(lambda: _kept(out)), sparse_attention(
             net, observers=[regularizer], query_chunk=config.query_chunk, fast_dense=False) as state:
+        if config.gradient_checkpointing:
+            enable_recompute(net, state)
         if config.trainable == "lora":
             train_model = add_lora(net, config.lora_targets, config.lora_rank, config.lora_alpha, layers)
         else:
