@@ -4,6 +4,7 @@ Runs the command as a user would (a subprocess, the model loaded from its cache,
 `benchmarks/results/tasks_quick.json`: the wall time, the prompt count, the accuracy rows and the target row.
 
     python benchmarks/tasks_quick.py --plans block:16:0.0625,streaming:4:256
+    python benchmarks/tasks_quick.py --model runs/x/model --results tasks_quick_x   # a condensed model, same grid
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--plans", default="block:16:0.0625,streaming:4:256")
+    parser.add_argument("--results", default="tasks_quick", help="name of the JSON under benchmarks/results/")
+    parser.add_argument("--note", default="", help="what the wall time was measured beside, if anything")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "quick"
@@ -37,7 +40,8 @@ def main() -> None:
         config = json.loads((out / "config.json").read_text())["config"]
     rows = results["tasks"]
     prompts = sum(r["trials"] for r in rows if r["policy"] == "dense")
-    write_result("tasks_quick", {
+    write_result(args.results, {
+        "model": args.model, "note": args.note,
         "run_command": " ".join(["attnsparse", *command[1:-3], "--out", "OUT"]),
         "tasks_config": config.get("tasks"), "wall_s": round(wall, 1), "prompts": prompts, "tasks": rows,
         "targets": [{"measure": "attnsparse evaluate --quick, dense plus two plans, wall time on 2 CPU cores",
