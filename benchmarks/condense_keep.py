@@ -28,18 +28,25 @@ ORIGINAL = "smollm2-135m"
 DOMAINS = {"wikitext-test": (str(WIKITEXT_TEST), 8), "builtin-test": ("builtin:test", 4)}
 
 
-def perplexities(spec: str, work: Path, policies: list[str], ctx: int) -> dict[str, dict[str, float]]:
-    """domain -> policy -> perplexity (each domain one cached `evaluate` run)."""
+def text_perplexities(spec: str, text: str, windows: int, ctx: int, policies: list[str], out: Path) -> dict[str, float]:
+    """policy -> perplexity on `windows` evenly spaced windows of `text` (an `evaluate` run cached in `out`, redone
+    when it lacks an asked policy)."""
     from attnsparse.evaluate.run import evaluate
 
-    table: dict[str, dict[str, float]] = {}
-    for domain, (text, windows) in DOMAINS.items():
-        out = work / f"eval_{domain}"
+    def cached() -> dict[str, float]:
         if not (out / "results.json").is_file():
-            evaluate(spec, text, ctx, policies, [windows], out, overwrite=True)
-        rows = json.loads((out / "results.json").read_text())["rows"]
-        table[domain] = {row["policy"]: row["perplexity"] for row in rows}
-    return table
+            return {}
+        return {row["policy"]: row["perplexity"] for row in json.loads((out / "results.json").read_text())["rows"]}
+
+    if not all(p in cached() for p in policies):
+        evaluate(spec, text, ctx, policies, [windows], out, overwrite=True)
+    return cached()
+
+
+def perplexities(spec: str, work: Path, policies: list[str], ctx: int) -> dict[str, dict[str, float]]:
+    """domain -> policy -> perplexity (each domain one cached `evaluate` run)."""
+    return {domain: text_perplexities(spec, text, windows, ctx, policies, work / f"eval_{domain}")
+            for domain, (text, windows) in DOMAINS.items()}
 
 
 def passkey(spec: str, work: Path, plans: list[str], lengths: list[int], depths: list[float],
