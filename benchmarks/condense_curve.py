@@ -31,6 +31,15 @@ def scored(spec: str, out: Path, policies: list[str]) -> dict[str, float]:
     return {p: ppl[p] for p in policies}
 
 
+def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 14's moonshot row at the last checkpoint: top-4 (0.8 % density) within x1.05 of the original's dense."""
+    if not rows or "topk:4" not in rows[-1]["x_original_dense"]:
+        return []
+    value = rows[-1]["x_original_dense"]["topk:4"]
+    return [{"measure": f"WikiText-2 test ctx 1024 (8 windows), topk:4 at step {rows[-1]['step']}, x original dense",
+             "target": "<= 1.05", "value": value, "met": value <= 1.05}]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, required=True, help="the condense run directory (config.json, train_log)")
@@ -68,7 +77,7 @@ def main() -> None:
               "protocol": {"text": str(WIKITEXT_TEST.relative_to(ROOT.parent)), "ctx": CTX, "windows": WINDOWS},
               "original": {"model": ORIGINAL, "perplexity": original,
                            "x_original_dense": {p: round(v / base, 4) for p, v in original.items()}},
-              "curve": rows}
+              "curve": rows, "targets": targets(rows)}
     path = write_result(args.results, result)
     head = "| step | tokens | k trained | " + " | ".join(policies) + " |"
     lines = [head, "|---:|---:|---:|" + "---:|" * len(policies),
