@@ -148,6 +148,27 @@ def test_lora_distill_sparse_aware(tiny_dir: Path, text_file: Path, tmp_path: Pa
     assert all(torch.equal(before[n], after[n]) for n in before if "mlp" in n)
 
 
+def test_teacher_distils_to_another_model(tiny_dir: Path, text_file: Path, tmp_path: Path) -> None:
+    from attnsparse.core.tiny import save_tiny
+
+    teacher_dir = save_tiny(str(tmp_path / "teacher"), tiny_llama(seed=1))
+    first = {}
+    for name, teacher in (("self", None), ("other", teacher_dir)):
+        config = _config(tiny_dir, text_file, distill="only", teacher=teacher, lam=0.0, steps=1, save_steps=1)
+        condense(config, tmp_path / name, progress=False)
+        first[name] = _log(tmp_path / name)[0]
+    # the student starts as its own teacher (KL 0); a different teacher is what the KL then measures against
+    assert first["self"]["kd"] == pytest.approx(0.0, abs=1e-6)
+    assert first["other"]["kd"] > 0.01
+    assert first["other"]["teacher_lm"] != pytest.approx(first["self"]["teacher_lm"], rel=1e-4)
+    with pytest.raises(AttnsparseError, match="--teacher.*needs --distill"):
+        _config(tiny_dir, text_file, teacher=teacher_dir).validate()
+    alien = save_tiny(str(tmp_path / "alien"), tiny_llama(seed=1, vocab=60))
+    with pytest.raises(AttnsparseError, match="--teacher.*vocabulary differs"):
+        condense(_config(tiny_dir, text_file, distill="only", teacher=alien), tmp_path / "alien-run", progress=False)
+    assert not (tmp_path / "alien-run" / "config.json").exists()  # refused before the run directory was written
+
+
 def test_trainable_sets_and_peft_keeps_backend_state() -> None:
     llama = tiny_llama()
     assert len(projection_names(llama, "qk")) == 4 and len(projection_names(llama, "attn")) == 8

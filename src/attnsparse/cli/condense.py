@@ -40,6 +40,10 @@ def condense_command(
     distill: str | None = typer.Option(
         None, "--distill", help="none, add (KL to the original beside the LM loss) or only (KL instead of it)."
     ),
+    teacher: str | None = typer.Option(
+        None, "--teacher", help="Model to distil to (default: the student's starting weights); pass the original when "
+        "refining an already condensed model."
+    ),
     distill_weight: float | None = typer.Option(None, "--distill-weight", help="Weight of the KL term."),
     temperature: float | None = typer.Option(None, "--temperature", help="Distillation temperature."),
     dense_weight: float | None = typer.Option(
@@ -99,7 +103,7 @@ def condense_command(
         overrides = {
             "model": model, "data": data, "k": k, "loss": loss, "lam": lam, "lambda_schedule": lambda_schedule,
             "lambda_ramp_steps": lambda_ramp_steps, "k_start": k_start, "k_anneal_steps": k_anneal_steps,
-            "k_schedule": k_schedule, "layers": _layers(layers), "margin": margin, "lambda_rate": lambda_rate, "distill": distill,
+            "k_schedule": k_schedule, "layers": _layers(layers), "margin": margin, "lambda_rate": lambda_rate, "distill": distill, "teacher": teacher,
             "distill_weight": distill_weight, "temperature": temperature, "dense_weight": dense_weight, "sparse_aware": sparse_aware,
             "sparse_policy": sparse_policy, "trainable": trainable,
             "budget": budget, "synthetic": synthetic, "sampled": sampled,

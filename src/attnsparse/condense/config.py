@@ -51,6 +51,9 @@ class CondenseConfig:
     baseline_windows: int = 8
     # distillation
     distill: str = "none"
+    # the model distilled to (embedded name, hub id, directory or .gguf); None: the student's own starting weights.
+    # Refining a condensed model further then still distils to the original instead of to the condensed start.
+    teacher: str | None = None
     distill_weight: float = 1.0
     temperature: float = 1.0
     # weight of a second, dense forward of the student distilled to the original on the same batch (sparse-aware
@@ -162,6 +165,8 @@ class CondenseConfig:
         if self.dense_weight > 0 and (self.distill == "none" or not self.sparse_aware):
             raise AttnsparseError(f"--dense-weight {self.dense_weight} distils a dense forward of the student to the "
                                   "original beside the sparse-aware one; it needs --distill add|only and --sparse-aware")
+        if self.teacher is not None and self.distill == "none":
+            raise AttnsparseError(f"--teacher {self.teacher} is the model distilled to; it needs --distill add|only")
         if self.layers is not None and (not self.layers or min(self.layers) < 0):
             raise AttnsparseError(f"--layers must be non-negative layer indices, got {self.layers}")
 

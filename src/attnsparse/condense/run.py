@@ -202,6 +202,16 @@ def original_lm_loss(model: torch.nn.Module, token_windows: torch.Tensor, batch_
     return total / max(count, 1)
 
 
+def _load_teacher(spec: str, tokenizer: Any) -> torch.nn.Module:
+    """Load the --teacher model on the host; its vocabulary must be the student's token for token (the KL compares
+    the two next-token distributions position by position)."""
+    loaded = load_model(spec, device="cpu")
+    if loaded.tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise AttnsparseError(f"--teacher {spec}: its tokenizer's vocabulary differs from the student's; distil to a "
+                              "model with the same tokenizer")
+    return loaded.model
+
+
 def condense(
     config: CondenseConfig,
     out: str | Path,
@@ -242,6 +252,7 @@ def condense(
     if layers is not None and max(layers) >= shape.need("layers"):
         raise AttnsparseError(f"--layers {sorted(layers)}: the model has {shape.layers} layers (0-based)")
     checkpoint, broken = _resume_point(out / "checkpoints") if resume else (None, [])
+    external_teacher = _load_teacher(config.teacher, tokenizer) if config.teacher is not None else None
 
     _barrier()  # every process has read the directory before process 0 changes it
     if main:
@@ -271,7 +282,10 @@ def condense(
     saved = load_state(checkpoint) if checkpoint is not None else {}
     controller = _controller(config, net, token_windows, saved)
     teacher = None
-    if config.distill != "none":
+    if external_teacher is not None:
+        teacher = external_teacher.eval().to(args.device)
+        teacher.requires_grad_(False)
+    elif config.distill != "none":
         teacher = copy.deepcopy(net).eval().to(args.device)
         teacher.requires_grad_(False)
 
