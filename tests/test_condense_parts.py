@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from attnsparse.condense.config import PRESETS, CondenseConfig, preset_config
+from attnsparse.condense.config import PRESETS, REFINES, CondenseConfig, preset_config
 from attnsparse.condense.distill import distillation_kl, lm_loss
 from attnsparse.condense.schedules import ConstrainedLambda, k_at, lambda_at
 from attnsparse.errors import AttnsparseError
@@ -122,7 +122,12 @@ def test_config_validation_and_presets() -> None:
         with pytest.raises(AttnsparseError):
             CondenseConfig(**settings).validate()
     for name in PRESETS:
-        preset_config(name).validate()
+        preset_config(name, model="runs/start/model" if name in REFINES else None).validate()
+    with pytest.raises(AttnsparseError, match="refines a model condensed by preset 'smollm2-keep-all-top8-2k'"):
+        preset_config("smollm2-keep-all-top8-4k-refine")
+    refine = preset_config("smollm2-keep-all-top8-4k-refine", model="runs/start/model")
+    assert (refine.model, refine.teacher, refine.seq_len, refine.k_start, refine.k) == \
+        ("runs/start/model", "smollm2-135m", 4096, 8, 8)
     assert preset_config("smollm2-cpu-15min", steps=10).steps == 10
     with pytest.raises(AttnsparseError, match="unknown preset"):
         preset_config("nope")
