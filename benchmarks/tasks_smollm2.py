@@ -12,8 +12,11 @@ prompt is prefilled once, densely, and answered under each plan from that prefil
 
 The profile (`--profile`, or one measured into --work: WikiText-2 valid when present, else builtin, ctx 1024, 4
 windows, `--retrieval` with 2 trials on seed-1 prompts, so heads are chosen on other prompts than they are tested on)
-gives the streaming classes and the retrieval scores. Each (task, length, depth) cell is cached under
---work/cells/ (an interrupted run continues where it stopped); a run over part of a grid already in its --results
+gives the streaming classes and the retrieval scores. Each (task, length, depth) cell is measured `--chunk` trials
+at a time (trials 0..c-1, c..2c-1, ...; a trial's prompt depends only on its index), each chunk cached under
+--work/cells/: an interrupted run continues where it stopped, and a grid measured at fewer trials is extended by its
+later chunks alone (`--seed-from` its JSON, whose `chunks` list every chunk). A cell with chunks still missing is
+reported at the trials it has and listed in `missing_cells` with them; a run over part of a grid already in its --results
 file is refused before any work (writing would drop the other cells). Writes benchmarks/results/<--results>.json (rows,
 densities, retrieval-score summaries, `targets`/`notes` marking tasks where the original itself is near the floor)
 and prints Markdown tables. Usage:
@@ -21,6 +24,7 @@ and prints Markdown tables. Usage:
     .venv/bin/python benchmarks/tasks_smollm2.py [--lengths 1024,4096] [--depths 0.5] [--trials 5] \
         [--tasks passkey,common-words] [--no-retrieval] [--work runs/tasks_smollm2] [--results tasks_smollm2] \
         [--seed-from benchmarks/results/tasks_smollm2.json]   # an earlier run's cells, checked against this profile
+        [--trials 20 --chunk 10]   # measure 10 trials a cell at a time; with --seed-from a 10-trial run, only 10-19
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import hashlib
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +53,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lengths", default="1024,2048,4096,8192")
     parser.add_argument("--depths", default="0.1,0.5,0.9")
     parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--chunk", type=int, default=None,
+                        help="trials measured and cached together (default --trials); must divide --trials")
     parser.add_argument("--no-retrieval", action="store_true", help="skip the per-head retrieval scores of the grid")
     parser.add_argument("--profile", default=None, help="measure profile.json with retrieval scores")
     parser.add_argument("--streaming", default="streaming:4:252", help="policy of streaming heads")
@@ -57,11 +64,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--work", default=str(ROOT / "runs" / "tasks_smollm2"))
     parser.add_argument("--results", default="tasks_smollm2")
     parser.add_argument("--seed-from", default=None,
-                        help="an earlier results JSON of this script: its cells enter --work/cells (same trials, and its "
-                             "profile's retrieval heads must equal this profile's, since they decide the plans)")
+                        help="an earlier results JSON of this script: its chunks enter --work/cells (its chunk size must "
+                             "be this run's, and its profile's retrieval heads this profile's, since they decide the plans)")
     parser.add_argument("--cached-only", action="store_true",
                         help="report only the cells already in --work/cells (a partial grid, listed as such)")
-    return parser.parse_args()
+    args = parser.parse_args()
+    args.chunk = args.chunk or args.trials
+    if args.trials < 1 or args.chunk < 1 or args.trials % args.chunk:
+        parser.error(f"--chunk {args.chunk} must be >= 1 and divide --trials {args.trials}")
+    return args
 
 
 def ensure_profile(args: argparse.Namespace, loaded: Any, work: Path) -> Path:
@@ -120,20 +131,21 @@ def build_plans(args: argparse.Namespace, profile: Any, lengths: list[int], shap
     return plans, density, skipped
 
 
-def run_cell(loaded: Any, task: str, length: int, depth: float, trials: int, plans: dict[str, str],
+def run_cell(loaded: Any, task: str, length: int, depth: float, first: int, trials: int, plans: dict[str, str],
              retrieval: bool, cells: Path, cached_only: bool = False) -> dict[str, Any] | None:
-    """One (task, length, depth) cell under every plan, cached by its settings (None: not cached, `cached_only`)."""
+    """Trials first..first+trials-1 of one (task, length, depth) cell under every plan, cached by their settings
+    (None: not cached, `cached_only`)."""
     from attnsparse.core.runs import atomic_write_json
     from attnsparse.evaluate.tasks.run import prepare_tasks, run_grid
 
-    key = _cell_key(task, length, depth, trials, retrieval, plans)
+    key = _cell_key(task, length, depth, first, trials, retrieval, plans)
     path = _cell_path(cells, task, length, depth, key)
     if path.is_file():
         return json.loads(path.read_text())
     if cached_only:
         return None
     grid = prepare_tasks(loaded.model, loaded.tokenizer, [task], [length], [depth], trials,
-                         plans=list(plans.values()), retrieval=retrieval)
+                         plans=list(plans.values()), retrieval=retrieval, first_trial=first)
     started = time.perf_counter()
     result = run_grid(loaded.model, loaded.tokenizer, grid, progress=False)
     names = {f"plan:{Path(spec).name}" if spec.endswith(".json") else f"plan:{spec}": name
@@ -149,27 +161,34 @@ def run_cell(loaded: Any, task: str, length: int, depth: float, trials: int, pla
     return record
 
 
-def seed_cells(previous_path: Path, profile: Any, trials: int, plans: dict[int, dict[str, str]], retrieval: bool,
+def seed_cells(previous_path: Path, profile: Any, chunk: int, plans: dict[int, dict[str, str]], retrieval: bool,
                cells: Path, first_depth: float) -> int:
-    """Write the cells of an earlier run's results into the cache under this run's keys; how many were new."""
+    """Write the chunks of an earlier run's results into the cache under this run's keys; how many were new.
+
+    A results file without a `chunks` list measured every cell in one chunk of its grid's trials.
+    """
     from attnsparse.core.runs import atomic_write_json
 
     previous = json.loads(previous_path.read_text())
     heads = previous["retrieval"]["profile"]["measured"].get("heads_above")
-    if previous["grid"]["trials"] != trials or heads != profile.data.get("retrieval", {}).get("heads_above"):
-        sys.exit(f"error: --seed-from {previous_path}: its trials ({previous['grid']['trials']}) or retrieval heads "
-                 f"({heads}) differ from this run's ({trials}, {profile.data.get('retrieval', {}).get('heads_above')}); "
-                 "its plans would not be this run's")
+    chunks = previous.get("chunks") or [
+        {"task": row["task"], "length": row["length"], "depth": row["depth"], "first_trial": 0,
+         "trials": previous["grid"]["trials"], "rows": [row]} for row in previous["rows"]]
+    sizes = {c["trials"] for c in chunks}
+    if sizes != {chunk} or heads != profile.data.get("retrieval", {}).get("heads_above"):
+        sys.exit(f"error: --seed-from {previous_path}: its chunks of {sorted(sizes)} trials or its retrieval heads "
+                 f"({heads}) differ from this run's ({chunk}, {profile.data.get('retrieval', {}).get('heads_above')}); "
+                 "give --chunk its chunk size, or measure again: its plans would not be this run's")
     grouped: dict[tuple, list[dict[str, Any]]] = {}
-    for row in previous["rows"]:
+    for item in chunks:
         # a task without a depth (common-words) is cached under the run's first depth, as run_cell is called
-        depth = first_depth if row["depth"] is None else row["depth"]
-        grouped.setdefault((row["task"], row["length"], depth), []).append(row)
+        depth = first_depth if item["depth"] is None else item["depth"]
+        grouped.setdefault((item["task"], item["length"], depth, item["first_trial"]), []).extend(item["rows"])
     written = 0
-    for (task, length, depth), rows in grouped.items():
+    for (task, length, depth, first), rows in grouped.items():
         if length not in plans:
             continue
-        key = _cell_key(task, length, depth, trials, retrieval, plans[length])
+        key = _cell_key(task, length, depth, first, chunk, retrieval, plans[length])
         path = _cell_path(cells, task, length, depth, key)
         if not path.is_file():
             atomic_write_json(path, {"key": key, "rows": rows, "retrieval": None, "seeded_from": previous["command"]})
@@ -177,10 +196,10 @@ def seed_cells(previous_path: Path, profile: Any, trials: int, plans: dict[int, 
     return written
 
 
-def _cell_key(task: str, length: int, depth: float, trials: int, retrieval: bool,
+def _cell_key(task: str, length: int, depth: float, first: int, trials: int, retrieval: bool,
               plans: dict[str, str]) -> dict[str, Any]:
-    return {"task": task, "length": length, "depth": depth, "trials": trials, "retrieval": retrieval,
-            "plans": {name: _plan_key(spec) for name, spec in plans.items()}}
+    return {"task": task, "length": length, "depth": depth, "first_trial": first, "trials": trials,
+            "retrieval": retrieval, "plans": {name: _plan_key(spec) for name, spec in plans.items()}}
 
 
 def _cell_path(cells: Path, task: str, length: int, depth: float, key: dict[str, Any]) -> Path:
@@ -217,6 +236,17 @@ def refuse_dropping_cells(results: str, todo: list[tuple[str, int, float]], no_d
         sys.exit(f"error: --results {results}: {path} holds cells outside this run's grid (lengths {dropped}), which "
                  f"writing it would drop; write this run under another --results name, or report the whole grid "
                  f"(all its --lengths and --tasks) with --cached-only and --seed-from {path}")
+
+
+def sum_chunks(parts: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One cell's rows from its chunks' rows: per policy, correct and trials summed."""
+    summed: dict[str, dict[str, Any]] = {}
+    for rows in parts:
+        for row in rows:
+            into = summed.setdefault(row["policy"], {**row, "trials": 0, "correct": 0})
+            into["trials"] += row["trials"]
+            into["correct"] += row["correct"]
+    return [{**row, "accuracy": row["correct"] / row["trials"]} for row in summed.values()]
 
 
 def aggregate(rows: list[dict[str, Any]], by: tuple[str, ...]) -> dict[tuple, tuple[int, int]]:
@@ -256,26 +286,36 @@ def main() -> None:
     cells = work / "cells"
     cells.mkdir(parents=True, exist_ok=True)
     if args.seed_from:
-        print(f"seeded {seed_cells(Path(args.seed_from), profile, args.trials, plans, not args.no_retrieval, cells, depths[0])} "
-              f"cells from {args.seed_from}", flush=True)
+        seeded_count = seed_cells(Path(args.seed_from), profile, args.chunk, plans, not args.no_retrieval, cells,
+                                  depths[0])
+        print(f"seeded {seeded_count} chunks from {args.seed_from}", flush=True)
     rows: list[dict[str, Any]] = []
+    chunks: list[dict[str, Any]] = []  # every measured chunk, so a later run can extend this grid (--seed-from)
     retrieval_sum, retrieval_samples = None, 0
     missing, seeded = [], []
     for index, (task, n, depth) in enumerate(todo):
-        record = run_cell(loaded, task, n, depth, args.trials, plans[n], not args.no_retrieval, cells,
-                          args.cached_only)
-        if record is None:
-            missing.append({"task": task, "length": n, "depth": depth})
+        records = {first: run_cell(loaded, task, n, depth, first, args.chunk, plans[n], not args.no_retrieval, cells,
+                                   args.cached_only) for first in range(0, args.trials, args.chunk)}
+        present = {first: r for first, r in records.items() if r is not None}
+        measured = len(present) * args.chunk
+        if measured < args.trials:
+            missing.append({"task": task, "length": n, "depth": depth, "trials_measured": measured})
+        if not present:
             continue
-        rows += record["rows"]
-        if record.get("seeded_from"):
-            seeded.append({"task": task, "length": n, "depth": depth, "from": record["seeded_from"]})
-        if record["retrieval"]:
-            part = torch.tensor(record["retrieval"]["sum"])
-            retrieval_sum = part if retrieval_sum is None else retrieval_sum + part
-            retrieval_samples += record["retrieval"]["samples"]
+        cell_rows = sum_chunks([r["rows"] for r in present.values()])
+        rows += cell_rows
+        for first, record in present.items():
+            chunks.append({"task": task, "length": n, "depth": cell_rows[0]["depth"], "first_trial": first,
+                           "trials": args.chunk, "rows": record["rows"]})
+            if record.get("seeded_from"):
+                seeded.append({"task": task, "length": n, "depth": depth, "first_trial": first,
+                               "from": record["seeded_from"]})
+            if record["retrieval"]:
+                part = torch.tensor(record["retrieval"]["sum"])
+                retrieval_sum = part if retrieval_sum is None else retrieval_sum + part
+                retrieval_samples += record["retrieval"]["samples"]
         print(f"[{index + 1}/{len(todo)}] {task} {n} {depth}: " + ", ".join(
-            f"{r['policy']} {r['correct']}/{r['trials']}" for r in record["rows"]), flush=True)
+            f"{r['policy']} {r['correct']}/{r['trials']}" for r in cell_rows), flush=True)
     names = list(dict.fromkeys(r["policy"] for r in rows))
     by_task = aggregate(rows, ("policy", "task"))
     by_length = aggregate(rows, ("policy", "length"))
@@ -317,11 +357,14 @@ def main() -> None:
         "protection_minus_uniform": protection,
         "floor": floor, "notes": notes,
         "partial": bool(missing), "missing_cells": missing,
-        "seeded_cells": seeded,  # cells measured by an earlier run (--seed-from), with its command
+        "seeded_cells": seeded,  # chunks measured by an earlier run (--seed-from), with its command
+        "chunks": chunks,
         "targets": [{"measure": "issue-13 grid measured: 5 tasks x 1K/2K/4K/8K x 3 depths, 20 trials, every plan",
                      "target": "every cell at 20 trials",
                      "value": f"{len(todo) - len(missing)} of {len(todo)} cells (lengths {lengths}) at {args.trials} "
-                              "trials",
+                              "trials" + (f"; the other {len(missing)} at " + ", ".join(
+                                  f"{t} trials: {c}" for t, c in sorted(Counter(m["trials_measured"] for m in missing)
+                                                                         .items())) if missing else ""),
                      "met": not missing and args.trials >= 20 and set(lengths) >= {1024, 2048, 4096, 8192}}],
         "command": "python benchmarks/tasks_smollm2.py " + " ".join(sys.argv[1:]),
     })
@@ -329,7 +372,7 @@ def main() -> None:
     for line in notes + skipped:
         print(f"- {line}")
     if missing:
-        print(f"- partial: {len(missing)} of {len(todo)} cells not measured (missing_cells in the JSON)")
+        print(f"- partial: {len(missing)} of {len(todo)} cells short of {args.trials} trials (missing_cells in the JSON)")
 
 
 def markdown(names: list[str], tasks: list[str], lengths: list[int], by_task: dict, by_length: dict,

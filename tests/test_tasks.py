@@ -215,6 +215,31 @@ def test_run_tasks_rows_figures_and_refusals(tmp_path):
         run_tasks(model, tokenizer, "passkey,niah-multikey", [500], [0.5], 1, progress=False)
 
 
+def test_a_grid_extended_by_later_trials_equals_one_grid_of_all_trials():
+    from attnsparse.evaluate.tasks.run import prepare_tasks, run_grid
+
+    model, tokenizer = tiny_llama(max_positions=2048), tiny_tokenizer()
+    grids = [prepare_tasks(model, tokenizer, "passkey,common-words", [1200], [0.3], trials, plans=["block:8:0.5"],
+                           retrieval=False, first_trial=first) for first, trials in [(0, 4), (0, 1), (1, 3)]]
+    whole, chunks = grids[0], grids[1:]
+    assert [c[1:] for c in whole.cells] == [c[1:] for g in chunks for c in g.cells if c[0].spec == "passkey"] + [
+        c[1:] for g in chunks for c in g.cells if c[0].spec == "common-words"]
+    for cell in whole.cells:
+        chunk = chunks[0] if cell[3] < 1 else chunks[1]
+        assert torch.equal(whole.sample(*cell).ids, chunk.sample(*cell).ids)
+    full = run_grid(model, tokenizer, whole, progress=False)
+    answers = {(t.task, t.trial, t.policy): t.output for t in full.trials}
+    parts = [run_grid(model, tokenizer, g, progress=False) for g in chunks]
+    assert answers == {(t.task, t.trial, t.policy): t.output for r in parts for t in r.trials}
+    summed = Counter()
+    for r in parts:
+        for row in r.rows:
+            summed[(row.task, row.policy)] += row.correct
+    assert summed == Counter({(r.task, r.policy): r.correct for r in full.rows})
+    with pytest.raises(AttnsparseError, match="first trial -1"):
+        prepare_tasks(model, tokenizer, "passkey", [1200], [0.3], 1, first_trial=-1)
+
+
 # --- retrieval scores on a model whose copying head is known ---
 
 VOCAB, NEEDLE = 32, [10, 11, 12, 13, 14]

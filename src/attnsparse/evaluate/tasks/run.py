@@ -208,11 +208,18 @@ def prepare_tasks(
     chat_template: bool = False,
     retrieval: bool = True,
     seed: int = 0,
+    first_trial: int = 0,
 ) -> TaskGrid:
-    """Check every argument and build every prompt once (then dropped), so a bad input fails before any forward."""
+    """Check every argument and build every prompt once (then dropped), so a bad input fails before any forward.
+
+    The grid holds trials first_trial .. first_trial + trials - 1 of each cell; a trial's prompt depends only on
+    (seed, task, length, depth, trial), so a grid can be extended later by more trials without repeating any.
+    """
     parsed = parse_tasks(tasks) if isinstance(tasks, str) else [
         t for item in tasks for t in (parse_tasks([item]) if isinstance(item, str) else [item])]
     depths = _check_grid(lengths, depths, trials)
+    if first_trial < 0:
+        raise AttnsparseError(f"first trial {first_trial} must be >= 0")
     shape = ModelShape.of(model)
     for length in lengths:
         check_context(length, shape.need("max_context"), "--lengths")
@@ -224,11 +231,12 @@ def prepare_tasks(
     measure = retrieval and any(t.retrieval for t in parsed)
     cells = [(task, length, depth if task.uses_depth else None, trial)
              for task in parsed for length in lengths for depth in (depths if task.uses_depth else depths[:1])
-             for trial in range(trials)]
+             for trial in range(first_trial, first_trial + trials)]
     grid = TaskGrid(parsed, cells, prompter, resolved, sparse, measure, seed, {
         "tasks": [t.spec for t in parsed], "lengths": list(lengths), "depths": depths, "trials": trials,
         "policies": ["dense", *(p.spec for p in sparse)], "plans": [label for label in resolved if label != "dense"],
         "haystack": haystack or "builtin", "prompt_form": prompter.form, "seed": seed, "retrieval": measure,
+        "first_trial": first_trial,
     })
     for cell in cells:
         grid.sample(*cell)
