@@ -129,3 +129,53 @@ def test_dense_weight_needs_distillation_and_a_sparse_forward() -> None:
     with pytest.raises(AttnsparseError, match="dense weight"):
         CondenseConfig(dense_weight=-1.0, sparse_aware=True, distill="only").validate()
     CondenseConfig(dense_weight=1.0, sparse_aware=True, distill="only").validate()
+
+
+def test_pull_toward_anchor_is_the_decoupled_step_on_random_weights() -> None:
+    import torch
+
+    from attnsparse.condense.anchor import pull_toward_anchor
+
+    torch.manual_seed(0)
+    weights = [torch.randn(5, 3), torch.randn(7)]
+    anchors = [torch.randn(5, 3), torch.randn(7)]
+    for share, expected_share in ((0.3, 0.3), (2.5, 1.0), (0.0, 0.0)):
+        moved = [w.clone() for w in weights]
+        pull_toward_anchor(list(zip(moved, anchors)), share)
+        for before, after, anchor in zip(weights, moved, anchors):
+            torch.testing.assert_close(after, before - expected_share * (before - anchor), rtol=0, atol=1e-6)
+
+
+def _weight_distance(model_dir: Path, original: Path) -> float:
+    from transformers import AutoModelForCausalLM
+
+    trained = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    start = AutoModelForCausalLM.from_pretrained(original).state_dict()
+    return sum(float((trained[name] - start[name]).pow(2).sum()) for name in start) ** 0.5
+
+
+@pytest.mark.parametrize("distill", ["none", "only"])
+def test_anchor_weight_pulls_the_trained_weights_to_the_original(tiny_dir: Path, tmp_path: Path,
+                                                                  distill: str) -> None:
+    text = tmp_path / "train.txt"
+    text.write_text(PROSE[:20000])
+    lr = 1e-2
+    settings = {"model": str(tiny_dir), "data": str(text), "k": 2, "steps": 4, "batch_size": 1, "seq_len": 48,
+                "lr": lr, "lam": 1.0, "sparse_aware": True, "distill": distill, "trainable": "all", "save_steps": 4,
+                "warmup_steps": 0, "lr_scheduler": "constant"}
+    distance = {}
+    for weight in (0.0, 0.5 / lr, 1.0 / lr):  # lr·α = 1: every step ends back on the original's weights
+        out = tmp_path / f"run-{distill}-{weight}"
+        condense(CondenseConfig(**settings, anchor_weight=weight), out, progress=False)
+        distance[weight] = _weight_distance(out / "model", tiny_dir)
+    assert distance[0.0] > 1e-3
+    assert distance[1.0 / lr] < 1e-5
+    assert distance[1.0 / lr] < distance[0.5 / lr] < distance[0.0]
+
+
+def test_anchor_weight_needs_whole_weights_and_a_finite_value() -> None:
+    with pytest.raises(AttnsparseError, match="--anchor-weight"):
+        CondenseConfig(anchor_weight=1.0, trainable="lora").validate()
+    with pytest.raises(AttnsparseError, match="anchor weight"):
+        CondenseConfig(anchor_weight=float("nan")).validate()
+    CondenseConfig(anchor_weight=1.0, trainable="qk").validate()

@@ -50,6 +50,10 @@ def condense_command(
         None, "--dense-weight", help="Also distil a dense forward of the student to the original (sparse-aware runs), "
         "with this weight, so dense quality is held."
     ),
+    anchor_weight: float | None = typer.Option(
+        None, "--anchor-weight", help="Pull the trained weights towards the original's after each step by a share "
+        "lr x this (decoupled L2-SP): holds the model on every input, not only the training text."
+    ),
     sparse_aware: bool | None = typer.Option(
         None, "--sparse-aware/--dense-forward", help="Forward with top-k attention (the loss stays on dense rows)."
     ),
@@ -104,7 +108,7 @@ def condense_command(
             "model": model, "data": data, "k": k, "loss": loss, "lam": lam, "lambda_schedule": lambda_schedule,
             "lambda_ramp_steps": lambda_ramp_steps, "k_start": k_start, "k_anneal_steps": k_anneal_steps,
             "k_schedule": k_schedule, "layers": _layers(layers), "margin": margin, "lambda_rate": lambda_rate, "distill": distill, "teacher": teacher,
-            "distill_weight": distill_weight, "temperature": temperature, "dense_weight": dense_weight, "sparse_aware": sparse_aware,
+            "distill_weight": distill_weight, "temperature": temperature, "dense_weight": dense_weight, "anchor_weight": anchor_weight, "sparse_aware": sparse_aware,
             "sparse_policy": sparse_policy, "trainable": trainable,
             "budget": budget, "synthetic": synthetic, "sampled": sampled,
             "lora_rank": lora_rank, "lora_targets": lora_targets, "steps": steps, "batch_size": batch_size, "grad_accum": grad_accum,

@@ -59,6 +59,8 @@ class CondenseConfig:
     # weight of a second, dense forward of the student distilled to the original on the same batch (sparse-aware
     # runs only): the sparse forward alone leaves the dense rows free to drift, this term holds them
     dense_weight: float = 0.0
+    # decoupled decay of the trained weights toward the original's (anchor.py): after each step w -= lr·α·(w - w0)
+    anchor_weight: float = 0.0
     # per-head budgets and the training mixture
     budget: str | None = None  # head-budget file (attnsparse budget); its allocation is rescaled to the current k
     synthetic: float = 0.0  # share of the training text made of synthetic retrieval/copy documents (mixture.py)
@@ -114,7 +116,7 @@ class CondenseConfig:
         if self.k_start is not None and self.k_start < self.k:
             raise AttnsparseError(f"--k-start {self.k_start} must be >= --k {self.k} (k anneals downwards)")
         for name, value in (("lr", self.lr), ("λ", self.lam), ("distill weight", self.distill_weight),
-                            ("dense weight", self.dense_weight)):
+                            ("dense weight", self.dense_weight), ("anchor weight", self.anchor_weight)):
             if not (value >= 0 and math.isfinite(value)):
                 raise AttnsparseError(f"{name} must be a finite number >= 0, got {value}")
         if self.lr <= 0:
@@ -165,6 +167,9 @@ class CondenseConfig:
         if self.dense_weight > 0 and (self.distill == "none" or not self.sparse_aware):
             raise AttnsparseError(f"--dense-weight {self.dense_weight} distils a dense forward of the student to the "
                                   "original beside the sparse-aware one; it needs --distill add|only and --sparse-aware")
+        if self.anchor_weight > 0 and (self.trainable == "lora" or self.fsdp):
+            raise AttnsparseError(f"--anchor-weight {self.anchor_weight} pulls whole weights towards the original's; "
+                                  "it needs --trainable all|attn|qk and no --fsdp")
         if self.teacher is not None and self.distill == "none":
             raise AttnsparseError(f"--teacher {self.teacher} is the model distilled to; it needs --distill add|only")
         if self.layers is not None and (not self.layers or min(self.layers) < 0):

@@ -27,6 +27,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from attnsparse.attention.backend import BackendState
 from attnsparse.attention.policies import DENSE, HeadBudget, TopK, parse_policy, read_budget
+from attnsparse.condense.anchor import anchor_pairs, pull_toward_anchor
 from attnsparse.condense.checkpoints import CHECKPOINT_PREFIX, STATE_FILE, checkpoints, rotate
 from attnsparse.condense.config import CondenseConfig
 from attnsparse.condense.distill import distillation_kl, lm_loss
@@ -101,6 +102,9 @@ class CondenseTrainer(Trainer):
         self._budgets: dict[int, HeadBudget] = {}
         self._forward_policy = parse_policy(condense.sparse_policy) if condense.sparse_policy else None
         self._started = time.perf_counter()
+        # the original's weights the trained ones decay towards (--anchor-weight): the frozen teacher's when there is one
+        # (the original, or the starting weights), else a copy of the starting weights, taken before any resume
+        self._anchor = anchor_pairs(self.model, teacher) if condense.anchor_weight > 0 else []
 
     # ---- FSDP on CPU ------------------------------------------------------------------------------
 
@@ -238,10 +242,13 @@ class CondenseTrainer(Trainer):
     # ---- end of step: averages, λ, log ------------------------------------------------------------
 
     def end_step(self) -> dict[str, Any]:
-        """Average this step's micro-batches (and processes), update the constrained λ, append the log."""
+        """Pull the weights towards the anchor (--anchor-weight); average this step's micro-batches (and processes),
+        update the constrained λ, append the log."""
         micro, self._micro = self._micro, []
         if not micro:
             return self.last_record or {}
+        if self._anchor:
+            pull_toward_anchor(self._anchor, micro[0]["lr"] * self.condense.anchor_weight)
         values = torch.tensor([[m[key] for key in _COMPONENTS] for m in micro], dtype=torch.float64).mean(0)
         if _distributed():
             world = dist.get_world_size()
