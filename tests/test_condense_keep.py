@@ -164,13 +164,12 @@ def test_anchor_weight_pulls_the_trained_weights_to_the_original(tiny_dir: Path,
                 "lr": lr, "lam": 1.0, "sparse_aware": True, "distill": distill, "trainable": "all", "save_steps": 4,
                 "warmup_steps": 0, "lr_scheduler": "constant"}
     distance = {}
-    for weight in (0.0, 0.5 / lr, 1.0 / lr):  # lr·α = 1: every step ends back on the original's weights
+    for weight in (0.0, 1.0 / lr):  # lr·α = 1: every step ends back on the original's weights (partial shares: above)
         out = tmp_path / f"run-{distill}-{weight}"
         condense(CondenseConfig(**settings, anchor_weight=weight), out, progress=False)
         distance[weight] = _weight_distance(out / "model", tiny_dir)
     assert distance[0.0] > 1e-3
     assert distance[1.0 / lr] < 1e-5
-    assert distance[1.0 / lr] < distance[0.5 / lr] < distance[0.0]
 
 
 def test_anchor_weight_needs_whole_weights_and_a_finite_value() -> None:
