@@ -89,3 +89,21 @@ def test_condense_trains_on_text_and_sampled_windows(tiny_dir: Path, tmp_path: P
     assert stored["config"]["settings"]["sampled"] == 3
     drawn = cached_sampled_windows(tiny_llama(), tiny_tokenizer(), 3, 48, 0, tmp_path / "run" / "sampled")
     assert seen[0].shape[0] == 3000 // 48 + 3 and torch.equal(seen[0][-3:], drawn)
+
+
+def test_data_none_trains_on_sampled_windows_alone(tiny_dir: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from attnsparse.condense import run as run_module
+
+    seen: list[torch.Tensor] = []
+    dataset = run_module.WindowDataset
+    monkeypatch.setattr(run_module, "WindowDataset", lambda windows: seen.append(windows) or dataset(windows))
+    config = CondenseConfig(model=str(tiny_dir), data="none", k=4, steps=2, batch_size=2, seq_len=48, lr=1e-3,
+                            sampled=4, save_steps=2, warmup_steps=0, lr_scheduler="constant")
+    assert condense(config, tmp_path / "run", progress=False, echo=None).steps == 2
+    drawn = cached_sampled_windows(tiny_llama(), tiny_tokenizer(), 4, 48, 0, tmp_path / "run" / "sampled")
+    assert torch.equal(seen[0], drawn)
+    with pytest.raises(AttnsparseError, match="give --sampled N"):
+        CondenseConfig(data="none").validate()
+    with pytest.raises(AttnsparseError, match="--data none has no text"):
+        CondenseConfig(data="none", sampled=4, synthetic=0.25).validate()

@@ -29,6 +29,10 @@ LR_SCHEDULERS: tuple[str, ...] = (
 FSDP_OPTIONS: tuple[str, ...] = ("full_shard", "shard_grad_op", "offload", "auto_wrap")
 
 
+# `--data none`: no text, the run trains on its `--sampled` windows from the original alone
+NO_TEXT = "none"
+
+
 @dataclass
 class CondenseConfig:
     """Everything that decides a condensation run's result (saved in config.json; resume checks it)."""
@@ -153,6 +157,11 @@ class CondenseConfig:
             raise AttnsparseError(f"--synthetic {self.synthetic} must be a share in [0, 1)")
         if not isinstance(self.sampled, int) or self.sampled < 0:
             raise AttnsparseError(f"--sampled {self.sampled} must be a number of windows >= 0")
+        if self.data == NO_TEXT and not self.sampled:
+            raise AttnsparseError("--data none trains on windows sampled from the original alone; give --sampled N")
+        if self.data == NO_TEXT and self.synthetic:
+            raise AttnsparseError(f"--synthetic {self.synthetic} builds documents from the text's sentences; "
+                                  "--data none has no text (use --synthetic 0)")
         if self.budget is not None:
             if not hasattr(parse_loss(self.loss), "per_head"):
                 raise AttnsparseError(f"--budget needs a loss with per-head k (tail), not '{self.loss}'")

@@ -29,7 +29,7 @@ from transformers import PreTrainedModel, TrainerCallback, TrainingArguments, de
 
 from attnsparse.attention.backend import sparse_attention
 from attnsparse.condense.checkpoints import checkpoints, clean, load_state, problem
-from attnsparse.condense.config import CondenseConfig
+from attnsparse.condense.config import NO_TEXT, CondenseConfig
 from attnsparse.condense.distill import lm_loss
 from attnsparse.condense.losses import CondensationRegularizer
 from attnsparse.condense.mixture import mix_synthetic
@@ -246,8 +246,11 @@ def condense(
     net, tokenizer = loaded.model, loaded.tokenizer
     shape = ModelShape.of(net)
     check_context(config.seq_len, shape.need("max_context"), option="--seq-len")
-    text = mix_synthetic(load_text(config.data), config.synthetic, config.seed)
-    token_windows = windows(tokenize(tokenizer, text), config.seq_len, option="--seq-len")
+    if config.data == NO_TEXT:
+        token_windows = torch.empty(0, config.seq_len, dtype=torch.long)  # the sampled windows, added below, alone
+    else:
+        text = mix_synthetic(load_text(config.data), config.synthetic, config.seed)
+        token_windows = windows(tokenize(tokenizer, text), config.seq_len, option="--seq-len")
     layers = None if config.layers is None else set(config.layers)
     if layers is not None and max(layers) >= shape.need("layers"):
         raise AttnsparseError(f"--layers {sorted(layers)}: the model has {shape.layers} layers (0-based)")
