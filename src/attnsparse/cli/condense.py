@@ -19,7 +19,10 @@ def condense_command(
     model: str | None = typer.Argument(
         None, help="Embedded name, hub id, local HF directory or .gguf file (default: smollm2-135m or the preset's)."
     ),
-    data: str | None = typer.Option(None, "--data", help="Training text: file, hf:NAME[:CONFIG[:SPLIT]], builtin, or none (the --sampled windows alone)."),
+    data: str | None = typer.Option(
+        None, "--data", help="Training text: file, hf:NAME[:CONFIG[:SPLIT]], builtin, or none (the --sampled windows "
+        "alone)."
+    ),
     out: str = typer.Option(..., "--out", help="Run directory (checkpoints, log, curves, model/)."),
     preset: str | None = typer.Option(None, "--preset", help="Start from a named preset, e.g. smollm2-cpu-15min."),
     k: int | None = typer.Option(None, "--k", help="Target top-k budget (default 16)."),
