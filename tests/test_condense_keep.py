@@ -172,6 +172,20 @@ def test_anchor_weight_pulls_the_trained_weights_to_the_original(tiny_dir: Path,
     assert distance[1.0 / lr] < 1e-5
 
 
+def test_anchor_to_a_teacher_of_another_architecture_is_refused_before_the_run(tiny_dir: Path,
+                                                                             tmp_path: Path) -> None:
+    from attnsparse.core.tiny import save_tiny, tiny_llama
+
+    text = tmp_path / "train.txt"
+    text.write_text(PROSE[:5000])
+    wider = save_tiny(str(tmp_path / "wider"), tiny_llama(seed=1, head_dim=16))
+    config = CondenseConfig(model=str(tiny_dir), data=str(text), k=2, steps=1, batch_size=1, seq_len=48,
+                            sparse_aware=True, distill="only", teacher=wider, trainable="all", anchor_weight=10.0)
+    with pytest.raises(AttnsparseError, match="--anchor-weight: the original has no weight"):
+        condense(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
 def test_anchor_weight_needs_whole_weights_and_a_finite_value() -> None:
     with pytest.raises(AttnsparseError, match="--anchor-weight"):
         CondenseConfig(anchor_weight=1.0, trainable="lora").validate()

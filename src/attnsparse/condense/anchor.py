@@ -12,23 +12,24 @@ import torch
 from attnsparse.errors import AttnsparseError
 
 
-def anchor_pairs(model: torch.nn.Module, reference: torch.nn.Module | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(trained weight, its anchor) for every trainable parameter: the reference model's parameter of the same name
-    (the original, kept frozen as the teacher), or without a reference a copy of the weight as it is now."""
-    named = dict(reference.named_parameters()) if reference is not None else {}
-    pairs = []
+def check_reference(model: torch.nn.Module, reference: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The reference's parameters by name, when it has every weight of `model` with its shape (else a one-line error,
+    raised before the run starts: a teacher of another architecture can be distilled to but not anchored to)."""
+    named = dict(reference.named_parameters())
     for name, weight in model.named_parameters():
-        if not weight.requires_grad:
-            continue
-        if reference is None:
-            pairs.append((weight, weight.detach().clone()))
-            continue
         target = named.get(name)
         if target is None or target.shape != weight.shape:
             raise AttnsparseError(f"--anchor-weight: the original has no weight '{name}' of shape {tuple(weight.shape)} "
                                   "to pull the student's towards; the student and --teacher must share an architecture")
-        pairs.append((weight, target.detach()))
-    return pairs
+    return named
+
+
+def anchor_pairs(model: torch.nn.Module, reference: torch.nn.Module | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(trained weight, its anchor) for every trainable parameter: the reference model's parameter of the same name
+    (the original, kept frozen as the teacher), or without a reference a copy of the weight as it is now."""
+    named = check_reference(model, reference) if reference is not None else {}
+    return [(weight, named[name].detach() if reference is not None else weight.detach().clone())
+            for name, weight in model.named_parameters() if weight.requires_grad]
 
 
 @torch.no_grad()

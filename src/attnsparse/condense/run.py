@@ -28,6 +28,7 @@ import torch
 from transformers import PreTrainedModel, TrainerCallback, TrainingArguments, default_data_collator, set_seed
 
 from attnsparse.attention.backend import sparse_attention
+from attnsparse.condense.anchor import check_reference
 from attnsparse.condense.checkpoints import checkpoints, clean, load_state, problem
 from attnsparse.condense.config import NO_TEXT, CondenseConfig
 from attnsparse.condense.distill import lm_loss
@@ -256,6 +257,8 @@ def condense(
         raise AttnsparseError(f"--layers {sorted(layers)}: the model has {shape.layers} layers (0-based)")
     checkpoint, broken = _resume_point(out / "checkpoints") if resume else (None, [])
     external_teacher = _load_teacher(config.teacher, tokenizer) if config.teacher is not None else None
+    if external_teacher is not None and config.anchor_weight > 0:
+        check_reference(net, external_teacher)
 
     _barrier()  # every process has read the directory before process 0 changes it
     if main:
